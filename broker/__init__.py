@@ -1,0 +1,1 @@
+"""Brokers: the embedded amqtt broker, and configs for Mosquitto and clustered brokers."""

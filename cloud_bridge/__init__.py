@@ -1,0 +1,1 @@
+"""The cloud side: subscribes to escalations, dispatches them to Triton, publishes results."""

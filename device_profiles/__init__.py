@@ -1,0 +1,1 @@
+"""Hardware profiles shipped with edgewire, one YAML file per kind of device."""

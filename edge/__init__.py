@@ -1,0 +1,1 @@
+"""The device agent: sources, preprocessing, engines, judge, tasks and the run loop."""

@@ -1,0 +1,257 @@
+"""Validated configuration files, with errors that point at the file, the line and the fix.
+
+Every file an operator writes (device config, profiles, later fleet templates and rule files)
+is loaded through :func:`load_yaml_model`: YAML is parsed keeping line marks, validated by a
+pydantic model that forbids unknown keys, and any problem becomes one ConfigError listing
+``file:line: field: what is wrong -- how to fix it``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgewire.errors import ConfigError
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+def _line_marks(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    """Map each key path in a YAML document to its 1-based line."""
+    marks: dict[tuple[Any, ...], int] = {}
+    if node is None:
+        return marks
+    marks[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            marks.update(_line_marks(value_node, (*path, key)))
+            marks[(*path, key)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            marks.update(_line_marks(item, (*path, i)))
+    return marks
+
+
+def _line_for(marks: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in marks:
+            return marks[loc[:end]]
+    return None
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model at ``loc``, for did-you-mean hints."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            break
+        current = _model_in(field.annotation)
+        if current is None:
+            return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _hint(model: type[BaseModel], err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        fix = f"did you mean '{close[0]}'?" if close else "remove it"
+        return f"unknown key -- {fix} (allowed: {', '.join(allowed)})"
+    if err["type"] == "missing":
+        return "required field is missing -- add it"
+    return f"{err['msg']} -- got {err.get('input')!r}"
+
+
+def format_validation_error(path: Path, exc: ValidationError, model: type[BaseModel], marks: dict) -> str:
+    lines = [f"invalid configuration in {path}:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        line = _line_for(marks, loc)
+        where = f"{path}:{line}" if line else str(path)
+        field = ".".join(str(p) for p in loc) or "<document>"
+        lines.append(f"  {where}: {field}: {_hint(model, err)}")
+    return "\n".join(lines)
+
+
+def load_yaml_model(path: str | Path, model: type[M], *, context: dict[str, Any] | None = None) -> M:
+    """Read, parse and validate one YAML file into ``model``; ConfigError on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
+    return parse_yaml_model(text, model, source=path, context=context)
+
+
+def parse_yaml_model(text: str, model: type[M], *, source: Path, context: dict[str, Any] | None = None) -> M:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else str(source)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"invalid configuration in {source}:\n  {where}: YAML syntax error: {problem}"
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"invalid configuration in {source}:\n  {source}:1: <document>: expected a mapping of keys, "
+            f"got {type(data).__name__}"
+        )
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc, model, _line_marks(node))) from None
+
+
+# ---- the device's configuration ----------------------------------------------------------
+
+
+def _check_id(value: str) -> str:
+    if not _ID.match(value):
+        raise ValueError("must be 1-128 of A-Z a-z 0-9 . _ - and start with a letter or digit")
+    return value
+
+
+class BrokerSettings(StrictModel):
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = Field(30, ge=5, le=3600)
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    reconnect_min_s: float = Field(0.2, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme != "mqtt" or not parts.hostname:
+            raise ValueError("expected mqtt://HOST[:PORT], e.g. mqtt://127.0.0.1:1883")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError("port must be a number 1-65535") from None
+        return v
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 1883
+
+
+class SourceSettings(StrictModel):
+    kind: Literal["folder", "video", "camera", "mqtt"]
+    path: Path | None = Field(None, description="image folder or video file")
+    device: int | str | None = Field(None, description="camera index or GStreamer pipeline")
+    pattern: str = "*"
+    loop: bool = False
+    fps: float = Field(0.0, ge=0, description="0 plays as fast as the pipeline runs")
+    max_frames: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _needs(self) -> SourceSettings:
+        if self.kind in ("folder", "video") and self.path is None:
+            raise ValueError(f"source kind '{self.kind}' needs 'path'")
+        if self.kind == "camera" and self.device is None:
+            raise ValueError("source kind 'camera' needs 'device' (an index like 0, or a GStreamer pipeline)")
+        return self
+
+
+class ModelSettings(StrictModel):
+    path: Path
+
+
+class JudgeSettings(StrictModel):
+    """When a local answer is not good enough and the frame is a hard case."""
+
+    min_confidence: float = Field(0.7, ge=0, le=1)
+    min_margin: float = Field(0.0, ge=0, le=1)
+    unknown_labels: list[str] = Field(default_factory=list)
+    # Variance of the Laplacian below this marks a frame blurry; null turns the policy off.
+    min_sharpness: float | None = Field(None, ge=0)
+
+
+class CloudSettings(StrictModel):
+    deadline_ms: int = Field(2000, gt=0)
+    model_hint: str | None = None
+
+
+class PipelineSettings(StrictModel):
+    max_batch: int = Field(16, ge=1, le=1024)
+    queue_size: int = Field(64, ge=1)
+
+
+class PublishSettings(StrictModel):
+    local_results: bool = True
+    telemetry_interval_s: float = Field(5.0, gt=0)
+
+
+class DeviceConfig(StrictModel):
+    device_id: str
+    fleet: str = "default"
+    profile: str = "x86-64-cpu"
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    source: SourceSettings
+    model: ModelSettings
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    cloud: CloudSettings | None = None
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+
+    @field_validator("device_id", "fleet")
+    @classmethod
+    def _ids(cls, v: str) -> str:
+        return _check_id(v)
+
+
+def load_device_config(path: str | Path) -> DeviceConfig:
+    """Load a device config; relative paths inside it are taken from the file's folder."""
+    path = Path(path)
+    cfg = load_yaml_model(path, DeviceConfig)
+    base = path.resolve().parent
+    updates: dict[str, Any] = {}
+    if not cfg.model.path.is_absolute():
+        updates["model"] = cfg.model.model_copy(update={"path": base / cfg.model.path})
+    if cfg.source.path is not None and not cfg.source.path.is_absolute():
+        updates["source"] = cfg.source.model_copy(update={"path": base / cfg.source.path})
+    return cfg.model_copy(update=updates) if updates else cfg

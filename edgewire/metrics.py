@@ -1,0 +1,80 @@
+"""Numbers a component reports: kept once, exposed as Prometheus metrics and on telemetry topics.
+
+Several components can live in one process (the demo runs a broker, a bridge and N devices),
+so every metric carries a ``client`` label instead of relying on one registry per process.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import Counter, Gauge, start_http_server
+
+_FAMILIES: dict[str, Counter | Gauge] = {}
+_LOCK = threading.Lock()
+
+DOCS = {
+    "frames_total": "Frames taken from the source",
+    "frames_completed_total": "Frames whose task reached a terminal state",
+    "frames_escalated_total": "Frames the judge sent towards the cloud",
+    "frames_failed_total": "Frames that could not be decoded or inferred",
+    "messages_rejected_total": "Received messages refused (bad topic, payload, version, size)",
+    "messages_published_total": "Messages published",
+    "publish_dropped_total": "QoS 0 messages dropped because the broker was not connected",
+    "mqtt_reconnects_total": "Connections made to the broker after the first",
+    "mqtt_connected": "1 while connected to the broker",
+    "pipeline_fps": "Frames per second over the last telemetry interval",
+    "queue_depth": "Frames waiting between the source and the engine",
+}
+
+
+def _family(name: str, kind: type[Counter] | type[Gauge], labels: tuple[str, ...]) -> Counter | Gauge:
+    key = f"edgewire_{name.removesuffix('_total')}" if kind is Counter else f"edgewire_{name}"
+    with _LOCK:
+        fam = _FAMILIES.get(key)
+        if fam is None:
+            fam = kind(key, DOCS.get(name, name), ("client", *labels))
+            _FAMILIES[key] = fam
+        return fam
+
+
+class Meter:
+    """One component's numbers; cheap enough to call once per frame."""
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        self._values: dict[str, float] = {}
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        key = _key(name, labels)
+        self._values[key] = self._values.get(key, 0.0) + amount
+        _family(name, Counter, tuple(sorted(labels))).labels(self.client_id, *_ordered(labels)).inc(amount)
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        self._values[_key(name, labels)] = float(value)
+        _family(name, Gauge, tuple(sorted(labels))).labels(self.client_id, *_ordered(labels)).set(value)
+
+    def get(self, name: str, **labels: str) -> float:
+        return self._values.get(_key(name, labels), 0.0)
+
+    def total(self, name: str) -> float:
+        """Sum of a metric over all its label values."""
+        return sum(v for k, v in self._values.items() if k == name or k.startswith(name + "{"))
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self._values)
+
+
+def _ordered(labels: dict[str, str]) -> list[str]:
+    return [labels[k] for k in sorted(labels)]
+
+
+def _key(name: str, labels: dict[str, str]) -> str:
+    if not labels:
+        return name
+    return name + "{" + ",".join(f"{k}={labels[k]}" for k in sorted(labels)) + "}"
+
+
+def serve(port: int, host: str = "127.0.0.1") -> None:
+    """Expose every component's metrics over HTTP for Prometheus to scrape."""
+    start_http_server(port, addr=host)

@@ -1,0 +1,255 @@
+"""One MQTT connection that outlives network drops, shared by every edgewire component.
+
+Shaped like aiomqtt's client: an async context manager and an async iterator of messages.
+Underneath it reconnects with capped exponential backoff, restores subscriptions, and keeps a
+retained presence: a birth message after each connect and a last-will the broker publishes if
+the process vanishes. It speaks MQTT 5 where the broker does and falls back to 3.1.1 where it
+does not (amqtt refuses an MQTT 5 CONNECT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
+
+import aiomqtt
+from aiomqtt import ProtocolVersion
+
+from edgewire import envelopes as env
+from edgewire import topics
+from edgewire.errors import EdgewireError
+from edgewire.metrics import Meter
+
+log = logging.getLogger(__name__)
+
+Protocol = Literal["auto", "5", "3.1.1"]
+PresenceFactory = Callable[[bool], env.Presence]
+
+
+class NotConnected(EdgewireError):
+    """The broker could not be reached in time."""
+
+
+class MqttSession:
+    def __init__(
+        self,
+        client_id: str,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        keepalive: int = 30,
+        protocol: Protocol = "auto",
+        presence: PresenceFactory | None = None,
+        reconnect_min_s: float = 0.2,
+        reconnect_max_s: float = 30.0,
+        meter: Meter | None = None,
+        max_queued_messages: int = 10_000,
+    ) -> None:
+        self.client_id = client_id
+        self.host = host
+        self.port = port
+        self._username = username
+        self._password = password
+        self._keepalive = keepalive
+        self._protocol: Protocol = protocol
+        self._presence = presence
+        self._backoff = (reconnect_min_s, reconnect_max_s)
+        self.meter = meter or Meter(client_id)
+        self._subscriptions: dict[str, int] = {}
+        self._inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(max_queued_messages)
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.connects = 0
+        self.last_error: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> MqttSession:
+        self._task = asyncio.create_task(self._run(), name=f"mqtt-session-{self.client_id}")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closing = True
+        client = self._client
+        if client is not None and self._connected.is_set() and self._presence is not None:
+            # A clean goodbye replaces the retained birth; the will is only for crashes.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    client.publish(
+                        self._presence_topic, env.encode(self._presence(False)), qos=1, retain=True
+                    ),
+                    2.0,
+                )
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._connected.clear()
+        self._client = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def protocol(self) -> Protocol:
+        return self._protocol
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise NotConnected(
+                f"no connection to mqtt://{self.host}:{self.port} after {timeout}s"
+                + (f" (last error: {self.last_error})" if self.last_error else "")
+            ) from None
+
+    # -- traffic -----------------------------------------------------------------------------
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now if connected, and again after every reconnect."""
+        self._subscriptions[topic_filter] = qos
+        if self._client is not None and self._connected.is_set():
+            await self._client.subscribe(topic_filter, qos=qos)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        timeout: float | None = None,
+    ) -> bool:
+        """Publish one message. QoS 0 while disconnected is dropped (and counted);
+        QoS 1 and 2 wait up to ``timeout`` for the link, then raise NotConnected."""
+        if not self._connected.is_set():
+            if qos == 0:
+                self.meter.inc("publish_dropped_total")
+                return False
+            await self.wait_connected(timeout)
+        client = self._client
+        assert client is not None
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain)
+        except aiomqtt.MqttError as exc:
+            if qos == 0:
+                self.meter.inc("publish_dropped_total")
+                return False
+            raise NotConnected(f"publish to {topic} failed: {exc}") from exc
+        self.meter.inc("messages_published_total")
+        return True
+
+    async def messages(self) -> AsyncIterator[aiomqtt.Message]:
+        """Every message received on any subscription, across reconnects."""
+        while True:
+            yield await self._inbox.get()
+
+    # -- the connection loop -----------------------------------------------------------------
+
+    @property
+    def _presence_topic(self) -> str:
+        return topics.PRESENCE.build(client_id=self.client_id)
+
+    def _make_client(self, protocol: ProtocolVersion) -> aiomqtt.Client:
+        will = None
+        if self._presence is not None:
+            will = aiomqtt.Will(self._presence_topic, env.encode(self._presence(False)), qos=1, retain=True)
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=self.client_id,
+            username=self._username,
+            password=self._password,
+            keepalive=self._keepalive,
+            will=will,
+            protocol=protocol,
+            timeout=10,
+        )
+
+    async def _connect(self) -> aiomqtt.Client:
+        """Open a connection, choosing the protocol on the first success when set to auto."""
+        order = {
+            "5": [ProtocolVersion.V5],
+            "3.1.1": [ProtocolVersion.V311],
+            "auto": [ProtocolVersion.V5, ProtocolVersion.V311],
+        }[self._protocol]
+        last: Exception | None = None
+        for version in order:
+            client = self._make_client(version)
+            try:
+                await client.__aenter__()
+            except aiomqtt.MqttConnectError as exc:
+                last = exc
+                continue  # refused: maybe the broker speaks only 3.1.1
+            if self._protocol == "auto":
+                self._protocol = "5" if version == ProtocolVersion.V5 else "3.1.1"
+                log.info("%s: broker speaks MQTT %s", self.client_id, self._protocol)
+            return client
+        assert last is not None
+        raise last
+
+    async def _run(self) -> None:
+        delay = self._backoff[0]
+        while not self._closing:
+            try:
+                client = await self._connect()
+            except (aiomqtt.MqttError, OSError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                log.debug("%s: connect failed: %s; retry in %.1fs", self.client_id, self.last_error, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self._backoff[1])
+                continue
+            delay = self._backoff[0]
+            try:
+                await self._serve(client)
+            except aiomqtt.MqttError as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                log.warning("%s: connection lost: %s", self.client_id, self.last_error)
+            finally:
+                self._connected.clear()
+                self.meter.set("mqtt_connected", 0)
+                self._client = None
+                with contextlib.suppress(Exception):
+                    await client.__aexit__(None, None, None)
+            if not self._closing:
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        for topic_filter, qos in self._subscriptions.items():
+            await client.subscribe(topic_filter, qos=qos)
+        if self._presence is not None:
+            await client.publish(self._presence_topic, env.encode(self._presence(True)), qos=1, retain=True)
+        self._client = client
+        self.connects += 1
+        if self.connects > 1:
+            self.meter.inc("mqtt_reconnects_total")
+        self.meter.set("mqtt_connected", 1)
+        self._connected.set()
+        log.info("%s: connected to mqtt://%s:%s", self.client_id, self.host, self.port)
+        async for message in client.messages:
+            await self._inbox.put(message)
+
+
+def presence_factory(client_id: str, kind: str, **fields: object) -> PresenceFactory:
+    """Birth / will payloads for a client; ``fields`` fill the optional Presence fields."""
+    from edgewire import __version__
+
+    def make(online: bool) -> env.Presence:
+        return env.Presence(
+            client_id=client_id, kind=kind, online=online, ts=time.time(), software=__version__, **fields
+        )
+
+    return make
