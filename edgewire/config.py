@@ -123,9 +123,7 @@ def parse_yaml_model(text: str, model: type[M], *, source: Path, context: dict[s
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else str(source)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(
-            f"invalid configuration in {source}:\n  {where}: YAML syntax error: {problem}"
-        ) from None
+        raise ConfigError(f"invalid configuration in {source}:\n  {where}: YAML syntax error: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -156,6 +154,8 @@ class BrokerSettings(StrictModel):
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     reconnect_min_s: float = Field(0.2, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+    # At start a device waits this long for the broker, then runs anyway (answering locally).
+    startup_wait_s: float = Field(5.0, ge=0)
 
     @field_validator("url")
     @classmethod

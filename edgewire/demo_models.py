@@ -146,9 +146,7 @@ def _atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
 def _train(x: np.ndarray, y: np.ndarray, hidden: Sequence[int], max_iter: int) -> Any:
     neural_network = _require("sklearn.neural_network", "models")
     exceptions = _require("sklearn.exceptions", "models")
-    clf = neural_network.MLPClassifier(
-        hidden_layer_sizes=tuple(hidden), max_iter=max_iter, random_state=TRAIN_SEED
-    )
+    clf = neural_network.MLPClassifier(hidden_layer_sizes=tuple(hidden), max_iter=max_iter, random_state=TRAIN_SEED)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", exceptions.ConvergenceWarning)
         clf.fit(x, y)

@@ -238,8 +238,7 @@ def decode(kind: type[E], data: bytes | bytearray, *, max_bytes: int | None = No
     version = obj.get("v")
     if version != SCHEMA_VERSION:
         raise DecodeError(
-            f"{kind.__name__}: schema version {version!r} is not supported "
-            f"(this build reads v{SCHEMA_VERSION})"
+            f"{kind.__name__}: schema version {version!r} is not supported (this build reads v{SCHEMA_VERSION})"
         )
     try:
         return kind.model_validate(obj)

@@ -34,3 +34,7 @@ class SourceError(EdgewireError):
 
 class TaskStateError(EdgewireError):
     """A task asked to make a transition its state machine does not allow."""
+
+
+class DiscoveryError(EdgewireError):
+    """mDNS advertising or browsing that cannot start; the message says which interface and what to do."""

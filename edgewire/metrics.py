@@ -16,7 +16,9 @@ _LOCK = threading.Lock()
 DOCS = {
     "frames_total": "Frames taken from the source",
     "frames_completed_total": "Frames whose task reached a terminal state",
-    "frames_escalated_total": "Frames the judge sent towards the cloud",
+    "frames_hard_total": "Frames the judge found hard (candidates for the cloud)",
+    "frames_escalated_total": "Frames sent to the cloud",
+    "frames_dropped_total": "Frames dropped before inference (input backlog)",
     "frames_failed_total": "Frames that could not be decoded or inferred",
     "messages_rejected_total": "Received messages refused (bad topic, payload, version, size)",
     "messages_published_total": "Messages published",

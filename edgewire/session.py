@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 import aiomqtt
 from aiomqtt import ProtocolVersion
+from aiomqtt.exceptions import MqttConnectError
 
 from edgewire import envelopes as env
 from edgewire import topics
@@ -87,9 +89,7 @@ class MqttSession:
             # A clean goodbye replaces the retained birth; the will is only for crashes.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
-                    client.publish(
-                        self._presence_topic, env.encode(self._presence(False)), qos=1, retain=True
-                    ),
+                    client.publish(self._presence_topic, env.encode(self._presence(False)), qos=1, retain=True),
                     2.0,
                 )
         if self._task is not None:
@@ -179,27 +179,35 @@ class MqttSession:
             timeout=10,
         )
 
+    async def _negotiate(self) -> Protocol:
+        """Ask the broker with a bare MQTT 5 CONNECT; a refusal means 3.1.1.
+
+        The probe carries no will on purpose: amqtt misparses an MQTT 5 CONNECT with a will and
+        leaves it hanging instead of refusing it, while a bare one is refused at once.
+        """
+        probe = aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=f"{self.client_id[:40]}-probe-{secrets.token_hex(3)}",
+            username=self._username,
+            password=self._password,
+            protocol=ProtocolVersion.V5,
+            timeout=10,
+        )
+        try:
+            async with probe:
+                return "5"
+        except MqttConnectError:
+            return "3.1.1"
+
     async def _connect(self) -> aiomqtt.Client:
-        """Open a connection, choosing the protocol on the first success when set to auto."""
-        order = {
-            "5": [ProtocolVersion.V5],
-            "3.1.1": [ProtocolVersion.V311],
-            "auto": [ProtocolVersion.V5, ProtocolVersion.V311],
-        }[self._protocol]
-        last: Exception | None = None
-        for version in order:
-            client = self._make_client(version)
-            try:
-                await client.__aenter__()
-            except aiomqtt.MqttConnectError as exc:
-                last = exc
-                continue  # refused: maybe the broker speaks only 3.1.1
-            if self._protocol == "auto":
-                self._protocol = "5" if version == ProtocolVersion.V5 else "3.1.1"
-                log.info("%s: broker speaks MQTT %s", self.client_id, self._protocol)
-            return client
-        assert last is not None
-        raise last
+        if self._protocol == "auto":
+            self._protocol = await self._negotiate()
+            log.info("%s: broker speaks MQTT %s", self.client_id, self._protocol)
+        version = ProtocolVersion.V5 if self._protocol == "5" else ProtocolVersion.V311
+        client = self._make_client(version)
+        await client.__aenter__()
+        return client
 
     async def _run(self) -> None:
         delay = self._backoff[0]
@@ -218,6 +226,9 @@ class MqttSession:
             except aiomqtt.MqttError as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.warning("%s: connection lost: %s", self.client_id, self.last_error)
+            except Exception as exc:  # a bug must not silently end the connection loop
+                self.last_error = repr(exc)
+                log.exception("%s: connection loop error", self.client_id)
             finally:
                 self._connected.clear()
                 self.meter.set("mqtt_connected", 0)

@@ -103,9 +103,7 @@ REQUEST = TopicSpec("request", "req/{device_id}/{trace_id}", 1, False, env.Reque
 RESULT = TopicSpec("result", "result/{device_id}", 1, False, env.Result, "bridge → device")
 LOCAL = TopicSpec("local", "local/{device_id}", 0, False, env.LocalResult, "device → monitors")
 INPUT = TopicSpec("input", "input/{device_id}", 0, False, env.Frame, "any → device")
-MODEL_ANNOUNCE = TopicSpec(
-    "model_announce", "model/announce/{model}", 1, True, env.Manifest, "distributor → devices"
-)
+MODEL_ANNOUNCE = TopicSpec("model_announce", "model/announce/{model}", 1, True, env.Manifest, "distributor → devices")
 MODEL_CHUNK = TopicSpec(
     "model_chunk", "model/chunk/{model}/{version}/{index}", 1, False, env.Chunk, "distributor → devices"
 )
@@ -120,9 +118,7 @@ TELEMETRY = TopicSpec("telemetry", "telemetry/{client_id}", 0, False, env.Teleme
 CONFIG_DESIRED = TopicSpec(
     "config_desired", "config/desired/{device_id}", 1, True, env.DesiredConfig, "operator → device"
 )
-CONFIG_FLEET = TopicSpec(
-    "config_fleet", "config/fleet/{fleet}", 1, True, env.DesiredConfig, "operator → devices"
-)
+CONFIG_FLEET = TopicSpec("config_fleet", "config/fleet/{fleet}", 1, True, env.DesiredConfig, "operator → devices")
 CONFIG_REPORTED = TopicSpec(
     "config_reported", "config/reported/{device_id}", 1, True, env.ReportedConfig, "device → operators"
 )

@@ -107,9 +107,7 @@ msgpack_values = st.recursive(
     | floats
     | st.text(max_size=10)
     | st.binary(max_size=10),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=20,
 )
 

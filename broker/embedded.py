@@ -1,0 +1,106 @@
+"""The zero-setup broker: amqtt in-process, bound to one address, optionally on mDNS.
+
+amqtt speaks MQTT 3.1.1 only and has no shared subscriptions; it is the default because it
+needs nothing installed. Production fleets run Mosquitto (mosquitto.conf beside this file) or
+a clustered broker; edgewire uses only standard MQTT, so nothing else changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any
+
+from amqtt.broker import Broker
+
+from edgewire.errors import EdgewireError
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(EdgewireError):
+    """The embedded broker could not start."""
+
+
+def broker_config(host: str, port: int) -> dict[str, Any]:
+    # A 'plugins' section replaces all of amqtt's defaults, so anonymous auth is listed on purpose;
+    # the $SYS and packet-logging plugins are left out (they cost CPU on every message).
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+
+class EmbeddedBroker:
+    """``async with EmbeddedBroker(port=...)``: started on enter, stopped on exit."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, mdns: bool = False, name: str = "edgewire"):
+        self.host = host
+        self.port = port
+        self.mdns = mdns
+        self.name = name
+        self._broker: Broker | None = None
+        self._advertiser: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        # amqtt logs every refused MQTT 5 CONNECT (our clients' protocol probe) as a warning.
+        for noisy in ("amqtt", "amqtt.broker", "transitions"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        _check_port_free(self.host, self.port)
+        self._broker = Broker(broker_config(self.host, self.port))
+        try:
+            await self._broker.start()
+        except Exception as exc:
+            raise BrokerError(f"embedded broker failed to start on {self.url}: {exc}") from None
+        if self.mdns:
+            from edgewire.mdns import MQTT_SERVICE, Advertiser
+
+            address = self.host if self.host not in ("0.0.0.0", "") else _primary_address()
+            self._advertiser = Advertiser(
+                MQTT_SERVICE, self.name, self.port, addresses=[address], properties={"edgewire": "1"}
+            )
+            await self._advertiser.__aenter__()
+        log.info("embedded broker listening on %s", self.url)
+
+    async def stop(self) -> None:
+        if self._advertiser is not None:
+            with contextlib.suppress(Exception):
+                await self._advertiser.__aexit__(None, None, None)
+            self._advertiser = None
+        if self._broker is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._broker.shutdown(), 10)
+            self._broker = None
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise BrokerError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; is another broker running? choose another --port"
+            ) from None
+
+
+def _primary_address() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: UDP connect only picks a route
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"

@@ -1,0 +1,64 @@
+"""ONNX Runtime backend: the default on CPUs, and the fallback on Jetsons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import ValidationError
+
+from edgewire.errors import ModelError
+from edgewire.modelmeta import META_KEY, ModelMeta
+from edgewire.profiles import OnnxRuntimeSettings
+
+from .base import Engine, to_probabilities
+
+
+def read_meta(session: ort.InferenceSession, path: Path) -> ModelMeta:
+    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    if raw is None:
+        raise ModelError(
+            f"{path}: the model has no '{META_KEY}' metadata entry, so its input and labels are unknown; "
+            "export it with edgewire (see edgewire.modelmeta)"
+        )
+    try:
+        return ModelMeta.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ModelError(f"{path}: invalid '{META_KEY}' metadata: {exc.errors()[0]['msg']}") from None
+
+
+class OnnxEngine(Engine):
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, settings: OnnxRuntimeSettings | None = None) -> None:
+        path = Path(path)
+        settings = settings or OnnxRuntimeSettings()
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = settings.intra_op_threads
+        opts.inter_op_num_threads = settings.inter_op_threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = set(ort.get_available_providers())
+        providers = [p for p in settings.providers if p in available] or ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise ModelError(f"{path}: not a loadable ONNX model ({type(exc).__name__}: {exc})") from None
+        self.path = path
+        self.meta = read_meta(self.session, path)
+        names = {i.name for i in self.session.get_inputs()}
+        if self.meta.input.name not in names:
+            raise ModelError(f"{path}: metadata names input '{self.meta.input.name}', graph has {sorted(names)}")
+        self._fixed_batch = self.meta.input.shape[0] if self.meta.input.shape[0] > 0 else None
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        feeds_name, out = self.meta.input.name, [self.meta.output]
+        if self._fixed_batch is None or len(batch) == self._fixed_batch:
+            result = self.session.run(out, {feeds_name: batch})[0]
+        else:
+            step = self._fixed_batch
+            parts = [self.session.run(out, {feeds_name: batch[i : i + step]})[0] for i in range(0, len(batch), step)]
+            result = np.concatenate(parts)
+        return to_probabilities(self.meta, result)

@@ -1,0 +1,84 @@
+"""Decides which local answers are good enough and which frames are hard cases for the cloud.
+
+Policies are independent and all apply: a frame is hard if any of them says so, and every
+reason is kept, because operators tune thresholds by looking at why frames escalated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgewire.config import JudgeSettings
+from edgewire.envelopes import Prediction
+
+LOW_CONFIDENCE = "low_confidence"
+LOW_MARGIN = "low_margin"
+UNKNOWN_CLASS = "unknown_class"
+BLURRY = "blurry"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    prediction: Prediction
+    reasons: tuple[str, ...]
+    sharpness: float | None
+
+    @property
+    def hard(self) -> bool:
+        return bool(self.reasons)
+
+
+class Judge:
+    def __init__(self, settings: JudgeSettings, labels: tuple[str, ...]) -> None:
+        self.settings = settings
+        self.labels = labels
+        unknown = set(settings.unknown_labels)
+        self._unknown = np.array([label in unknown for label in labels], dtype=bool)
+
+    @property
+    def wants_sharpness(self) -> bool:
+        return self.settings.min_sharpness is not None
+
+    def judge(self, probs: np.ndarray, sharpness: list[float | None] | None = None) -> list[Verdict]:
+        """Judge a batch of probability rows (N x classes) in one vectorised pass."""
+        n, classes = probs.shape
+        if classes != len(self.labels):
+            raise ValueError(f"model gives {classes} classes but declares {len(self.labels)} labels")
+        top2 = np.argpartition(probs, -2, axis=1)[:, -2:] if classes > 1 else np.zeros((n, 2), dtype=int)
+        rows = np.arange(n)
+        a, b = probs[rows, top2[:, 0]], probs[rows, top2[:, 1]]
+        best = np.where(a >= b, top2[:, 0], top2[:, 1])
+        conf = np.maximum(a, b)
+        margin = conf - np.minimum(a, b) if classes > 1 else conf
+        s = self.settings
+        low_conf = conf < s.min_confidence
+        low_margin = margin < s.min_margin
+        unknown = self._unknown[best]
+        verdicts = []
+        for i in range(n):
+            reasons = []
+            if low_conf[i]:
+                reasons.append(LOW_CONFIDENCE)
+            if low_margin[i]:
+                reasons.append(LOW_MARGIN)
+            if unknown[i]:
+                reasons.append(UNKNOWN_CLASS)
+            sharp = sharpness[i] if sharpness is not None else None
+            if s.min_sharpness is not None and sharp is not None and sharp < s.min_sharpness:
+                reasons.append(BLURRY)
+            k = int(best[i])
+            verdicts.append(
+                Verdict(
+                    Prediction(
+                        label=self.labels[k],
+                        class_index=k,
+                        confidence=float(conf[i]),
+                        margin=float(margin[i]),
+                    ),
+                    tuple(reasons),
+                    sharp,
+                )
+            )
+        return verdicts

@@ -1,0 +1,84 @@
+"""Frames to tensors, driven only by the model's declared input (see edgewire.modelmeta).
+
+This runs on the inference thread, never on the event loop: OpenCV releases the GIL while it
+decodes and resizes, so a device with two cores decodes one batch while the loop publishes the
+previous one.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from edgewire.modelmeta import InputSpec
+
+
+def decode(data: bytes) -> np.ndarray | None:
+    """Encoded image bytes to a BGR array; None when the bytes are not an image."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if buf.size == 0:
+        return None
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+
+
+def sharpness(image: np.ndarray) -> float:
+    """Variance of the Laplacian: low on blurred or defocused frames."""
+    gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    _, std = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_32F))
+    return float(std[0, 0]) ** 2
+
+
+class Preprocessor:
+    """Turns decoded frames into one input batch for the model."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+        self._size = (spec.width, spec.height)
+        channels = spec.channels
+        self._mean = np.asarray(spec.mean, dtype=np.float32)
+        self._std = np.asarray(spec.std, dtype=np.float32)
+        if channels != (1 if spec.color == "gray" else 3):
+            raise ValueError(f"input declares {channels} channels but color '{spec.color}'")
+        # Fold scale/mean/std into one multiply-add: (x * scale - mean) / std.
+        self._mul = (spec.scale / self._std).astype(np.float32)
+        self._add = (-self._mean / self._std).astype(np.float32)
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        spec = self.spec
+        if spec.color == "gray" and image.ndim == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        elif spec.color == "rgb" and image.ndim == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        elif spec.color != "gray" and image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        h, w = image.shape[:2]
+        if spec.resize == "center_crop":
+            target = spec.width / spec.height
+            if w / h > target:
+                cw = round(h * target)
+                x0 = (w - cw) // 2
+                image = image[:, x0 : x0 + cw]
+            else:
+                ch = round(w / target)
+                y0 = (h - ch) // 2
+                image = image[y0 : y0 + ch, :]
+        elif spec.resize == "letterbox":
+            scale = min(spec.width / w, spec.height / h)
+            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+            resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+            canvas = np.zeros((spec.height, spec.width, *image.shape[2:]), dtype=image.dtype)
+            y0, x0 = (spec.height - nh) // 2, (spec.width - nw) // 2
+            canvas[y0 : y0 + nh, x0 : x0 + nw] = resized
+            return canvas
+        return cv2.resize(image, self._size, interpolation=cv2.INTER_AREA)
+
+    def batch(self, images: list[np.ndarray]) -> np.ndarray:
+        """Stack resized frames into the model's layout and value range."""
+        stacked = np.stack([self.resize(img) for img in images]).astype(np.float32)
+        if stacked.ndim == 3:  # gray: N,H,W -> N,H,W,1
+            stacked = stacked[..., None]
+        stacked *= self._mul
+        stacked += self._add
+        if self.spec.layout == "NCHW":
+            stacked = np.ascontiguousarray(stacked.transpose(0, 3, 1, 2))
+        return stacked

@@ -1,0 +1,176 @@
+"""Where frames come from: an image folder, a video file or camera, or an MQTT input topic.
+
+A source is an async iterator of :class:`Frame`. Sources hand over encoded bytes or a path
+when they have them, so decoding happens on the inference thread, not on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgewire.config import SourceSettings
+from edgewire.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Frame:
+    seq: int
+    ref: str
+    ts: float
+    path: Path | None = None
+    data: bytes | None = None
+    image: np.ndarray | None = None
+    content_type: str = "image/jpeg"
+
+    def encoded(self) -> bytes:
+        """The frame as image bytes, for escalation; encodes decoded frames as JPEG."""
+        if self.data is not None:
+            return self.data
+        if self.path is not None:
+            return self.path.read_bytes()
+        if self.image is not None:
+            import cv2
+
+            ok, buf = cv2.imencode(".jpg", self.image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+            if ok:
+                return buf.tobytes()
+        raise SourceError(f"frame {self.ref} has no image data")
+
+
+class Pacer:
+    """Plays a source at a fixed frame rate; 0 means as fast as it is pulled."""
+
+    def __init__(self, fps: float) -> None:
+        self.period = 1.0 / fps if fps > 0 else 0.0
+        self._next = time.monotonic()
+
+    async def wait(self) -> None:
+        if not self.period:
+            return
+        self._next += self.period
+        delay = self._next - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        else:
+            self._next = time.monotonic()
+
+
+class FolderSource:
+    def __init__(self, settings: SourceSettings) -> None:
+        assert settings.path is not None
+        folder = Path(settings.path)
+        if not folder.is_dir():
+            raise SourceError(f"image folder not found: {folder} (source.path)")
+        self.files = sorted(
+            p for p in folder.glob(settings.pattern) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
+        if not self.files:
+            raise SourceError(
+                f"no images matching '{settings.pattern}' in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        self.settings = settings
+
+    async def __aiter__(self) -> AsyncIterator[Frame]:
+        pacer = Pacer(self.settings.fps)
+        seq = 0
+        while True:
+            for path in self.files:
+                await pacer.wait()
+                ctype = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
+                yield Frame(seq=seq, ref=path.name, ts=time.time(), path=path, content_type=ctype)
+                seq += 1
+                if seq % 64 == 0:
+                    await asyncio.sleep(0)  # let the rest of the loop breathe at full speed
+            if not self.settings.loop:
+                return
+
+
+class VideoSource:
+    """A video file, a camera index or a GStreamer pipeline, read through OpenCV."""
+
+    def __init__(self, settings: SourceSettings) -> None:
+        import cv2
+
+        self.settings = settings
+        if settings.kind == "video":
+            assert settings.path is not None
+            if not Path(settings.path).is_file():
+                raise SourceError(f"video file not found: {settings.path} (source.path)")
+            self._target: int | str = str(settings.path)
+            self._api = cv2.CAP_ANY
+        else:
+            device = settings.device
+            assert device is not None
+            self._target = int(device) if isinstance(device, int) or str(device).isdigit() else str(device)
+            self._api = cv2.CAP_GSTREAMER if isinstance(self._target, str) else cv2.CAP_ANY
+        self._cap = cv2.VideoCapture(self._target, self._api)
+        if not self._cap.isOpened():
+            raise SourceError(f"cannot open {settings.kind} {self._target!r}: OpenCV could not read it")
+
+    async def __aiter__(self) -> AsyncIterator[Frame]:
+        import cv2
+
+        pacer = Pacer(self.settings.fps)
+        seq = 0
+        try:
+            while True:
+                ok, image = await asyncio.to_thread(self._cap.read)
+                if not ok:
+                    if self.settings.loop and self.settings.kind == "video":
+                        self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                        ok, image = await asyncio.to_thread(self._cap.read)
+                    if not ok:
+                        return
+                await pacer.wait()
+                yield Frame(seq=seq, ref=f"{self.settings.kind}:{seq}", ts=time.time(), image=image)
+                seq += 1
+        finally:
+            self._cap.release()
+
+
+class QueueSource:
+    """Frames handed in by someone else: the agent feeds it from its ``input`` topic."""
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self.queue: asyncio.Queue[Frame | None] = asyncio.Queue(maxsize)
+        self._seq = 0
+
+    def offer(self, ref: str, data: bytes, ts: float, content_type: str) -> bool:
+        """Queue a frame; False when the device is already too far behind (dropped)."""
+        try:
+            self.queue.put_nowait(Frame(self._seq, ref, ts, data=data, content_type=content_type))
+        except asyncio.QueueFull:
+            return False
+        self._seq += 1
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[Frame]:
+        while (frame := await self.queue.get()) is not None:
+            yield frame
+
+
+Source = FolderSource | VideoSource | QueueSource
+
+
+def open_source(settings: SourceSettings) -> Source:
+    if settings.kind == "folder":
+        return FolderSource(settings)
+    if settings.kind in ("video", "camera"):
+        return VideoSource(settings)
+    return QueueSource()

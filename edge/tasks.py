@@ -1,0 +1,65 @@
+"""The life of one frame, as an explicit state machine.
+
+RAW -> JUDGED -> COMPLETE, or JUDGED -> PENDING_CLOUD -> COMPLETE | TIMEOUT. Making the
+transitions explicit means an answer that arrives twice, or after the deadline, is refused
+by the machine rather than by scattered checks.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from edgewire.envelopes import Prediction
+from edgewire.errors import TaskStateError
+
+
+class TaskState(str, enum.Enum):
+    RAW = "RAW"
+    JUDGED = "JUDGED"
+    COMPLETE = "COMPLETE"
+    PENDING_CLOUD = "PENDING_CLOUD"
+    TIMEOUT = "TIMEOUT"
+
+
+ALLOWED: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.RAW: frozenset({TaskState.JUDGED}),
+    TaskState.JUDGED: frozenset({TaskState.COMPLETE, TaskState.PENDING_CLOUD}),
+    TaskState.PENDING_CLOUD: frozenset({TaskState.COMPLETE, TaskState.TIMEOUT}),
+    TaskState.COMPLETE: frozenset(),
+    TaskState.TIMEOUT: frozenset(),
+}
+TERMINAL = frozenset({TaskState.COMPLETE, TaskState.TIMEOUT})
+
+
+@dataclass
+class Task:
+    trace_id: str
+    seq: int
+    source_ref: str
+    created: float
+    state: TaskState = TaskState.RAW
+    prediction: Prediction | None = None
+    reasons: tuple[str, ...] = ()
+    answered_by: str = "edge"
+    degraded: bool = False
+    finished: float | None = None
+    history: list[TaskState] = field(default_factory=list)
+
+    def to(self, state: TaskState) -> None:
+        if state not in ALLOWED[self.state]:
+            raise TaskStateError(f"task {self.trace_id}: {self.state.value} -> {state.value} is not allowed")
+        self.history.append(self.state)
+        self.state = state
+        if state in TERMINAL:
+            self.finished = time.time()
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    @property
+    def latency_ms(self) -> float:
+        end = self.finished if self.finished is not None else time.time()
+        return (end - self.created) * 1000.0
