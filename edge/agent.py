@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
 from edgewire import envelopes as env
@@ -31,7 +30,7 @@ from edgewire.session import MqttSession, NotConnected, presence_factory
 
 from .engines import create_engine
 from .judge import Judge, Verdict
-from .preprocess import Preprocessor, decode, sharpness
+from .preprocess import Preprocessor, decode, read, sharpness
 from .sources import Frame, QueueSource, open_source
 from .tasks import Task, TaskState
 
@@ -52,6 +51,9 @@ class AgentSummary:
     failed: int
     rejected: int
     elapsed_s: float
+    # From the first frame read to the last result out: the pipeline's own time, without
+    # connecting and saying goodbye.
+    busy_s: float
 
     @property
     def fps(self) -> float:
@@ -86,9 +88,14 @@ class EdgeAgent:
         self.on_result = on_result
         self.mode = "joint" if config.cloud is not None else "local-only"
         self._max_batch = min(config.pipeline.max_batch, self.profile.limits.max_batch)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{config.device_id}")
+        # Batches run on their own worker threads (OpenCV and onnxruntime release the GIL);
+        # results are still taken, judged and published strictly in frame order.
+        self._workers = config.pipeline.workers
+        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=f"infer-{config.device_id}")
         self._run_id = secrets.token_hex(4)
         self._stop: asyncio.Event | None = None
+        self._first_frame: float | None = None
+        self._last_done: float | None = None
         self.session: MqttSession | None = None
         self._local_topic = topics.LOCAL.build(device_id=config.device_id)
         self._input_topic = topics.INPUT.build(device_id=config.device_id)
@@ -164,6 +171,7 @@ class EdgeAgent:
             failed=int(m.total("frames_failed_total")),
             rejected=int(m.total("messages_rejected_total")),
             elapsed_s=elapsed,
+            busy_s=(self._last_done - self._first_frame) if self._first_frame and self._last_done else 0.0,
         )
 
     # -- pipeline ------------------------------------------------------------------------
@@ -171,8 +179,8 @@ class EdgeAgent:
     async def _pipeline(self, session: MqttSession) -> None:
         assert self._stop is not None
         frames: asyncio.Queue[Frame | None] = asyncio.Queue(self.config.pipeline.queue_size)
-        # Two batches in flight: one in the inference thread, one being published.
-        inflight: asyncio.Queue[tuple[list[Frame], asyncio.Future[_Batch]] | None] = asyncio.Queue(2)
+        # One batch per worker in flight, plus one being published.
+        inflight: asyncio.Queue[tuple[list[Frame], asyncio.Future[_Batch]] | None] = asyncio.Queue(self._workers + 1)
         loop = asyncio.get_running_loop()
 
         limit = self.config.source.max_frames
@@ -182,6 +190,8 @@ class EdgeAgent:
                 async for frame in self.source:
                     if self._stop.is_set():
                         break
+                    if self._first_frame is None:
+                        self._first_frame = time.monotonic()
                     await frames.put(frame)
                     if limit is not None and frame.seq + 1 >= limit:
                         break
@@ -229,9 +239,9 @@ class EdgeAgent:
             image = frame.image
             if image is None:
                 if frame.path is not None:
-                    image = cv2.imread(str(frame.path), cv2.IMREAD_COLOR)
+                    image = read(str(frame.path), self.pre.gray)
                 elif frame.data is not None:
-                    image = decode(frame.data)
+                    image = decode(frame.data, self.pre.gray)
             if image is None or image.size == 0:
                 failures[i] = "decode"
                 continue
@@ -252,16 +262,25 @@ class EdgeAgent:
         m = self.meter
         m.inc("frames_total", len(batch.frames))
         for i, reason in batch.failures.items():
-            frame = batch.frames[i]
             m.inc("frames_failed_total", reason=reason)
-            log.warning("%s: frame %s skipped: %s failed", self.config.device_id, frame.ref, reason)
+            log.warning("%s: frame %s skipped: %s failed", self.config.device_id, batch.frames[i].ref, reason)
         if batch.probs is None:
             return
         verdicts = self.judge.judge(batch.probs, batch.sharpness)
-        for i, verdict in zip(batch.ok, verdicts, strict=True):
-            await self._complete(session, batch.frames[i], verdict)
+        results = [self._complete(batch.frames[i], v) for i, v in zip(batch.ok, verdicts, strict=True)]
+        m.inc("frames_completed_total", len(results))
+        hard = sum(1 for v in verdicts if v.hard)
+        if hard:
+            m.inc("frames_hard_total", hard)
+        self._last_done = time.monotonic()
+        if self.on_result is not None:
+            for result in results:
+                self.on_result(result)
+        if self.config.publish.local_results:
+            batch_msg = env.LocalResults(device_id=self.config.device_id, results=results)
+            await session.publish(self._local_topic, env.encode(batch_msg), qos=topics.LOCAL.qos)
 
-    async def _complete(self, session: MqttSession, frame: Frame, verdict: Verdict) -> None:
+    def _complete(self, frame: Frame, verdict: Verdict) -> env.LocalResult:
         task = Task(
             trace_id=f"{self._run_id}-{frame.seq}",
             seq=frame.seq,
@@ -271,13 +290,10 @@ class EdgeAgent:
         task.prediction = verdict.prediction
         task.reasons = verdict.reasons
         task.to(TaskState.JUDGED)
-        if verdict.hard:
-            self.meter.inc("frames_hard_total")
         # Local-only: a hard case is still answered here, flagged as not checked by the cloud.
         task.degraded = verdict.hard
         task.to(TaskState.COMPLETE)
-        self.meter.inc("frames_completed_total")
-        result = env.LocalResult(
+        return env.LocalResult(
             trace_id=task.trace_id,
             device_id=self.config.device_id,
             seq=task.seq,
@@ -293,10 +309,6 @@ class EdgeAgent:
             degraded=task.degraded,
             latency_ms=task.latency_ms,
         )
-        if self.on_result is not None:
-            self.on_result(result)
-        if self.config.publish.local_results:
-            await session.publish(self._local_topic, env.encode(result), qos=topics.LOCAL.qos)
 
     # -- control plane -------------------------------------------------------------------
 

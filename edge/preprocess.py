@@ -13,12 +13,17 @@ import numpy as np
 from edgewire.modelmeta import InputSpec
 
 
-def decode(data: bytes) -> np.ndarray | None:
-    """Encoded image bytes to a BGR array; None when the bytes are not an image."""
+def decode(data: bytes, gray: bool = False) -> np.ndarray | None:
+    """Encoded image bytes to a BGR (or gray) array; None when the bytes are not an image."""
     buf = np.frombuffer(data, dtype=np.uint8)
     if buf.size == 0:
         return None
-    return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
+
+
+def read(path: str, gray: bool = False) -> np.ndarray | None:
+    """Read and decode an image file; a gray model gets a gray decode (JPEG skips colour work)."""
+    return cv2.imread(path, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
 
 
 def sharpness(image: np.ndarray) -> float:
@@ -33,6 +38,8 @@ class Preprocessor:
 
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
+        #: Decode straight to gray when that is all the model looks at.
+        self.gray = spec.color == "gray"
         self._size = (spec.width, spec.height)
         channels = spec.channels
         self._mean = np.asarray(spec.mean, dtype=np.float32)

@@ -217,6 +217,8 @@ class CloudSettings(StrictModel):
 
 class PipelineSettings(StrictModel):
     max_batch: int = Field(16, ge=1, le=1024)
+    # Threads that decode, preprocess and infer micro-batches side by side.
+    workers: int = Field(2, ge=1, le=64)
     queue_size: int = Field(64, ge=1)
 
 

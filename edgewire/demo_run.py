@@ -73,11 +73,11 @@ async def run_local_demo(
 
             async def watch() -> None:
                 async for msg in monitor.messages():
-                    result = env.decode(env.LocalResult, msg.payload)
-                    received.append(result)
+                    batch = env.decode(env.LocalResults, msg.payload)
+                    received.extend(batch.results)
                     if expected and len(received) >= expected[0]:
                         all_in.set()
-                    if not quiet:
+                    for result in [] if quiet else batch.results:
                         truth = label_of(Path(result.source_ref))
                         ok = "[green]✓[/]" if result.prediction.label == str(truth) else f"[red]✗ truth {truth}[/]"
                         hard = f" [yellow]hard: {', '.join(result.reasons)}[/]" if result.reasons else ""

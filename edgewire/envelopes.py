@@ -93,7 +93,9 @@ class Result(Envelope):
     reason: str | None = None
 
 
-class LocalResult(Envelope):
+class LocalResult(_Strict):
+    """One frame's outcome on the device (an item of LocalResults)."""
+
     trace_id: str
     device_id: str
     seq: int
@@ -110,8 +112,17 @@ class LocalResult(Envelope):
     latency_ms: float
 
 
+class LocalResults(Envelope):
+    """Outcomes of one micro-batch. A paced camera sends one per message; a device working
+    through a backlog sends up to its batch size per message instead of flooding the broker."""
+
+    MAX_BYTES: ClassVar[int] = 1 * MIB
+    device_id: str
+    results: list[LocalResult]
+
+
 class Frame(Envelope):
-    MAX_BYTES: ClassVar[int] = 8 * MIB
+    MAX_BYTES: ClassVar[int] = 4 * MIB
     frame_id: str
     ts: float
     content_type: str
@@ -203,7 +214,7 @@ ENVELOPES: dict[str, type[Envelope]] = {
     for cls in (
         Request,
         Result,
-        LocalResult,
+        LocalResults,
         Frame,
         Manifest,
         Chunk,

@@ -257,11 +257,13 @@ async def browse(
         else:
             resolving[key] = loop.create_task(resolve(name))
 
-    browser = AsyncServiceBrowser(aiozc.zeroconf, [service_type], handlers=[on_change])
+    browser: AsyncServiceBrowser | None = None
     try:
+        browser = AsyncServiceBrowser(aiozc.zeroconf, [service_type], handlers=[on_change])
         await asyncio.sleep(max(0.0, deadline - loop.time()))
     finally:
-        await browser.async_cancel()
+        if browser is not None:
+            await browser.async_cancel()
         for task in resolving.values():
             task.cancel()
         for outcome in await asyncio.gather(*resolving.values(), return_exceptions=True):

@@ -101,7 +101,7 @@ class ParsedTopic:
 
 REQUEST = TopicSpec("request", "req/{device_id}/{trace_id}", 1, False, env.Request, "device → bridge")
 RESULT = TopicSpec("result", "result/{device_id}", 1, False, env.Result, "bridge → device")
-LOCAL = TopicSpec("local", "local/{device_id}", 0, False, env.LocalResult, "device → monitors")
+LOCAL = TopicSpec("local", "local/{device_id}", 0, False, env.LocalResults, "device → monitors")
 INPUT = TopicSpec("input", "input/{device_id}", 0, False, env.Frame, "any → device")
 MODEL_ANNOUNCE = TopicSpec("model_announce", "model/announce/{model}", 1, True, env.Manifest, "distributor → devices")
 MODEL_CHUNK = TopicSpec(

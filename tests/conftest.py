@@ -1,0 +1,112 @@
+"""Shared fixtures: real brokers (embedded amqtt, Mosquitto) and the demo artefacts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from edgewire.demo_models import DemoArtifacts, build_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+# CI sets this so a missing Mosquitto fails the run instead of skipping its tests.
+REQUIRE_MOSQUITTO = os.environ.get("EDGEWIRE_REQUIRE_MOSQUITTO") == "1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+@dataclass
+class BrokerHandle:
+    kind: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
+class Mosquitto:
+    """A Mosquitto process started from the shipped broker/mosquitto.conf on a free port."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(exe).exists():
+            if REQUIRE_MOSQUITTO:
+                pytest.fail("mosquitto is not installed (apt-get install -y mosquitto)")
+            pytest.skip("mosquitto is not installed")
+        shipped = (ROOT / "broker" / "mosquitto.conf").read_text()
+        conf = re.sub(r"^listener .*$", f"listener {self.port} 127.0.0.1", shipped, flags=re.M)
+        path = self.workdir / f"mosquitto-{self.port}.conf"
+        path.write_text(conf)
+        self.proc = subprocess.Popen([exe, "-c", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoArtifacts:
+    return build_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    m = Mosquitto(tmp_path)
+    m.start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+async def broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BrokerHandle]:
+    """Each test using this runs once against the embedded broker and once against Mosquitto."""
+    if request.param == "amqtt":
+        from edgewire.broker.embedded import EmbeddedBroker
+
+        port = free_port()
+        async with EmbeddedBroker("127.0.0.1", port):
+            yield BrokerHandle("amqtt", "127.0.0.1", port)
+    else:
+        m = Mosquitto(tmp_path)
+        await asyncio.to_thread(m.start)
+        try:
+            yield BrokerHandle("mosquitto", "127.0.0.1", m.port)
+        finally:
+            await asyncio.to_thread(m.stop)
