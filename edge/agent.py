@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgewire import envelopes as env
-from edgewire import topics
+from edgewire import sdnotify, topics
 from edgewire.config import DeviceConfig
 from edgewire.errors import DecodeError, TopicError
 from edgewire.metrics import Meter
@@ -143,9 +143,11 @@ class EdgeAgent:
                 await session.wait_connected(cfg.broker.startup_wait_s)
             except NotConnected as exc:
                 log.warning("%s: %s; answering locally until the broker is reachable", cfg.device_id, exc)
+            sdnotify.notify(f"READY=1\nSTATUS={self.mode}, broker {'up' if session.connected else 'down'}")
             helpers = [
                 asyncio.create_task(self._listen(session), name="listen"),
                 asyncio.create_task(self._telemetry(session), name="telemetry"),
+                asyncio.create_task(sdnotify.watchdog(), name="watchdog"),
             ]
             try:
                 await self._pipeline(session)

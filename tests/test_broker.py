@@ -12,7 +12,6 @@ import textwrap
 
 import aiomqtt
 import pytest
-
 from edgewire.broker.embedded import BrokerError, EmbeddedBroker
 
 from .conftest import free_port, wait_port
