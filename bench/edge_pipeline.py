@@ -31,7 +31,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnxruntime as ort
-from edgewire.edge.agent import EdgeAgent
 
 from edgewire.config import (
     BrokerSettings,
@@ -42,6 +41,7 @@ from edgewire.config import (
     SourceSettings,
 )
 from edgewire.demo_models import build_demo
+from edgewire.edge.agent import EdgeAgent
 from edgewire.modelmeta import META_KEY, ModelMeta
 
 

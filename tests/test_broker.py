@@ -12,6 +12,7 @@ import textwrap
 
 import aiomqtt
 import pytest
+
 from edgewire.broker.embedded import BrokerError, EmbeddedBroker
 
 from .conftest import free_port, wait_port

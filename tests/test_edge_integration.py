@@ -14,12 +14,12 @@ import aiomqtt
 import cv2
 import numpy as np
 import yaml
-from edgewire.edge.agent import EdgeAgent
 
 from edgewire import envelopes as env
 from edgewire import topics
 from edgewire.config import BrokerSettings, DeviceConfig, ModelSettings, SourceSettings
 from edgewire.demo_models import DemoArtifacts, label_of
+from edgewire.edge.agent import EdgeAgent
 
 from .conftest import BrokerHandle, free_port
 
