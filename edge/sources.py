@@ -157,8 +157,19 @@ class QueueSource:
         return True
 
     def close(self) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(None)
+        """End the stream after the frames already queued; a full backlog loses its newest frame
+        rather than the end-of-stream marker, so a consumer never waits forever."""
+        if self.queue.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self._drop_newest()
+        self.queue.put_nowait(None)
+
+    def _drop_newest(self) -> None:
+        items = []
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        for item in items[:-1]:
+            self.queue.put_nowait(item)
 
     async def __aiter__(self) -> AsyncIterator[Frame]:
         while (frame := await self.queue.get()) is not None:

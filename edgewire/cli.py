@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgewire.demo_run import free_port
 from edgewire.errors import EdgewireError
@@ -38,7 +39,7 @@ def _main(
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     return typer.Exit(2)
 
 
@@ -86,7 +87,7 @@ def _result_line(r: Any, truth: int | None = None) -> str:
         mark = " [green]✓[/]" if r.prediction.label == str(truth) else f" [red]✗ (truth {truth})[/]"
     hard = f" [yellow]hard: {', '.join(r.reasons)}[/]" if r.reasons else ""
     return (
-        f"{r.device_id} #{r.seq:<5} {r.source_ref:<16} → {r.prediction.label} "
+        f"{r.device_id} #{r.seq:<5} {escape(r.source_ref):<16} → {escape(r.prediction.label)} "
         f"({r.prediction.confidence:.2f}) {r.state.lower()} {r.latency_ms:6.1f} ms{hard}{mark}"
     )
 

@@ -48,6 +48,24 @@ def _line_marks(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> dict[tupl
     return marks
 
 
+def _duplicate_keys(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> list[str]:
+    """YAML lets a later key silently win over an earlier one; a config must not."""
+    found: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.value in seen:
+                field = ".".join(str(p) for p in (*path, key_node.value))
+                found.append(f"{line}: {field}: duplicate key (first on line {seen[key_node.value]}) -- keep one")
+            seen.setdefault(key_node.value, line)
+            found += _duplicate_keys(value_node, (*path, key_node.value))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += _duplicate_keys(item, (*path, i))
+    return found
+
+
 def _line_for(marks: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
     for end in range(len(loc), -1, -1):
         if loc[:end] in marks:
@@ -109,9 +127,13 @@ def load_yaml_model(path: str | Path, model: type[M], *, context: dict[str, Any]
     """Read, parse and validate one YAML file into ``model``; ConfigError on any problem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"cannot read configuration {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
     return parse_yaml_model(text, model, source=path, context=context)
 
 
@@ -124,6 +146,9 @@ def parse_yaml_model(text: str, model: type[M], *, source: Path, context: dict[s
         where = f"{source}:{mark.line + 1}" if mark else str(source)
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"invalid configuration in {source}:\n  {where}: YAML syntax error: {problem}") from None
+    duplicates = _duplicate_keys(node)
+    if duplicates:
+        raise ConfigError(f"invalid configuration in {source}:\n" + "\n".join(f"  {source}:{d}" for d in duplicates))
     if data is None:
         data = {}
     if not isinstance(data, dict):

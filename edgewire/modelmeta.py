@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 META_KEY = "edgewire"
 
@@ -42,6 +42,13 @@ class InputSpec(BaseModel):
     @property
     def channels(self) -> int:
         return self.shape[1] if self.layout == "NCHW" else self.shape[3]
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> InputSpec:
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, self.channels):
+                raise ValueError(f"{name} needs 1 or {self.channels} values (one per channel)")
+        return self
 
     @field_validator("std")
     @classmethod

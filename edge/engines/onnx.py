@@ -58,7 +58,14 @@ class OnnxEngine(Engine):
         if self._fixed_batch is None or len(batch) == self._fixed_batch:
             result = self.session.run(out, {feeds_name: batch})[0]
         else:
+            # A fixed-batch graph gets full chunks; the last one is zero-padded, its padding dropped.
             step = self._fixed_batch
-            parts = [self.session.run(out, {feeds_name: batch[i : i + step]})[0] for i in range(0, len(batch), step)]
+            parts = []
+            for i in range(0, len(batch), step):
+                chunk = batch[i : i + step]
+                n = len(chunk)
+                if n < step:
+                    chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
+                parts.append(self.session.run(out, {feeds_name: chunk})[0][:n])
             result = np.concatenate(parts)
         return to_probabilities(self.meta, result)
