@@ -41,14 +41,9 @@ from edgewire.config import (
     SourceSettings,
 )
 from edgewire.demo_models import build_demo
+from edgewire.demo_run import free_port
 from edgewire.edge.agent import EdgeAgent
 from edgewire.modelmeta import META_KEY, ModelMeta
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int) -> None:

@@ -34,6 +34,15 @@ def device_config(demo: DemoArtifacts, url: str, **source: object) -> DeviceConf
     )
 
 
+async def spawn_edge_run(cfg: DeviceConfig, folder: Path, *args: str, output: int) -> asyncio.subprocess.Process:
+    """`edgewire edge run` in its own process, as systemd would start it."""
+    path = folder / "device.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgewire.cli", "edge", "run", "--config", str(path), *args, stdout=output, stderr=output
+    )
+
+
 class Reader:
     """A plain aiomqtt client that collects decoded messages by topic family."""
 
@@ -193,19 +202,7 @@ async def test_session_reconnects_and_republishes_birth(demo: DemoArtifacts, tmp
 async def test_killed_device_leaves_its_last_will(broker: BrokerHandle, demo: DemoArtifacts, tmp_path: Path) -> None:
     cfg = device_config(demo, broker.url, kind="mqtt", path=None, max_frames=None)
     cfg.broker.keepalive = 5
-    path = tmp_path / "device.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "edgewire.cli",
-        "edge",
-        "run",
-        "--config",
-        str(path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await spawn_edge_run(cfg, tmp_path, output=asyncio.subprocess.DEVNULL)
     try:
         async with Reader(broker, "presence/cam-01") as reader:
             births = await reader.wait_for(topics.PRESENCE, 1, timeout=30)
@@ -223,21 +220,8 @@ async def test_killed_device_leaves_its_last_will(broker: BrokerHandle, demo: De
 
 async def test_edge_run_cli_end_to_end(broker: BrokerHandle, demo: DemoArtifacts, tmp_path: Path) -> None:
     cfg = device_config(demo, broker.url, max_frames=25)
-    path = tmp_path / "device.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     async with Reader(broker, "local/cam-01") as reader:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "edgewire.cli",
-            "edge",
-            "run",
-            "--config",
-            str(path),
-            "--print",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        proc = await spawn_edge_run(cfg, tmp_path, "--print", output=asyncio.subprocess.PIPE)
         stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
         results = await reader.wait_results(25)
     assert proc.returncode == 0, stderr.decode()
