@@ -25,12 +25,12 @@ from edgewire import sdnotify, topics
 from edgewire.config import DeviceConfig
 from edgewire.errors import DecodeError, TopicError
 from edgewire.metrics import Meter
+from edgewire.preprocess import Preprocessor, decode, read, sharpness
 from edgewire.profiles import DeviceProfile, load_profile
 from edgewire.session import MqttSession, NotConnected, presence_factory
 
 from .engines import create_engine
 from .judge import Judge, Verdict
-from .preprocess import Preprocessor, decode, read, sharpness
 from .sources import Frame, QueueSource, open_source
 from .tasks import Task, TaskState
 

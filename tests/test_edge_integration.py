@@ -231,7 +231,7 @@ async def test_edge_run_cli_end_to_end(broker: BrokerHandle, demo: DemoArtifacts
 
 
 def test_blurred_frames_escalate_for_blur(demo: DemoArtifacts, tmp_path: Path) -> None:
-    from edgewire.edge.preprocess import sharpness
+    from edgewire.preprocess import sharpness
 
     sharp_frame = cv2.imread(str(sorted(demo.frames_dir.glob("*.jpg"))[0]))
     blurred = cv2.GaussianBlur(sharp_frame, (31, 31), 8)

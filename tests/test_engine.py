@@ -12,9 +12,9 @@ onnx = pytest.importorskip("onnx")
 from edgewire.demo_models import DemoArtifacts, build_demo, label_of  # noqa: E402
 from edgewire.edge.engines import Engine, create_engine  # noqa: E402
 from edgewire.edge.engines.onnx import OnnxEngine  # noqa: E402
-from edgewire.edge.preprocess import Preprocessor, read  # noqa: E402
 from edgewire.errors import ModelError  # noqa: E402
 from edgewire.modelmeta import META_KEY, InputSpec, ModelMeta  # noqa: E402
+from edgewire.preprocess import Preprocessor, read  # noqa: E402
 from edgewire.profiles import DeviceProfile, Limits, load_profile  # noqa: E402
 
 helper, TP = onnx.helper, onnx.TensorProto

@@ -11,7 +11,7 @@ import pytest
 from edgewire.config import JudgeSettings
 from edgewire.demo_models import DemoArtifacts, build_demo, label_of
 from edgewire.edge.judge import BLURRY, LOW_CONFIDENCE, LOW_MARGIN, UNKNOWN_CLASS, Judge
-from edgewire.edge.preprocess import sharpness
+from edgewire.preprocess import sharpness
 
 LABELS = ("cat", "dog", "bird", "other")
 

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edgewire.edge.preprocess import Preprocessor, decode, read
 from edgewire.modelmeta import InputSpec
+from edgewire.preprocess import Preprocessor, decode, read
 
 # A BGR pixel whose three channels differ, so a swapped channel order shows.
 BGR = (10, 120, 230)

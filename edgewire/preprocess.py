@@ -1,5 +1,7 @@
 """Frames to tensors, driven only by the model's declared input (see edgewire.modelmeta).
 
+Shared by the device (before its local engine) and the bridge (before Triton).
+
 This runs on the inference thread, never on the event loop: OpenCV releases the GIL while it
 decodes and resizes, so a device with two cores decodes one batch while the loop publishes the
 previous one.
