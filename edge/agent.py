@@ -1,9 +1,10 @@
-"""The device agent: source -> decode/preprocess/infer (one thread) -> judge -> task -> publish.
+"""The device agent: source -> decode/preprocess/infer/judge (worker threads) -> task -> publish.
 
-Decoding, preprocessing and inference run in one dedicated thread, a micro-batch at a time, so
-the event loop stays free to read the source and publish results; while the loop publishes
-batch k the thread already works on batch k+1. A missing broker never stops the device: it
-keeps answering locally and QoS 0 results are dropped and counted until the link returns.
+Decoding, preprocessing, inference and judging run on worker threads, a micro-batch at a time,
+so the event loop stays free to read the source and move messages; batches are still finished
+strictly in frame order. Hard frames go to the cloud as one request each (when a cloud is
+configured and the link is up) and wait for their answer or their deadline; everything else is
+answered at once. A missing broker never stops the device: it keeps answering locally.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,13 +24,14 @@ import numpy as np
 from edgewire import envelopes as env
 from edgewire import sdnotify, topics
 from edgewire.config import DeviceConfig
-from edgewire.errors import DecodeError, TopicError
+from edgewire.errors import DecodeError, SourceError, TopicError
 from edgewire.metrics import Meter
 from edgewire.preprocess import Preprocessor, decode, read, sharpness
 from edgewire.profiles import DeviceProfile, load_profile
 from edgewire.session import MqttSession, NotConnected, presence_factory
 
 from .engines import create_engine
+from .escalation import Escalator
 from .judge import Judge, Verdict
 from .sources import Frame, QueueSource, open_source
 from .tasks import Task, TaskState
@@ -48,6 +50,8 @@ class AgentSummary:
     frames: int
     completed: int
     hard: int
+    escalated: int
+    timeouts: int
     failed: int
     rejected: int
     elapsed_s: float
@@ -63,10 +67,11 @@ class AgentSummary:
 @dataclass
 class _Batch:
     frames: list[Frame]
-    probs: np.ndarray | None
-    ok: list[int]
-    sharpness: list[float | None] | None
-    failures: dict[int, str]
+    ok: list[int] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)
+    #: Encoded bytes of the hard frames, by index in ``frames``, read on the worker thread.
+    payloads: dict[int, bytes] = field(default_factory=dict)
 
 
 class EdgeAgent:
@@ -89,7 +94,7 @@ class EdgeAgent:
         self.mode = "joint" if config.cloud is not None else "local-only"
         self._max_batch = min(config.pipeline.max_batch, self.profile.limits.max_batch)
         # Batches run on their own worker threads (OpenCV and onnxruntime release the GIL);
-        # results are still taken, judged and published strictly in frame order.
+        # results are still taken and published strictly in frame order.
         self._workers = config.pipeline.workers
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=f"infer-{config.device_id}")
         self._run_id = secrets.token_hex(4)
@@ -97,8 +102,12 @@ class EdgeAgent:
         self._first_frame: float | None = None
         self._last_done: float | None = None
         self.session: MqttSession | None = None
-        self._local_topic = topics.LOCAL.build(device_id=config.device_id)
-        self._input_topic = topics.INPUT.build(device_id=config.device_id)
+        self.escalator: Escalator | None = None
+        self._sends: set[asyncio.Task[None]] = set()
+        did = config.device_id
+        self._local_topic = topics.LOCAL.build(device_id=did)
+        self._input_topic = topics.INPUT.build(device_id=did)
+        self._result_topic = topics.RESULT.build(device_id=did)
 
     # -- control -------------------------------------------------------------------------
 
@@ -133,12 +142,16 @@ class EdgeAgent:
             meter=self.meter,
         )
         self.session = session
-        if self.mode == "local-only":
+        if cfg.cloud is not None:
+            self.escalator = Escalator(cfg.cloud, self.meter, lambda task: self._publish_final(session, task))
+        else:
             log.info("%s: no cloud configured: running local-only, hard cases are answered locally", cfg.device_id)
         started = time.monotonic()
         async with session:
             if isinstance(self.source, QueueSource):
                 await session.subscribe(self._input_topic, qos=topics.INPUT.qos)
+            if self.escalator is not None:
+                await session.subscribe(self._result_topic, qos=topics.RESULT.qos)
             try:
                 await session.wait_connected(cfg.broker.startup_wait_s)
             except NotConnected as exc:
@@ -151,6 +164,10 @@ class EdgeAgent:
             ]
             try:
                 await self._pipeline(session)
+                if self._sends:
+                    await asyncio.gather(*self._sends, return_exceptions=True)
+                if self.escalator is not None:
+                    await self.escalator.drain()
             finally:
                 for task in helpers:
                     task.cancel()
@@ -170,6 +187,8 @@ class EdgeAgent:
             frames=int(m.total("frames_total")),
             completed=int(m.total("frames_completed_total")),
             hard=int(m.total("frames_hard_total")),
+            escalated=int(m.total("frames_escalated_total")),
+            timeouts=int(m.total("escalations_timed_out_total")),
             failed=int(m.total("frames_failed_total")),
             rejected=int(m.total("messages_rejected_total")),
             elapsed_s=elapsed,
@@ -180,23 +199,25 @@ class EdgeAgent:
 
     async def _pipeline(self, session: MqttSession) -> None:
         assert self._stop is not None
+        stop = self._stop
         frames: asyncio.Queue[Frame | None] = asyncio.Queue(self.config.pipeline.queue_size)
         # One batch per worker in flight, plus one being published.
-        inflight: asyncio.Queue[tuple[list[Frame], asyncio.Future[_Batch]] | None] = asyncio.Queue(self._workers + 1)
+        inflight: asyncio.Queue[asyncio.Future[_Batch] | None] = asyncio.Queue(self._workers + 1)
         loop = asyncio.get_running_loop()
-
         limit = self.config.source.max_frames
 
-        async def read() -> None:
+        async def read_source() -> None:
             try:
                 async for frame in self.source:
-                    if self._stop.is_set():
+                    if stop.is_set():
                         break
                     if self._first_frame is None:
                         self._first_frame = time.monotonic()
                     await frames.put(frame)
                     if limit is not None and frame.seq + 1 >= limit:
                         break
+            except SourceError as exc:
+                log.error("%s: source failed: %s", self.config.device_id, exc)
             finally:
                 await frames.put(None)
 
@@ -214,18 +235,17 @@ class EdgeAgent:
                         break
                     group.append(nxt)
                 self.meter.set("queue_depth", frames.qsize())
-                fut = loop.run_in_executor(self._executor, self._infer, group)
-                await inflight.put((group, fut))
+                await inflight.put(loop.run_in_executor(self._executor, self._infer, group))
             await inflight.put(None)
 
-        async def publish() -> None:
-            while (item := await inflight.get()) is not None:
-                await self._finish(session, await item[1])
+        async def finish() -> None:
+            while (fut := await inflight.get()) is not None:
+                await self._finish(session, await fut)
 
-        reader = asyncio.create_task(read(), name="source")
+        reader = asyncio.create_task(read_source(), name="source")
         batcher = asyncio.create_task(batch(), name="batch")
         try:
-            await publish()
+            await finish()
         finally:
             for task in (reader, batcher):
                 task.cancel()
@@ -233,10 +253,9 @@ class EdgeAgent:
                     await task
 
     def _infer(self, group: list[Frame]) -> _Batch:
-        """Runs on the inference thread: decode, preprocess, infer one micro-batch."""
+        """Runs on a worker thread: decode, preprocess, infer and judge one micro-batch."""
+        out = _Batch(group)
         images: list[np.ndarray] = []
-        ok: list[int] = []
-        failures: dict[int, str] = {}
         for i, frame in enumerate(group):
             image = frame.image
             if image is None:
@@ -245,20 +264,29 @@ class EdgeAgent:
                 elif frame.data is not None:
                     image = decode(frame.data, self.pre.gray)
             if image is None or image.size == 0:
-                failures[i] = "decode"
+                out.failures[i] = "decode"
                 continue
             images.append(image)
-            ok.append(i)
+            out.ok.append(i)
         if not images:
-            return _Batch(group, None, ok, None, failures)
+            return out
         sharp = [sharpness(img) for img in images] if self.judge.wants_sharpness else None
         try:
             probs = self.engine.infer(self.pre.batch(images))
         except Exception:
             log.exception("%s: inference failed for a batch of %d", self.config.device_id, len(images))
-            failures.update({i: "inference" for i in ok})
-            return _Batch(group, None, [], None, failures)
-        return _Batch(group, probs, ok, sharp, failures)
+            out.failures.update({i: "inference" for i in out.ok})
+            out.ok = []
+            return out
+        out.verdicts = self.judge.judge(probs, sharp)
+        if self.config.cloud is not None:
+            for i, verdict in zip(out.ok, out.verdicts, strict=True):
+                if verdict.hard:
+                    try:
+                        out.payloads[i] = group[i].encoded()
+                    except (OSError, SourceError) as exc:
+                        log.warning("%s: cannot escalate %s: %s", self.config.device_id, group[i].ref, exc)
+        return out
 
     async def _finish(self, session: MqttSession, batch: _Batch) -> None:
         m = self.meter
@@ -266,35 +294,88 @@ class EdgeAgent:
         for i, reason in batch.failures.items():
             m.inc("frames_failed_total", reason=reason)
             log.warning("%s: frame %s skipped: %s failed", self.config.device_id, batch.frames[i].ref, reason)
-        if batch.probs is None:
+        if not batch.verdicts:
             return
-        verdicts = self.judge.judge(batch.probs, batch.sharpness)
-        results = [self._complete(batch.frames[i], v) for i, v in zip(batch.ok, verdicts, strict=True)]
-        m.inc("frames_completed_total", len(results))
-        hard = sum(1 for v in verdicts if v.hard)
+        results: list[env.LocalResult] = []
+        requests: list[tuple[Task, bytes, str]] = []
+        hard = 0
+        for i, verdict in zip(batch.ok, batch.verdicts, strict=True):
+            frame = batch.frames[i]
+            task = Task(trace_id=f"{self._run_id}-{frame.seq}", seq=frame.seq, source_ref=frame.ref, created=frame.ts)
+            task.prediction = verdict.prediction
+            task.reasons = verdict.reasons
+            task.to(TaskState.JUDGED)
+            if verdict.hard:
+                hard += 1
+            payload = batch.payloads.get(i)
+            if verdict.hard and payload is not None and self._can_escalate(session):
+                task.to(TaskState.PENDING_CLOUD)
+                assert self.escalator is not None
+                self.escalator.track(task)
+                requests.append((task, payload, frame.content_type))
+            else:
+                # No cloud, no link or no room: a hard case is answered here, flagged.
+                task.degraded = verdict.hard
+                task.to(TaskState.COMPLETE)
+                m.inc("frames_completed_total")
+            results.append(self._local_result(task, verdict.sharpness))
         if hard:
             m.inc("frames_hard_total", hard)
         self._last_done = time.monotonic()
-        if self.on_result is not None:
-            for result in results:
-                self.on_result(result)
-        if self.config.publish.local_results:
-            batch_msg = env.LocalResults(device_id=self.config.device_id, results=results)
-            await session.publish(self._local_topic, env.encode(batch_msg), qos=topics.LOCAL.qos)
+        for task, payload, ctype in requests:
+            self._spawn(self._escalate(session, task, payload, ctype))
+        await self._publish_local(session, results)
 
-    def _complete(self, frame: Frame, verdict: Verdict) -> env.LocalResult:
-        task = Task(
-            trace_id=f"{self._run_id}-{frame.seq}",
-            seq=frame.seq,
-            source_ref=frame.ref,
-            created=frame.ts,
+    def _can_escalate(self, session: MqttSession) -> bool:
+        if self.escalator is None:
+            return False
+        if not session.connected:
+            self.meter.inc("escalations_skipped_total", reason="offline")
+            return False
+        if not self.escalator.has_room():
+            self.meter.inc("escalations_skipped_total", reason="backlog")
+            return False
+        return True
+
+    async def _escalate(self, session: MqttSession, task: Task, payload: bytes, content_type: str) -> None:
+        assert self.escalator is not None and self.config.cloud is not None and task.prediction is not None
+        request = env.Request(
+            trace_id=task.trace_id,
+            device_id=self.config.device_id,
+            fleet=self.config.fleet,
+            created=task.created,
+            deadline=self.escalator.deadline_for(task),
+            model_hint=self.config.cloud.model_hint,
+            local=task.prediction,
+            reasons=list(task.reasons),
+            payload=payload,
+            content_type=content_type,
+            reply_to=self._result_topic,
         )
-        task.prediction = verdict.prediction
-        task.reasons = verdict.reasons
-        task.to(TaskState.JUDGED)
-        # Local-only: a hard case is still answered here, flagged as not checked by the cloud.
-        task.degraded = verdict.hard
-        task.to(TaskState.COMPLETE)
+        data = env.encode(request)
+        topic = topics.REQUEST.build(device_id=self.config.device_id, trace_id=task.trace_id)
+        try:
+            await session.publish(topic, data, qos=topics.REQUEST.qos, timeout=self.config.cloud.deadline_ms / 1000)
+        except NotConnected as exc:
+            # The request never left: answer locally now rather than wait for the deadline.
+            if self.escalator.cancel(task.trace_id) is not None:
+                log.info("%s: escalation of %s not sent: %s", self.config.device_id, task.trace_id, exc)
+                task.degraded = True
+                task.to(TaskState.COMPLETE)
+                self.meter.inc("escalations_skipped_total", reason="publish_failed")
+                await self._publish_final(session, task)
+            return
+        self.meter.inc("frames_escalated_total")
+        self.meter.inc("bytes_escalated_total", len(data))
+
+    async def _publish_final(self, session: MqttSession, task: Task) -> None:
+        """An escalated task reached COMPLETE or TIMEOUT: publish its final outcome."""
+        self.meter.inc("frames_completed_total")
+        self._last_done = time.monotonic()
+        await self._publish_local(session, [self._local_result(task, None)])
+
+    def _local_result(self, task: Task, sharp: float | None) -> env.LocalResult:
+        assert task.prediction is not None
         return env.LocalResult(
             trace_id=task.trace_id,
             device_id=self.config.device_id,
@@ -303,32 +384,52 @@ class EdgeAgent:
             ts=task.created,
             state=task.state.value,
             answered_by=task.answered_by,
-            prediction=verdict.prediction,
+            prediction=task.prediction,
             reasons=list(task.reasons),
-            sharpness=verdict.sharpness,
-            model=self.meta.name,
-            version=self.meta.version,
+            sharpness=sharp,
+            model=task.model or self.meta.name,
+            version=task.version or self.meta.version,
             degraded=task.degraded,
             latency_ms=task.latency_ms,
         )
+
+    async def _publish_local(self, session: MqttSession, results: list[env.LocalResult]) -> None:
+        if self.on_result is not None:
+            for result in results:
+                self.on_result(result)
+        if self.config.publish.local_results and results:
+            message = env.LocalResults(device_id=self.config.device_id, results=results)
+            await session.publish(self._local_topic, env.encode(message), qos=topics.LOCAL.qos)
+
+    def _spawn(self, coro: Any) -> None:
+        job = asyncio.ensure_future(coro)
+        self._sends.add(job)
+        job.add_done_callback(self._sends.discard)
 
     # -- control plane -------------------------------------------------------------------
 
     async def _listen(self, session: MqttSession) -> None:
         async for message in session.messages():
             try:
-                self._dispatch(str(message.topic), message.payload)
+                await self._dispatch(str(message.topic), message.payload)
             except (DecodeError, TopicError) as exc:
                 reason = "topic" if isinstance(exc, TopicError) else "payload"
                 self.meter.inc("messages_rejected_total", reason=reason)
                 log.warning("%s: rejected message on %s: %s", self.config.device_id, message.topic, exc)
 
-    def _dispatch(self, topic: str, payload: Any) -> None:
+    async def _dispatch(self, topic: str, payload: Any) -> None:
         parsed = topics.parse(topic)
+        data = payload if isinstance(payload, bytes | bytearray) else b""
         if parsed.spec is topics.INPUT and isinstance(self.source, QueueSource):
-            frame = env.decode(env.Frame, payload if isinstance(payload, bytes | bytearray) else b"")
+            frame = env.decode(env.Frame, data)
             if not self.source.offer(frame.frame_id, frame.data, frame.ts, frame.content_type):
                 self.meter.inc("frames_dropped_total", reason="backlog")
+            return
+        if parsed.spec is topics.RESULT and self.escalator is not None:
+            result = env.decode(env.Result, data)
+            if result.device_id != self.config.device_id:
+                raise DecodeError(f"Result for device {result.device_id!r} arrived on {topic}")
+            await self.escalator.resolve(result)
             return
         raise TopicError(f"{topic}: not a topic this device consumes")
 

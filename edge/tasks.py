@@ -43,6 +43,9 @@ class Task:
     prediction: Prediction | None = None
     reasons: tuple[str, ...] = ()
     answered_by: str = "edge"
+    #: Model that gave ``prediction`` when it was not the device's own (a cloud answer).
+    model: str | None = None
+    version: str | None = None
     degraded: bool = False
     finished: float | None = None
     history: list[TaskState] = field(default_factory=list)

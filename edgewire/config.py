@@ -236,8 +236,14 @@ class JudgeSettings(StrictModel):
 
 
 class CloudSettings(StrictModel):
+    """Escalation of hard frames to the cloud bridge over MQTT."""
+
     deadline_ms: int = Field(2000, gt=0)
     model_hint: str | None = None
+    # prefer_cloud: the cloud's answer replaces the local one; max_confidence: the surer one wins.
+    merge: Literal["prefer_cloud", "max_confidence"] = "prefer_cloud"
+    # Escalations waiting for an answer at once; beyond this, hard frames are answered locally.
+    max_pending: int = Field(1024, ge=1)
 
 
 class PipelineSettings(StrictModel):

@@ -71,6 +71,7 @@ class Request(Envelope):
     MAX_BYTES: ClassVar[int] = 4 * MIB
     trace_id: str
     device_id: str
+    fleet: str | None = None
     created: float
     deadline: float
     model_hint: str | None = None

@@ -16,11 +16,13 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Literal
+from typing import Any, Literal
 
 import aiomqtt
 from aiomqtt import ProtocolVersion
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edgewire import envelopes as env
 from edgewire import topics
@@ -53,6 +55,9 @@ class MqttSession:
         reconnect_max_s: float = 30.0,
         meter: Meter | None = None,
         max_queued_messages: int = 10_000,
+        persistent: bool = False,
+        session_expiry_s: int = 86_400,
+        max_inflight: int = 256,
     ) -> None:
         self.client_id = client_id
         self.host = host
@@ -63,6 +68,11 @@ class MqttSession:
         self._protocol: Protocol = protocol
         self._presence = presence
         self._backoff = (reconnect_min_s, reconnect_max_s)
+        # A persistent session keeps the client's subscriptions and queued QoS 1 messages at the
+        # broker while it is away (clean session off / clean start off with an expiry).
+        self._persistent = persistent
+        self._session_expiry_s = session_expiry_s
+        self._max_inflight = max_inflight
         self.meter = meter or Meter(client_id)
         self._subscriptions: dict[str, int] = {}
         self._inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(max_queued_messages)
@@ -205,7 +215,18 @@ class MqttSession:
             will=will,
             protocol=protocol,
             timeout=10,
+            max_inflight_messages=self._max_inflight,
+            **self._session_options(protocol),
         )
+
+    def _session_options(self, protocol: ProtocolVersion) -> dict[str, Any]:
+        if protocol == ProtocolVersion.V5:
+            if not self._persistent:
+                return {"clean_start": True}
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self._session_expiry_s
+            return {"clean_start": False, "properties": props}
+        return {"clean_session": not self._persistent}
 
     async def _negotiate(self) -> Protocol:
         """Ask the broker with a bare MQTT 5 CONNECT; a refusal means 3.1.1.
