@@ -10,7 +10,6 @@ answered at once. A missing broker never stops the device: it keeps answering lo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 from edgewire import envelopes as env
 from edgewire import sdnotify, topics
+from edgewire.aio import cancel_and_wait
 from edgewire.config import DeviceConfig
 from edgewire.errors import DecodeError, SourceError, TopicError
 from edgewire.metrics import Meter
@@ -169,11 +169,7 @@ class EdgeAgent:
                 if self.escalator is not None:
                     await self.escalator.drain()
             finally:
-                for task in helpers:
-                    task.cancel()
-                for task in helpers:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                await cancel_and_wait(*helpers)
                 elapsed = time.monotonic() - started
                 await self._publish_telemetry(session, elapsed)
         self._executor.shutdown(wait=True)
@@ -247,10 +243,7 @@ class EdgeAgent:
         try:
             await finish()
         finally:
-            for task in (reader, batcher):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(reader, batcher)
 
     def _infer(self, group: list[Frame]) -> _Batch:
         """Runs on a worker thread: decode, preprocess, infer and judge one micro-batch."""

@@ -12,6 +12,7 @@ import numpy as np
 
 from edgewire.config import JudgeSettings
 from edgewire.envelopes import Prediction
+from edgewire.scoring import top2
 
 LOW_CONFIDENCE = "low_confidence"
 LOW_MARGIN = "low_margin"
@@ -46,12 +47,7 @@ class Judge:
         n, classes = probs.shape
         if classes != len(self.labels):
             raise ValueError(f"model gives {classes} classes but declares {len(self.labels)} labels")
-        top2 = np.argpartition(probs, -2, axis=1)[:, -2:] if classes > 1 else np.zeros((n, 2), dtype=int)
-        rows = np.arange(n)
-        a, b = probs[rows, top2[:, 0]], probs[rows, top2[:, 1]]
-        best = np.where(a >= b, top2[:, 0], top2[:, 1])
-        conf = np.maximum(a, b)
-        margin = conf - np.minimum(a, b) if classes > 1 else conf
+        best, conf, margin = top2(probs)
         s = self.settings
         low_conf = conf < s.min_confidence
         low_margin = margin < s.min_margin

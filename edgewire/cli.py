@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -121,6 +122,90 @@ def edge_run(
     )
 
 
+# ---- cloud -------------------------------------------------------------------------------
+
+
+def _broker_settings(url: str) -> Any:
+    from edgewire.config import BrokerSettings
+
+    try:
+        return BrokerSettings(url=url)
+    except Exception as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def bridge(
+    triton: Annotated[list[str], typer.Option("--triton", help="Triton endpoint(s), grpc://HOST:PORT or http://")],
+    broker_url: Annotated[str, typer.Option("--broker", help="mqtt://HOST:PORT")] = "mqtt://127.0.0.1:1883",
+    rules_file: Annotated[Path | None, typer.Option("--rules", help="routing rules (YAML)")] = None,
+    model: Annotated[str, typer.Option(help="Triton model for every request when no --rules")] = "digits-cloud",
+    bridge_id: Annotated[str, typer.Option("--id", help="client id; keep it stable across restarts")] = "bridge-1",
+    group: Annotated[str, typer.Option(help="shared-subscription group (MQTT 5 brokers)")] = "bridges",
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+) -> None:
+    """Serve escalations: subscribe to requests, dispatch to Triton, publish results."""
+    from edgewire.cloud_bridge.bridge import Bridge
+    from edgewire.cloud_bridge.dispatch import Dispatcher
+    from edgewire.cloud_bridge.rules import default_rules, load_rules
+    from edgewire.metrics import serve
+
+    settings = _broker_settings(broker_url)
+    try:
+        rules = load_rules(rules_file) if rules_file else default_rules(model)
+        dispatcher = Dispatcher(triton)
+    except (EdgewireError, ValueError) as exc:
+        raise _fail(exc) from None
+    if metrics_port is not None:
+        serve(metrics_port)
+    b = Bridge(bridge_id, settings, dispatcher, rules, group=group)
+    console.print(f"bridge {bridge_id}: {broker_url} → {', '.join(triton)}")
+
+    async def run() -> None:
+        try:
+            await b.run()
+        finally:
+            await dispatcher.close()
+
+    _run_until_signal(run, b.stop)
+
+
+@app.command()
+def cloud(
+    broker_url: Annotated[str, typer.Option("--broker", help="mqtt://HOST:PORT")] = "mqtt://127.0.0.1:1883",
+    data: Annotated[
+        Path, typer.Option("--data", help="demo folder (the cloud model is built there if missing)")
+    ] = Path("demo-data"),
+    model_files: Annotated[list[Path] | None, typer.Option("--model", help="ONNX model(s) to serve")] = None,
+    workdir: Annotated[Path, typer.Option(help="Triton model repositories and logs")] = Path("cloud-data"),
+    rules_file: Annotated[Path | None, typer.Option("--rules", help="routing rules (YAML)")] = None,
+) -> None:
+    """The embedded cloud: a real Triton Inference Server on the cloud model, plus the bridge."""
+    from edgewire.cloud_bridge.cloud import EmbeddedCloud
+    from edgewire.cloud_bridge.rules import load_rules
+    from edgewire.demo_models import build_demo
+
+    settings = _broker_settings(broker_url)
+    models = list(model_files or [build_demo(data).cloud_model])
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        rules = load_rules(rules_file) if rules_file else None
+        async with EmbeddedCloud(settings, models, workdir, rules=rules) as c:
+            assert c.triton is not None
+            console.print(
+                f"cloud: Triton {c.triton.grpc_url} serving {', '.join(c.triton.models)}; bridge {c.bridge_id} on "
+                f"{broker_url}\nNGC-ready model repository: {c.ngc_repository}"
+            )
+            await stop.wait()
+
+    try:
+        _run_until_signal(run, stop.set)
+    except EdgewireError as exc:
+        raise _fail(exc) from None
+
+
 # ---- models ------------------------------------------------------------------------------
 
 
@@ -203,19 +288,78 @@ def _describe(topic: str, payload: bytes, envelopes: Any, topics: Any) -> tuple[
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="where demo models and frames are kept")] = Path("demo-data"),
-    fps: Annotated[float, typer.Option(help="frames per second the camera plays (0: as fast as possible)")] = 60.0,
-    frames: Annotated[int, typer.Option(help="frames to play (0: every held-out frame once)")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="end with one JSON summary line")] = False,
+    devices: Annotated[int, typer.Option(help="simulated devices")] = 2,
+    seconds: Annotated[float, typer.Option(help="run this long, looping the frames (0: play them once)")] = 0.0,
+    fps: Annotated[float, typer.Option(help="frames per second each camera plays")] = 30.0,
+    cloud: Annotated[bool, typer.Option("--cloud/--no-cloud", help="start Triton and the bridge")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="no live view; end with one JSON summary line")] = False,
 ) -> None:
-    """Embedded broker + one device playing the demo digits, watched by a separate MQTT client."""
-    from edgewire.demo_run import run_local_demo
+    """Embedded broker, embedded cloud (Triton + bridge) and N devices playing the demo digits."""
+    from edgewire.demo_run import run_demo
 
     try:
-        summary = asyncio.run(run_local_demo(out_dir, fps=fps, frames=frames or None, console=out, quiet=as_json))
+        summary = asyncio.run(
+            run_demo(out_dir, devices=devices, seconds=seconds, fps=fps, cloud=cloud, console=out, quiet=as_json)
+        )
     except EdgewireError as exc:
         raise _fail(exc) from None
     if as_json:
         print(json.dumps(summary))
+
+
+@app.command("eval")
+def evaluate(
+    data: Annotated[Path, typer.Option("--data", help="demo folder (models/ and frames/)")] = Path("demo-data"),
+    lo: Annotated[float, typer.Option("--from", help="lowest min_confidence threshold")] = 0.3,
+    hi: Annotated[float, typer.Option("--to", help="highest threshold")] = 0.99,
+    step: Annotated[float, typer.Option(help="threshold step")] = 0.05,
+    budget: Annotated[float, typer.Option(help="largest escalation rate you can afford (0-1)")] = 0.2,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Replay the labelled demo set through the judge at many thresholds: accuracy vs escalation and bytes."""
+    from rich.table import Table
+
+    from edgewire.demo_models import build_demo, label_of
+    from edgewire.evaluate import replay
+
+    arts = build_demo(data)
+    frames = sorted(p for p in arts.frames_dir.iterdir() if p.suffix in (".jpg", ".png"))
+    result = replay(frames, label_of, arts.edge_model, arts.cloud_model)
+    thresholds = [round(t, 4) for t in np.arange(lo, hi + 1e-9, step)]
+    rows = result.table(thresholds)
+    best = result.best_within(budget, thresholds)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "frames": len(frames),
+                    "accuracy_edge": result.edge_accuracy,
+                    "accuracy_cloud": result.cloud_accuracy,
+                    "rows": [r.__dict__ for r in rows],
+                    "budget": budget,
+                    "best": best.__dict__ if best else None,
+                }
+            )
+        )
+        return
+    table = Table(
+        title=f"{len(frames)} labelled frames · edge {result.edge_accuracy:.1%} · cloud {result.cloud_accuracy:.1%}"
+    )
+    for col in ("min_confidence", "escalated", "joint accuracy", "KiB sent up"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        mark = " ◀" if best is not None and r.threshold == best.threshold else ""
+        table.add_row(
+            f"{r.threshold:.2f}{mark}", f"{r.escalation_rate:.1%}", f"{r.accuracy:.1%}", f"{r.bytes_sent / 1024:.0f}"
+        )
+    out.print(table)
+    if best is None:
+        out.print(f"no threshold keeps escalation within {budget:.0%}")
+    else:
+        out.print(
+            f"within a {budget:.0%} escalation budget: judge.min_confidence = {best.threshold:.2f} "
+            f"({best.escalation_rate:.1%} escalated, {best.accuracy:.1%} accurate)"
+        )
 
 
 def main() -> None:  # pragma: no cover - console script shim

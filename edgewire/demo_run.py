@@ -1,8 +1,9 @@
 """The whole system on embedded defaults: what ``edgewire demo`` runs.
 
-Everything is real: an amqtt broker on a free loopback port, a device agent playing the demo
-digits through its full pipeline, and a separate MQTT client that watches ``local/+`` and
-scores what the device published against the true labels.
+Everything is real: an amqtt broker on a free loopback port, a Triton Inference Server serving
+the demo cloud model behind the bridge, N device agents playing the held-out digits through
+their full pipeline and escalating the hard ones, and a separate MQTT client that watches
+``local/+`` and scores what the devices published against the true labels.
 """
 
 from __future__ import annotations
@@ -10,15 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from edgewire import envelopes as env
 from edgewire import topics
-from edgewire.config import BrokerSettings, DeviceConfig, ModelSettings, SourceSettings
+from edgewire.aio import cancel_and_wait
+from edgewire.config import BrokerSettings, CloudSettings, DeviceConfig, ModelSettings, SourceSettings
 from edgewire.demo_models import DemoArtifacts, build_demo, label_of
 from edgewire.session import MqttSession
 
@@ -29,19 +37,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def ensure_demo(out_dir: Path, console: Console | None = None) -> DemoArtifacts:
-    """Build the demo models and frames once; later runs reuse them."""
-    return build_demo(out_dir, progress=(lambda m: console.print(f"… {m}")) if console else None)
-
-
 def demo_device_config(
-    arts: DemoArtifacts, broker_url: str, *, device_id: str = "cam-01", fps: float = 0.0, frames: int | None = None
+    arts: DemoArtifacts,
+    broker_url: str,
+    *,
+    device_id: str = "cam-01",
+    fps: float = 0.0,
+    frames: int | None = None,
+    loop: bool = False,
+    cloud: bool = True,
 ) -> DeviceConfig:
     return DeviceConfig(
         device_id=device_id,
+        fleet="demo",
         broker=BrokerSettings(url=broker_url),
-        source=SourceSettings(kind="folder", path=arts.frames_dir, fps=fps, max_frames=frames),
+        source=SourceSettings(kind="folder", path=arts.frames_dir, fps=fps, max_frames=frames, loop=loop),
         model=ModelSettings(path=arts.edge_model),
+        cloud=CloudSettings(deadline_ms=2000, model_hint="digits") if cloud else None,
     )
 
 
@@ -49,73 +61,171 @@ def write_config(cfg: DeviceConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
 
 
-async def run_local_demo(
-    out_dir: Path, *, fps: float = 60.0, frames: int | None = None, console: Console, quiet: bool = False
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+@dataclass
+class Scoreboard:
+    """What the monitor saw, scored against the true labels."""
+
+    edge_answer: dict[str, bool] = field(default_factory=dict)  # trace_id -> edge model right?
+    final: dict[str, env.LocalResult] = field(default_factory=dict)
+    per_device: dict[str, dict[str, int]] = field(default_factory=dict)
+    escalated_ids: set[str] = field(default_factory=set)
+
+    def add(self, result: env.LocalResult) -> None:
+        right = result.prediction.label == str(label_of(Path(result.source_ref)))
+        if result.answered_by == "edge" and result.trace_id not in self.edge_answer:
+            self.edge_answer[result.trace_id] = right
+        if result.state == "PENDING_CLOUD":
+            self.escalated_ids.add(result.trace_id)
+            return
+        self.final[result.trace_id] = result
+        dev = self.per_device.setdefault(result.device_id, {"frames": 0, "escalated": 0, "timeouts": 0, "right": 0})
+        dev["frames"] += 1
+        dev["escalated"] += result.trace_id in self.escalated_ids
+        dev["timeouts"] += result.state == "TIMEOUT"
+        dev["right"] += right
+
+    def table(self, title: str) -> Table:
+        t = Table(title=title)
+        for col in ("device", "frames", "escalated", "timeouts", "accuracy"):
+            t.add_column(col, justify="right")
+        for device, d in sorted(self.per_device.items()):
+            acc = d["right"] / d["frames"] if d["frames"] else 0.0
+            t.add_row(device, str(d["frames"]), str(d["escalated"]), str(d["timeouts"]), f"{acc:.1%}")
+        return t
+
+
+def cloud_only_accuracy(arts: DemoArtifacts, refs: list[str]) -> float:
+    """Accuracy had every frame gone to the cloud model (scored locally, same preprocessing)."""
+    from edgewire.edge.engines.onnx import OnnxEngine
+    from edgewire.preprocess import Preprocessor, read
+
+    engine = OnnxEngine(arts.cloud_model)
+    pre = Preprocessor(engine.meta.input)
+    names = sorted(set(refs))
+    right = {}
+    for i in range(0, len(names), 64):
+        chunk = names[i : i + 64]
+        images = [read(str(arts.frames_dir / n), pre.gray) for n in chunk]
+        probs = engine.infer(pre.batch(images))
+        for name, row in zip(chunk, probs, strict=True):
+            right[name] = int(np.argmax(row)) == label_of(Path(name))
+    return sum(right[r] for r in refs) / len(refs) if refs else 0.0
+
+
+async def run_demo(
+    out_dir: Path,
+    *,
+    devices: int = 2,
+    seconds: float = 0.0,
+    fps: float = 30.0,
+    cloud: bool = True,
+    console: Console,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     from edgewire.broker.embedded import EmbeddedBroker
     from edgewire.edge.agent import EdgeAgent
 
-    models_ready = (out_dir / "models" / "digits-edge.onnx").exists() and (out_dir / "frames" / "labels.json").exists()
-    arts = build_demo(out_dir, progress=None if quiet or models_ready else (lambda m: console.print(f"… {m}")))
+    say = (lambda m: None) if quiet else (lambda m: console.print(m, highlight=False))
+    arts = build_demo(out_dir, progress=None if quiet else (lambda m: say(f"… {m}")))
     port = free_port()
     url = f"mqtt://127.0.0.1:{port}"
-    received: list[env.LocalResult] = []
-    expected: list[int] = []
-    all_in = asyncio.Event()
-    async with EmbeddedBroker("127.0.0.1", port):
-        cfg = demo_device_config(arts, url, fps=fps, frames=frames)
-        write_config(cfg, out_dir / "device.yaml")
-        if not quiet:
-            console.print(f"broker {url} · device {cfg.device_id} · model {arts.edge_model.name} · local-only")
-        async with MqttSession("demo-monitor", "127.0.0.1", port) as monitor:
-            await monitor.wait_connected(10)
-            await monitor.subscribe(topics.LOCAL.filter(), qos=0)
+    board = Scoreboard()
+    started = time.monotonic()
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(EmbeddedBroker("127.0.0.1", port))
+        say(f"broker {url}")
+        if cloud:
+            from edgewire.cloud_bridge.cloud import EmbeddedCloud
 
-            async def watch() -> None:
-                async for msg in monitor.messages():
-                    batch = env.decode(env.LocalResults, msg.payload)
-                    received.extend(batch.results)
-                    if expected and len(received) >= expected[0]:
-                        all_in.set()
-                    for result in [] if quiet else batch.results:
-                        truth = label_of(Path(result.source_ref))
-                        ok = "[green]✓[/]" if result.prediction.label == str(truth) else f"[red]✗ truth {truth}[/]"
-                        hard = f" [yellow]hard: {', '.join(result.reasons)}[/]" if result.reasons else ""
-                        console.print(
-                            f"{result.device_id} {result.source_ref:<14} → {result.prediction.label} "
-                            f"({result.prediction.confidence:.2f}) {ok}{hard}",
-                            highlight=False,
-                        )
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgewire-cloud-")))
+            say("starting Triton Inference Server with the cloud model …")
+            c = await stack.enter_async_context(EmbeddedCloud(BrokerSettings(url=url), [arts.cloud_model], workdir))
+            assert c.triton is not None
+            say(f"cloud: Triton on {c.triton.grpc_url}, bridge {c.bridge_id}")
+        monitor = await stack.enter_async_context(MqttSession("demo-monitor", "127.0.0.1", port))
+        await monitor.wait_connected(10)
+        await monitor.subscribe(topics.LOCAL.filter(), qos=0)
 
-            watcher = asyncio.create_task(watch())
-            summary = await EdgeAgent(cfg).run()
-            expected.append(summary.completed)
-            if len(received) < summary.completed:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(all_in.wait(), 5)
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-    correct = sum(r.prediction.label == str(label_of(Path(r.source_ref))) for r in received)
-    correct_easy = sum(r.prediction.label == str(label_of(Path(r.source_ref))) for r in received if not r.reasons)
-    easy = sum(1 for r in received if not r.reasons)
+        async def watch() -> None:
+            async for msg in monitor.messages():
+                for result in env.decode(env.LocalResults, msg.payload).results:
+                    board.add(result)
+
+        watcher = asyncio.create_task(watch())
+        configs = [
+            demo_device_config(
+                arts,
+                url,
+                device_id=f"cam-{k + 1:02d}",
+                fps=fps,
+                loop=seconds > 0,
+                cloud=cloud,
+            )
+            for k in range(devices)
+        ]
+        write_config(configs[0], out_dir / "device.yaml")
+        agents = [EdgeAgent(cfg) for cfg in configs]
+        runs = [asyncio.create_task(a.run()) for a in agents]
+        say(f"{devices} device(s) playing {len(list(arts.frames_dir.glob('*.jpg')))} frames at {fps:g} fps each")
+
+        async def stopper() -> None:
+            if seconds > 0:
+                await asyncio.sleep(seconds)
+                for a in agents:
+                    a.stop()
+
+        stop_task = asyncio.create_task(stopper())
+        if quiet:
+            summaries = await asyncio.gather(*runs)
+        else:
+            with Live(board.table("edgewire demo"), console=console, refresh_per_second=4) as live:
+                while not all(r.done() for r in runs):
+                    await asyncio.wait(runs, timeout=0.25)
+                    live.update(board.table(f"edgewire demo · {time.monotonic() - started:.0f} s"))
+            summaries = [r.result() for r in runs]
+        total = sum(s.completed for s in summaries)
+        deadline = time.monotonic() + 5
+        while len(board.final) < total and time.monotonic() < deadline:  # noqa: ASYNC110 - QoS 0 stragglers
+            await asyncio.sleep(0.05)
+        await cancel_and_wait(watcher, stop_task)
+    finals = list(board.final.values())
+    refs = [r.source_ref for r in finals]
+    escalated = [r for r in finals if r.trace_id in board.escalated_ids]
+    local = [r for r in finals if r.trace_id not in board.escalated_ids]
+    right = [r.prediction.label == str(label_of(Path(r.source_ref))) for r in finals]
+    bytes_up = sum(a.meter.total("bytes_escalated_total") for a in agents)
     result = {
-        "frames": summary.completed,
-        "received_by_monitor": len(received),
-        "hard": summary.hard,
-        "hard_rate": round(summary.hard / summary.completed, 4) if summary.completed else 0.0,
-        "accuracy_edge": round(correct / len(received), 4) if received else 0.0,
-        "accuracy_edge_confident": round(correct_easy / easy, 4) if easy else 0.0,
-        "fps": round(summary.fps, 1),
-        "failed": summary.failed,
-        "mode": summary.mode,
+        "devices": devices,
+        "frames": sum(s.completed for s in summaries),
+        "frames_scored": len(finals),
+        "escalated": sum(s.escalated for s in summaries),
+        "escalation_rate": round(sum(s.escalated for s in summaries) / total, 4) if total else 0.0,
+        "timeouts": sum(s.timeouts for s in summaries),
+        "accuracy_edge": round(sum(board.edge_answer.values()) / len(board.edge_answer), 4) if board.edge_answer else 0,
+        "accuracy_cloud_only": round(cloud_only_accuracy(arts, refs), 4),
+        "accuracy_joint": round(sum(right) / len(right), 4) if right else 0.0,
+        "p50_ms_local": round(percentile([r.latency_ms for r in local], 50), 2),
+        "p99_ms_local": round(percentile([r.latency_ms for r in local], 99), 2),
+        "p50_ms_escalated": round(percentile([r.latency_ms for r in escalated], 50), 2),
+        "p99_ms_escalated": round(percentile([r.latency_ms for r in escalated], 99), 2),
+        "bytes_sent_up": int(bytes_up),
+        "mode": "joint" if cloud else "local-only",
+        "seconds": round(time.monotonic() - started, 1),
     }
     if not quiet:
+        console.print(board.table("edgewire demo · final"))
         console.print(
-            f"\n[bold]{result['frames']} frames[/] at {result['fps']} fps · edge accuracy {result['accuracy_edge']:.1%}"
-            f" · {result['hard']} hard cases ({result['hard_rate']:.1%}) answered locally (no cloud configured)"
-            f" · accuracy on confident frames {result['accuracy_edge_confident']:.1%}"
-            f"\nconfig written to {out_dir / 'device.yaml'}; run it with "
-            f"`edgewire edge run -c {out_dir / 'device.yaml'}`"
+            f"accuracy: edge only {result['accuracy_edge']:.1%} · cloud only {result['accuracy_cloud_only']:.1%} · "
+            f"joint {result['accuracy_joint']:.1%}   escalated {result['escalated']} of {result['frames']} "
+            f"({result['escalation_rate']:.1%}), {result['timeouts']} timeouts, "
+            f"{result['bytes_sent_up'] / 1024:.0f} KiB sent up\n"
+            f"latency p50/p99: local {result['p50_ms_local']}/{result['p99_ms_local']} ms · "
+            f"escalated {result['p50_ms_escalated']}/{result['p99_ms_escalated']} ms\n"
+            f"a device config is in {out_dir / 'device.yaml'}",
+            highlight=False,
         )
     return result

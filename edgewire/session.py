@@ -14,6 +14,8 @@ import contextlib
 import logging
 import random
 import secrets
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -26,6 +28,7 @@ from paho.mqtt.properties import Properties
 
 from edgewire import envelopes as env
 from edgewire import topics
+from edgewire.aio import cancel_and_wait
 from edgewire.errors import EdgewireError
 from edgewire.metrics import Meter
 
@@ -54,7 +57,6 @@ class MqttSession:
         reconnect_min_s: float = 0.2,
         reconnect_max_s: float = 30.0,
         meter: Meter | None = None,
-        max_queued_messages: int = 10_000,
         persistent: bool = False,
         session_expiry_s: int = 86_400,
         max_inflight: int = 256,
@@ -75,7 +77,9 @@ class MqttSession:
         self._max_inflight = max_inflight
         self.meter = meter or Meter(client_id)
         self._subscriptions: dict[str, int] = {}
-        self._inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(max_queued_messages)
+        # Unbounded on purpose: paho acknowledges a QoS 1 message before we see it, so dropping
+        # it here would lose an acknowledged message. Consumers keep up or apply backpressure.
+        self._inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -103,10 +107,7 @@ class MqttSession:
                     client.publish(self._presence_topic, env.encode(self._presence(False)), qos=1, retain=True),
                     2.0,
                 )
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait(self._task)
         self._connected.clear()
         self._client = None
 
@@ -190,6 +191,13 @@ class MqttSession:
             raise NotConnected(f"{len(failures)} of {len(items)} publishes failed: {failures[0]}")
         return sent
 
+    def drain_inbox(self) -> list[aiomqtt.Message]:
+        """Messages received but not yet taken, for a consumer that stops gracefully."""
+        out = []
+        while not self._inbox.empty():
+            out.append(self._inbox.get_nowait())
+        return out
+
     async def messages(self) -> AsyncIterator[aiomqtt.Message]:
         """Every message received on any subscription, across reconnects."""
         while True:
@@ -205,7 +213,25 @@ class MqttSession:
         will = None
         if self._presence is not None:
             will = aiomqtt.Will(self._presence_topic, env.encode(self._presence(False)), qos=1, retain=True)
-        return aiomqtt.Client(
+        inbox = self._inbox
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+
+        class _Forward(asyncio.Queue):  # type: ignore[type-arg]
+            """aiomqtt's incoming queue, short-circuited into the session's inbox, so no task
+            is spent per message; aiomqtt's own iterator then only waits for a disconnect.
+
+            paho can deliver a message from the thread that runs the connect handshake (a
+            persistent session's queued messages arrive right after CONNACK), so a put from
+            any other thread is handed to the loop instead of touching the queue directly."""
+
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                if threading.get_ident() == loop_thread:
+                    inbox.put_nowait(item)
+                else:
+                    loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        client = aiomqtt.Client(
             self.host,
             self.port,
             identifier=self.client_id,
@@ -215,9 +241,15 @@ class MqttSession:
             will=will,
             protocol=protocol,
             timeout=10,
+            queue_type=_Forward,
             max_inflight_messages=self._max_inflight,
+            # Small request/answer messages must not wait for Nagle's algorithm (~40 ms stalls).
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             **self._session_options(protocol),
         )
+        # aiomqtt warns past 10 unacknowledged publishes; we run up to max_inflight on purpose.
+        client.pending_calls_threshold = self._max_inflight
+        return client
 
     def _session_options(self, protocol: ProtocolVersion) -> dict[str, Any]:
         if protocol == ProtocolVersion.V5:
@@ -299,8 +331,8 @@ class MqttSession:
         self.meter.set("mqtt_connected", 1)
         self._connected.set()
         log.info("%s: connected to mqtt://%s:%s", self.client_id, self.host, self.port)
-        async for message in client.messages:
-            await self._inbox.put(message)
+        async for _ in client.messages:  # messages go straight to the inbox; this ends on disconnect
+            pass
 
 
 def presence_factory(client_id: str, kind: str, **fields: object) -> PresenceFactory:

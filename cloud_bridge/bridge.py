@@ -1,0 +1,268 @@
+"""The bridge: escalation requests in, Triton in the middle, results out to each device.
+
+Each request is validated before anything is spent on it: the topic and payload must agree on
+who sent it, the answer may only go to that device's own result topic, an expired request is
+not dispatched, an unroutable one is answered ``rejected``. Requests are deduplicated by
+trace_id: a redelivery (QoS 1 after a reconnect, or a device resending) is not run again, its
+cached answer is published again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from edgewire import envelopes as env
+from edgewire import topics
+from edgewire.aio import cancel_and_wait
+from edgewire.config import BrokerSettings
+from edgewire.errors import DecodeError, EdgewireError, TopicError
+from edgewire.metrics import Meter
+from edgewire.preprocess import Preprocessor, decode
+from edgewire.session import MqttSession, NotConnected, presence_factory
+
+from .dispatch import Dispatcher, Unavailable
+from .rules import RuleSet
+
+log = logging.getLogger(__name__)
+
+
+class Bridge:
+    def __init__(
+        self,
+        bridge_id: str,
+        broker: BrokerSettings,
+        dispatcher: Dispatcher,
+        rules: RuleSet,
+        *,
+        group: str = "bridges",
+        max_inflight: int = 256,
+        dedupe_size: int = 100_000,
+        telemetry_interval_s: float = 5.0,
+        meter: Meter | None = None,
+    ) -> None:
+        self.bridge_id = bridge_id
+        self.broker = broker
+        self.dispatcher = dispatcher
+        self.rules = rules
+        self.group = group
+        self.meter = meter or Meter(bridge_id)
+        dispatcher.meter = self.meter
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._dedupe_size = dedupe_size
+        self._answered: OrderedDict[str, bytes] = OrderedDict()
+        self._inflight: set[str] = set()
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._telemetry_interval_s = telemetry_interval_s
+        self._pre: dict[str, Preprocessor] = {}
+        self.session: MqttSession | None = None
+        self.ready = asyncio.Event()
+
+    def stop(self) -> None:
+        """Stop taking requests, answer those already taken, then disconnect."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        b = self.broker
+        session = MqttSession(
+            self.bridge_id,
+            b.host,
+            b.port,
+            username=b.username,
+            password=b.password,
+            keepalive=b.keepalive,
+            protocol=b.protocol,
+            presence=presence_factory(self.bridge_id, "bridge"),
+            reconnect_min_s=b.reconnect_min_s,
+            reconnect_max_s=b.reconnect_max_s,
+            meter=self.meter,
+            persistent=True,  # requests sent while the bridge restarts wait at the broker
+        )
+        self.session = session
+        async with session:
+            await session.wait_connected(None)
+            # MQTT 5 brokers spread requests over every bridge in the group; 3.1.1 has one bridge.
+            if session.protocol == "5":
+                await session.subscribe(topics.REQUEST.shared_filter(self.group), qos=topics.REQUEST.qos)
+            else:
+                await session.subscribe(topics.REQUEST.filter(), qos=topics.REQUEST.qos)
+            log.info("%s: serving %s over MQTT %s", self.bridge_id, topics.REQUEST.filter(), session.protocol)
+            self.ready.set()
+            listener = asyncio.create_task(self._listen(session))
+            telemetry = asyncio.create_task(self._telemetry(session))
+            await self._stop.wait()
+            await cancel_and_wait(listener)
+            for message in session.drain_inbox():  # taken from the broker already: answer them too
+                self._take(session, message)
+            if self._jobs:
+                await asyncio.gather(*self._jobs, return_exceptions=True)
+            await cancel_and_wait(telemetry)
+            await self._publish_telemetry(session)
+
+    async def _listen(self, session: MqttSession) -> None:
+        async for message in session.messages():
+            self._take(session, message)
+
+    def _take(self, session: MqttSession, message: Any) -> None:
+        received = time.time()
+        topic = str(message.topic)
+        try:
+            parsed = topics.parse(topic)
+            if parsed.spec is not topics.REQUEST:
+                raise TopicError(f"{topic}: the bridge consumes only request topics")
+        except TopicError as exc:
+            self.meter.inc("requests_rejected_total", reason="topic")
+            log.warning("%s: %s", self.bridge_id, exc)
+            return
+        trace_id = parsed["trace_id"]
+        cached = self._answered.get(trace_id)
+        if cached is not None:
+            # Already answered: publish the same answer again, do not run it twice.
+            self.meter.inc("requests_duplicate_total", state="answered")
+            self._spawn(self._publish(session, topics.RESULT.build(device_id=parsed["device_id"]), cached))
+            return
+        if trace_id in self._inflight:
+            self.meter.inc("requests_duplicate_total", state="inflight")
+            return
+        self._inflight.add(trace_id)
+        self._spawn(self._handle(session, parsed["device_id"], trace_id, bytes(message.payload), received))
+
+    def _spawn(self, coro: Any) -> None:
+        job = asyncio.ensure_future(coro)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
+    async def _handle(self, session: MqttSession, device_id: str, trace_id: str, data: bytes, received: float) -> None:
+        async with self._slots:
+            try:
+                result = await self._serve(device_id, trace_id, data, received)
+            except Exception as exc:  # a bug must cost one answer, not the bridge
+                log.exception("%s: request %s failed", self.bridge_id, trace_id)
+                result = self._result(device_id, trace_id, received, "rejected", reason=f"internal error: {exc!r}")
+            payload = env.encode(result)
+            self._remember(trace_id, payload)
+            self._inflight.discard(trace_id)
+            self.meter.inc("requests_total", status=result.status)
+            await self._publish(session, topics.RESULT.build(device_id=device_id), payload)
+
+    async def _serve(self, device_id: str, trace_id: str, data: bytes, received: float) -> env.Result:
+        try:
+            req = env.decode(env.Request, data)
+        except DecodeError as exc:
+            return self._result(device_id, trace_id, received, "rejected", reason=f"malformed request: {exc}")
+        if req.device_id != device_id or req.trace_id != trace_id:
+            return self._result(device_id, trace_id, received, "rejected", reason="topic and payload disagree on ids")
+        if req.reply_to != topics.RESULT.build(device_id=device_id):
+            return self._result(device_id, trace_id, received, "rejected", reason="reply_to is not the sender's topic")
+        if time.time() >= req.deadline:
+            return self._result(device_id, trace_id, received, "expired", reason="deadline passed before dispatch")
+        route = self.rules.route(req)
+        if route is None:
+            return self._result(device_id, trace_id, received, "rejected", reason=f"no route for {req.model_hint!r}")
+        try:
+            metas = {m: await self.dispatcher.model_meta(m) for m in route.route_to}
+        except (Unavailable, EdgewireError) as exc:
+            return self._result(device_id, trace_id, received, "unavailable", reason=str(exc))
+        tensors = self._tensors(req.payload, metas)
+        if tensors is None:
+            return self._result(device_id, trace_id, received, "rejected", reason="payload is not a decodable image")
+        dispatched = time.time()
+        try:
+            answer = await self.dispatcher.run(route, tensors, req.deadline)
+        except Unavailable as exc:
+            status = "expired" if time.time() >= req.deadline else "unavailable"
+            return self._result(device_id, trace_id, received, status, reason=str(exc), dispatched=dispatched)
+        return self._result(
+            device_id,
+            trace_id,
+            received,
+            "ok",
+            dispatched=dispatched,
+            inference_ms=answer.inference_ms,
+            model=answer.model,
+            version=answer.version,
+            prediction=answer.prediction,
+        )
+
+    def _tensors(self, payload: bytes, metas: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        out: dict[str, np.ndarray] = {}
+        images: dict[bool, np.ndarray | None] = {}
+        for model, meta in metas.items():
+            pre = self._pre.get(model)
+            if pre is None:
+                pre = self._pre[model] = Preprocessor(meta.input)
+            if pre.gray not in images:
+                images[pre.gray] = decode(payload, pre.gray)
+            image = images[pre.gray]
+            if image is None or image.size == 0:
+                return None
+            out[model] = pre.batch([image])
+        return out
+
+    def _result(
+        self,
+        device_id: str,
+        trace_id: str,
+        received: float,
+        status: str,
+        *,
+        reason: str | None = None,
+        dispatched: float | None = None,
+        inference_ms: float = 0.0,
+        model: str | None = None,
+        version: str | None = None,
+        prediction: env.Prediction | None = None,
+    ) -> env.Result:
+        now = time.time()
+        if status != "ok":
+            self.meter.inc("requests_failed_total", status=status)
+            log.info("%s: %s %s: %s", self.bridge_id, trace_id, status, reason)
+        return env.Result(
+            trace_id=trace_id,
+            device_id=device_id,
+            bridge_id=self.bridge_id,
+            status=status,
+            model=model,
+            version=version,
+            prediction=prediction,
+            timings=env.Timings(
+                queued_ms=((dispatched or now) - received) * 1000,
+                inference_ms=inference_ms,
+                total_ms=(now - received) * 1000,
+            ),
+            reason=reason,
+        )
+
+    def _remember(self, trace_id: str, payload: bytes) -> None:
+        self._answered[trace_id] = payload
+        while len(self._answered) > self._dedupe_size:
+            self._answered.popitem(last=False)
+
+    async def _publish(self, session: MqttSession, topic: str, payload: bytes) -> None:
+        try:
+            await session.publish(topic, payload, qos=topics.RESULT.qos, timeout=30)
+        except NotConnected as exc:
+            self.meter.inc("results_unsent_total")
+            log.warning("%s: result not sent to %s: %s", self.bridge_id, topic, exc)
+
+    async def _telemetry(self, session: MqttSession) -> None:
+        while True:
+            await asyncio.sleep(self._telemetry_interval_s)
+            await self._publish_telemetry(session)
+
+    async def _publish_telemetry(self, session: MqttSession) -> None:
+        states = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+        for (endpoint, model), state in self.dispatcher.breakers.states().items():
+            self.meter.set("breaker_state", states[state], endpoint=endpoint, model=model)
+        self.meter.set("requests_inflight", len(self._inflight))
+        metrics = self.meter.snapshot()
+        payload = env.encode(env.Telemetry(client_id=self.bridge_id, ts=time.time(), metrics=metrics))
+        with contextlib.suppress(EdgewireError):
+            await session.publish(topics.TELEMETRY.build(client_id=self.bridge_id), payload, qos=0)

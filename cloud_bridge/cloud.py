@@ -1,0 +1,79 @@
+"""The embedded cloud: a real Triton Inference Server on the demo cloud model, plus one bridge.
+
+This is what ``edgewire cloud`` runs on a laptop or in CI. Production runs the same bridge
+against any Triton (``edgewire bridge --triton grpc://HOST:PORT``); the NGC container serves
+the repository written beside this one (onnxruntime backend) unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from edgewire.config import BrokerSettings
+
+from .bridge import Bridge
+from .dispatch import Dispatcher
+from .model_repository import write_onnxruntime_repository, write_python_repository
+from .rules import RuleSet, default_rules
+from .triton_server import EmbeddedTriton
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedCloud:
+    def __init__(
+        self,
+        broker: BrokerSettings,
+        models: list[Path],
+        workdir: Path,
+        *,
+        rules: RuleSet | None = None,
+        bridge_id: str = "bridge-1",
+    ) -> None:
+        self.broker = broker
+        self.models = models
+        self.workdir = workdir
+        self.rules = rules
+        self.bridge_id = bridge_id
+        self.triton: EmbeddedTriton | None = None
+        self.bridge: Bridge | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def repository(self) -> Path:
+        return self.workdir / "triton-repository"
+
+    @property
+    def ngc_repository(self) -> Path:
+        return self.workdir / "triton-repository-ngc"
+
+    async def __aenter__(self) -> EmbeddedCloud:
+        names = write_python_repository(self.repository, self.models)
+        write_onnxruntime_repository(self.ngc_repository, self.models)
+        self.triton = EmbeddedTriton(self.repository, workdir=self.workdir)
+        await self.triton.start()
+        self.dispatcher = Dispatcher([f"grpc://{self.triton.grpc_url}"])
+        rules = self.rules or default_rules(names[0])
+        self.bridge = Bridge(self.bridge_id, self.broker, self.dispatcher, rules)
+        self._task = asyncio.create_task(self.bridge.run(), name="bridge")
+        ready = asyncio.create_task(self.bridge.ready.wait())
+        await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
+        if self._task.done():
+            ready.cancel()
+            await self.__aexit__(None, None, None)
+            self._task.result()  # raises what stopped the bridge
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.bridge is not None and self._task is not None:
+            self.bridge.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 30)
+        if self.dispatcher is not None:
+            await self.dispatcher.close()  # clients first, or the server's shutdown waits on them
+        if self.triton is not None:
+            await self.triton.stop()

@@ -1,0 +1,301 @@
+"""Routing rules: which Triton models answer which escalations, and how.
+
+An operator writes them as YAML (see :func:`load_rules`)::
+
+    rules:
+      - name: hard-digits
+        when:                       # every condition given must hold; none given = always
+          model_hint: "digits*"     # glob on Request.model_hint; a request without a hint never matches
+          local_confidence_below: 0.5
+          local_label: ["3", "5", "8"]
+          devices: ["cam-*"]        # globs on device_id
+          fleets: ["lab"]           # globs on the request's fleet; a request without one never matches
+        route_to: [digits-cloud, digits-cloud-b]
+        strategy: parallel
+        aggregate: vote
+        timeout_ms: 800
+    default:                        # optional: used when no rule matches
+      route_to: [digits-cloud]
+
+Rules are tried in order and the first whose conditions all hold decides; else the default
+does; else there is no route and the bridge answers ``rejected``. A file that could never
+behave as written (unknown key, empty or repeated targets, two rules of one name, a rule
+hidden behind a catch-all) is refused at start, naming the file and line, rather than
+misrouting traffic later.
+
+Strategies, for a route with several targets:
+
+- ``first_success`` (the default): send to every target at once; the first ok answer wins and
+  the others are cancelled. Hedging trades extra load for a tail latency set by the fastest
+  healthy target instead of the slowest.
+- ``fallback``: one target at a time, in order; the next only when the previous failed. Costs
+  nothing extra while the first target is healthy, at the price of latency when it is not.
+- ``parallel``: every target, all awaited within the deadline, and the answers that came back
+  are combined by ``aggregate``: ``vote`` (most common label, ties to the larger summed
+  confidence) or ``max_confidence`` (the single most confident answer, the default).
+
+``timeout_ms`` caps each dispatch of the route; the request's own deadline still applies.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+
+from edgewire.config import StrictModel, load_yaml_model
+from edgewire.envelopes import Prediction, Request
+
+Strategy = Literal["first_success", "parallel", "fallback"]
+Aggregate = Literal["vote", "max_confidence"]
+
+#: Model names are folders in a Triton repository and labels in metrics: keep them to safe characters.
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RULE_NAME = _MODEL
+#: Key under which load_rules threads sibling knowledge through validation (see Rule._siblings).
+_SCOPE = "edgewire.rules.scope"
+
+
+def _as_list(value: Any) -> Any:
+    """YAML users write ``devices: cam-01`` for one item; a bare scalar means a list of one."""
+    return [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+
+
+class Route(StrictModel):
+    """Where a request goes and how its targets are used."""
+
+    route_to: list[str]
+    strategy: Strategy = "first_success"
+    # validate_default: parallel fills in max_confidence, so dispatch never sees None for it.
+    aggregate: Aggregate | None = Field(None, validate_default=True)
+    timeout_ms: float | None = Field(None, gt=0)
+    #: The rule this route came from ("default" for the default route), for logs and metrics.
+    name: str = "default"
+
+    @field_validator("route_to", mode="before")
+    @classmethod
+    def _one_target(cls, v: Any) -> Any:
+        return _as_list(v)
+
+    @field_validator("route_to")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("is empty; name at least one Triton model")
+        bad = [m for m in v if not _MODEL.match(m)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: a model name is 1-128 of A-Z a-z 0-9 . _ -")
+        dupes = sorted({m for m in v if v.count(m) > 1})
+        if dupes:
+            raise ValueError(f"lists {', '.join(dupes)} more than once; name each model once")
+        return v
+
+    @field_validator("aggregate")
+    @classmethod
+    def _aggregate_only_for_parallel(cls, v: Aggregate | None, info: ValidationInfo) -> Aggregate | None:
+        strategy = info.data.get("strategy")
+        if strategy is None:  # strategy itself was invalid; that error is reported on its own
+            return v
+        if strategy != "parallel":
+            if v is not None:
+                raise ValueError(
+                    f"'aggregate' combines answers of strategy 'parallel' only, and this route is '{strategy}'; "
+                    "remove 'aggregate' or set 'strategy: parallel'"
+                )
+            return None
+        return v or "max_confidence"
+
+
+class When(StrictModel):
+    """Conditions on a request; each one given must hold, and a missing field never satisfies one."""
+
+    model_hint: str | None = None
+    local_confidence_below: float | None = Field(None, ge=0, le=1)
+    local_label: list[str] | None = None
+    devices: list[str] | None = None
+    fleets: list[str] | None = None
+
+    @field_validator("local_label", "devices", "fleets", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        v = _as_list(v)
+        # Digit labels written unquoted ([3, 5, 8]) arrive as ints; labels on the wire are strings.
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    @field_validator("local_label", "devices", "fleets")
+    @classmethod
+    def _not_empty(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("an empty list matches nothing; list at least one value, or remove the key to match any")
+        return v
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f) is None for f in type(self).model_fields)
+
+    def matches(self, request: Request) -> bool:
+        if self.model_hint is not None and (
+            request.model_hint is None or not fnmatch.fnmatchcase(request.model_hint, self.model_hint)
+        ):
+            return False
+        local = request.local
+        if self.local_confidence_below is not None and (
+            local is None or not local.confidence < self.local_confidence_below
+        ):
+            return False
+        if self.local_label is not None and (local is None or local.label not in self.local_label):
+            return False
+        if self.devices is not None and not _glob_any(request.device_id, self.devices):
+            return False
+        # getattr: older Request envelopes carry no fleet.
+        fleet = getattr(request, "fleet", None)
+        return self.fleets is None or (fleet is not None and _glob_any(fleet, self.fleets))
+
+
+def _glob_any(value: str, globs: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(value, g) for g in globs)
+
+
+class Rule(Route):
+    name: str
+    when: When = Field(default_factory=When)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _RULE_NAME.match(v):
+            raise ValueError("must be 1-128 of A-Z a-z 0-9 . _ - and start with a letter or digit")
+        return v
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _siblings(cls, data: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Rule:
+        # A rule cannot see its siblings, and RuleSet's own check can only blame the whole file
+        # (line 1). When load_rules passes a scope, each rule checks itself against the rules
+        # before it, so the error lands on the offending rule's line.
+        scope = (info.context or {}).get(_SCOPE)
+        if scope is None:
+            return handler(data)
+        try:
+            rule = handler(data)
+        except ValidationError:
+            # Still claim the name, so that a later rule repeating it is reported in the same run.
+            name = data.get("name") if isinstance(data, dict) else None
+            if isinstance(name, str):
+                scope["names"].add(name)
+            raise
+        problem = _conflict(scope["names"], scope["catch_all"], rule)
+        scope["names"].add(rule.name)
+        if scope["catch_all"] is None and rule.when.is_empty():
+            scope["catch_all"] = rule.name
+        if problem:
+            raise ValueError(problem)
+        return rule
+
+
+def _conflict(names: set[str], catch_all: str | None, rule: Rule) -> str | None:
+    if rule.name in names:
+        return f"a rule before this one is already named {rule.name!r}; give each rule its own name"
+    if catch_all is not None:
+        return (
+            f"rule {catch_all!r} before this one has no conditions and takes every request, so rule "
+            f"{rule.name!r} never applies; move {catch_all!r} last or make it the 'default'"
+        )
+    return None
+
+
+class RuleSet(StrictModel):
+    rules: list[Rule] = Field(default_factory=list)
+    default: Route | None = None
+
+    @field_validator("default")
+    @classmethod
+    def _default_reachable(cls, v: Route | None, info: ValidationInfo) -> Route | None:
+        scope = (info.context or {}).get(_SCOPE)
+        if v is not None and scope is not None and scope["catch_all"] is not None:
+            raise ValueError(_unused_default(scope["catch_all"]))
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RuleSet:
+        # Repeats the per-rule checks for rule sets built in code, where no scope is passed.
+        names: set[str] = set()
+        catch_all: str | None = None
+        for rule in self.rules:
+            problem = _conflict(names, catch_all, rule)
+            if problem:
+                raise ValueError(problem)
+            names.add(rule.name)
+            if catch_all is None and rule.when.is_empty():
+                catch_all = rule.name
+        if catch_all is not None and self.default is not None:
+            raise ValueError(_unused_default(catch_all))
+        if not self.rules and self.default is None:
+            raise ValueError("no rules and no default, so every request would be rejected; add a rule or a 'default'")
+        return self
+
+    def route(self, request: Request) -> Route | None:
+        """The first matching rule's route, else the default, else None (no route)."""
+        for rule in self.rules:
+            if rule.when.matches(request):
+                return rule
+        return self.default
+
+    def models(self) -> set[str]:
+        """Every model some route may call, so the bridge can check them all at start."""
+        routes: list[Route] = [*self.rules, *([self.default] if self.default is not None else [])]
+        return {m for r in routes for m in r.route_to}
+
+
+def _unused_default(catch_all: str) -> str:
+    return f"rule {catch_all!r} has no conditions and takes every request, so 'default' never applies; remove one"
+
+
+def load_rules(path: str | Path) -> RuleSet:
+    """A rule file, validated at start: a wrong one is refused with its file, line and the fix."""
+    return load_yaml_model(path, RuleSet, context={_SCOPE: {"names": set(), "catch_all": None}})
+
+
+def default_rules(model: str) -> RuleSet:
+    """The rule set of a bridge started without a rule file: every request to one model."""
+    return RuleSet(default=Route(route_to=[model]))
+
+
+def aggregate(predictions: list[Prediction], how: str | None = "max_confidence") -> Prediction:
+    """Combine the answers of a ``parallel`` route into one.
+
+    ``vote`` lets agreement beat a single overconfident model: the most common label wins,
+    ties go to the larger summed confidence, then to the label answered first. Its confidence
+    is the mean of the winning voters' (a vote is only as sure as its voters on average), and
+    its class index and margin are those of the most confident voter. ``max_confidence``
+    (also what None means) returns the single most confident answer, the first on ties.
+    """
+    if not predictions:
+        raise ValueError("no predictions to aggregate")
+    if how is None or how == "max_confidence":
+        return max(predictions, key=lambda p: p.confidence)
+    if how != "vote":
+        raise ValueError(f"unknown aggregation {how!r}; use 'vote' or 'max_confidence'")
+    votes = Counter(p.label for p in predictions)
+    weight = {label: sum(p.confidence for p in predictions if p.label == label) for label in votes}
+    label = max(votes, key=lambda lb: (votes[lb], weight[lb]))  # Counter keeps first-seen order
+    voters = [p for p in predictions if p.label == label]
+    lead = max(voters, key=lambda p: p.confidence)
+    return Prediction(
+        label=label,
+        class_index=lead.class_index,
+        confidence=weight[label] / len(voters),
+        margin=lead.margin,
+    )

@@ -1,0 +1,24 @@
+"""asyncio helpers the components share."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[object] | None) -> None:
+    """Cancel tasks and wait until they have really ended.
+
+    On Python 3.10 and 3.11, ``asyncio.wait_for`` can swallow a cancellation that lands in the
+    same loop iteration as the awaited result (fixed in 3.12), and aiomqtt awaits every QoS 1
+    acknowledgement through it; a task cancelled once may then run on. So ask again until done.
+    """
+    pending = {t for t in tasks if t is not None and not t.done()}
+    for task in pending:
+        task.cancel()
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+        for task in pending:
+            task.cancel()
+    for task in tasks:
+        if task is not None and task.done() and not task.cancelled():
+            task.exception()  # retrieved: an error at shutdown is not worth a warning

@@ -1,0 +1,271 @@
+"""Edge-cloud joint inference end to end: devices, a real broker, the bridge, a real Triton."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiomqtt
+import pytest
+import pytest_asyncio
+
+pytest.importorskip("pytriton")
+pytest.importorskip("tritonclient.grpc")
+
+from edgewire import envelopes as env
+from edgewire import topics
+from edgewire.cloud_bridge.breaker import BreakerBoard
+from edgewire.cloud_bridge.bridge import Bridge
+from edgewire.cloud_bridge.dispatch import Dispatcher
+from edgewire.cloud_bridge.model_repository import write_python_repository
+from edgewire.cloud_bridge.rules import RuleSet, default_rules, load_rules
+from edgewire.cloud_bridge.triton_server import EmbeddedTriton
+from edgewire.config import BrokerSettings, CloudSettings, DeviceConfig, JudgeSettings, ModelSettings, SourceSettings
+from edgewire.demo_models import DemoArtifacts, label_of
+from edgewire.edge.agent import EdgeAgent
+
+from .conftest import BrokerHandle, Mosquitto
+
+FAST_BREAKER = {"window": 6, "min_calls": 3, "error_rate": 0.5, "open_s": 0.5}
+
+
+@pytest.fixture(scope="module")
+def repository(demo: DemoArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    write_python_repository(repo, [demo.cloud_model])
+    return repo
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def triton(repository: Path, tmp_path: Path) -> AsyncIterator[EmbeddedTriton]:
+    async with EmbeddedTriton(repository, workdir=tmp_path) as server:
+        yield server
+
+
+class RunningBridge:
+    def __init__(self, broker: BrokerHandle, triton: EmbeddedTriton, rules: RuleSet | None = None, **kw: object):
+        self.dispatcher = Dispatcher([f"grpc://{triton.grpc_url}"], breakers=BreakerBoard(**FAST_BREAKER))
+        self.bridge = Bridge(
+            kw.pop("bridge_id", "bridge-t"),  # type: ignore[arg-type]
+            BrokerSettings(url=broker.url, reconnect_min_s=0.05, reconnect_max_s=0.5),
+            self.dispatcher,
+            rules or default_rules("digits-cloud"),
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Bridge:
+        self.task = asyncio.create_task(self.bridge.run())
+        await asyncio.wait_for(self.bridge.ready.wait(), 15)
+        return self.bridge
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.bridge.stop()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 30)
+        await self.dispatcher.close()
+
+
+def device(demo: DemoArtifacts, url: str, device_id: str, **source: object) -> DeviceConfig:
+    src = {"kind": "folder", "path": demo.frames_dir, "max_frames": 80, **source}
+    return DeviceConfig(
+        device_id=device_id,
+        fleet="lab",
+        broker=BrokerSettings(url=url, reconnect_min_s=0.05, reconnect_max_s=0.5),
+        source=SourceSettings(**src),
+        model=ModelSettings(path=demo.edge_model),
+        judge=JudgeSettings(min_confidence=0.8),
+        cloud=CloudSettings(deadline_ms=5000, model_hint="digits"),
+    )
+
+
+def request(device_id: str, trace_id: str, payload: bytes, **kw: object) -> env.Request:
+    fields: dict[str, object] = {
+        "trace_id": trace_id,
+        "device_id": device_id,
+        "created": time.time(),
+        "deadline": time.time() + 10,
+        "model_hint": "digits",
+        "payload": payload,
+        "content_type": "image/jpeg",
+        "reply_to": topics.RESULT.build(device_id=device_id),
+    }
+    fields.update(kw)
+    return env.Request(**fields)  # type: ignore[arg-type]
+
+
+class ResultReader:
+    """A device stand-in: a plain MQTT client on result/<device>."""
+
+    def __init__(self, broker: BrokerHandle, device_id: str) -> None:
+        self.broker = broker
+        self.device_id = device_id
+        self.results: list[env.Result] = []
+        self.raw: list[bytes] = []
+        self._got = asyncio.Event()
+        self._ready = asyncio.Event()
+        self.client: aiomqtt.Client | None = None
+
+    async def __aenter__(self) -> ResultReader:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._ready.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        async with aiomqtt.Client(self.broker.host, self.broker.port, identifier=f"dev-{self.device_id}") as c:
+            self.client = c
+            await c.subscribe(topics.RESULT.build(device_id=self.device_id), qos=1)
+            self._ready.set()
+            async for m in c.messages:
+                self.raw.append(bytes(m.payload))
+                self.results.append(env.decode(env.Result, m.payload))
+                self._got.set()
+
+    async def send(self, req: env.Request | bytes, trace_id: str | None = None) -> None:
+        assert self.client is not None
+        data = req if isinstance(req, bytes) else env.encode(req)
+        tid = trace_id or (req.trace_id if isinstance(req, env.Request) else "t")
+        await self.client.publish(topics.REQUEST.build(device_id=self.device_id, trace_id=tid), data, qos=1)
+
+    async def wait(self, count: int, timeout: float = 15) -> list[env.Result]:
+        deadline = time.monotonic() + timeout
+        while len(self.results) < count and (left := deadline - time.monotonic()) > 0:
+            self._got.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._got.wait(), left)
+        return self.results
+
+
+async def test_joint_inference_two_devices(broker: BrokerHandle, triton: EmbeddedTriton, demo: DemoArtifacts) -> None:
+    seen: dict[str, list[env.LocalResult]] = {"cam-a": [], "cam-b": []}
+    async with RunningBridge(broker, triton) as bridge:
+        agents = [EdgeAgent(device(demo, broker.url, d), on_result=seen[d].append) for d in seen]
+        summaries = await asyncio.gather(*(a.run() for a in agents))
+    for agent, summary in zip(agents, summaries, strict=True):
+        finals = [r for r in seen[agent.config.device_id] if r.state != "PENDING_CLOUD"]
+        pending = {r.trace_id for r in seen[agent.config.device_id] if r.state == "PENDING_CLOUD"}
+        assert summary.completed == 80 and len(finals) == 80
+        assert summary.escalated == len(pending) > 5
+        assert summary.timeouts == 0
+        by_cloud = [r for r in finals if r.answered_by == "cloud"]
+        assert {r.trace_id for r in by_cloud} == pending  # every escalation answered, with its own trace_id
+        assert all(r.model == "digits-cloud" and not r.degraded for r in by_cloud)
+        assert agent.meter.total("results_ignored_total") == 0  # no answer meant for the other device
+        edge_right = sum(
+            r.prediction.label == str(label_of(Path(r.source_ref)))
+            for r in seen[agent.config.device_id]
+            if r.answered_by == "edge" and (r.state == "PENDING_CLOUD" or r.trace_id not in pending)
+        )
+        joint_right = sum(r.prediction.label == str(label_of(Path(r.source_ref))) for r in finals)
+        assert joint_right > edge_right
+    assert bridge.meter.get("requests_total", status="ok") == sum(s.escalated for s in summaries)
+
+
+async def test_duplicate_request_runs_once_and_is_answered_twice(
+    broker: BrokerHandle, triton: EmbeddedTriton, demo: DemoArtifacts
+) -> None:
+    jpeg = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
+    async with RunningBridge(broker, triton) as bridge, ResultReader(broker, "cam-d") as dev:
+        req = request("cam-d", "dup-1", jpeg)
+        await dev.send(req)
+        await dev.wait(1)
+        await dev.send(req)
+        results = await dev.wait(2)
+        assert [r.trace_id for r in results] == ["dup-1", "dup-1"]
+        assert dev.raw[0] == dev.raw[1]
+        assert results[0].status == "ok" and results[0].prediction is not None
+        assert bridge.meter.total("triton_calls_total") == 1
+        assert bridge.meter.total("requests_duplicate_total") == 1
+
+
+async def test_bad_requests_are_answered_with_reasons(
+    broker: BrokerHandle, triton: EmbeddedTriton, demo: DemoArtifacts, tmp_path: Path
+) -> None:
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text("rules:\n  - name: digits\n    when: {model_hint: 'digits*'}\n    route_to: [digits-cloud]\n")
+    jpeg = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
+    async with RunningBridge(broker, triton, load_rules(rules_file)) as bridge, ResultReader(broker, "cam-x") as dev:
+        await dev.send(b"\x81\xa1v\x01 garbage", trace_id="bad-1")
+        await dev.send(request("cam-x", "bad-2", jpeg, model_hint="faces"))
+        await dev.send(request("cam-x", "bad-3", b"not an image"))
+        await dev.send(request("cam-x", "bad-4", jpeg, deadline=time.time() - 1))
+        await dev.send(request("cam-x", "bad-5", jpeg, reply_to="result/someone-else"))
+        await dev.send(request("cam-x", "good-6", jpeg))
+        results = {r.trace_id: r for r in await dev.wait(6)}
+    assert results["bad-1"].status == "rejected" and "malformed" in (results["bad-1"].reason or "")
+    assert results["bad-2"].status == "rejected" and "no route" in (results["bad-2"].reason or "")
+    assert results["bad-3"].status == "rejected" and "not a decodable image" in (results["bad-3"].reason or "")
+    assert results["bad-4"].status == "expired"
+    assert results["bad-5"].status == "rejected" and "reply_to" in (results["bad-5"].reason or "")
+    assert results["good-6"].status == "ok"
+    assert results["good-6"].timings.total_ms >= results["good-6"].timings.inference_ms > 0
+    assert bridge.meter.get("requests_failed_total", status="rejected") == 4
+    assert bridge.meter.get("requests_failed_total", status="expired") == 1
+
+
+async def test_circuit_opens_without_triton_and_recovers(
+    repository: Path, demo: DemoArtifacts, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    handle = BrokerHandle("mosquitto", "127.0.0.1", mosquitto.port)
+    jpeg = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
+    server = EmbeddedTriton(repository, workdir=tmp_path)
+    await server.start()
+    try:
+        async with RunningBridge(handle, server) as bridge, ResultReader(handle, "cam-c") as dev:
+            await dev.send(request("cam-c", "warm", jpeg))
+            assert (await dev.wait(1))[0].status == "ok"
+            await server.stop()
+            for i in range(6):
+                await dev.send(request("cam-c", f"down-{i}", jpeg))
+            down = (await dev.wait(7))[1:]
+            assert [r.status for r in down] == ["unavailable"] * 6
+            assert any("circuit open" in (r.reason or "") for r in down)
+            assert "open" in bridge.dispatcher.breakers.states().values()
+            # A device keeps answering from its local model meanwhile.
+            cfg = device(demo, handle.url, "cam-c2", max_frames=20)
+            seen: list[env.LocalResult] = []
+            summary = await EdgeAgent(cfg, on_result=seen.append).run()
+            finals = [r for r in seen if r.state != "PENDING_CLOUD"]
+            assert summary.completed == 20 and len(finals) == 20
+            assert all(r.answered_by == "edge" for r in finals)
+            assert all(r.degraded for r in finals if r.reasons)
+            await server.start()
+            await asyncio.sleep(FAST_BREAKER["open_s"] + 0.1)
+            deadline = time.monotonic() + 15
+            status = ""
+            i = 0
+            while status != "ok" and time.monotonic() < deadline:
+                await dev.send(request("cam-c", f"up-{i}", jpeg))
+                status = (await dev.wait(8 + i))[-1].status
+                i += 1
+                await asyncio.sleep(0.2)
+            assert status == "ok"
+            assert set(bridge.dispatcher.breakers.states().values()) == {"closed"}
+    finally:
+        await server.stop()
+
+
+async def test_bridge_restart_loses_nothing_acknowledged(
+    triton: EmbeddedTriton, demo: DemoArtifacts, mosquitto: Mosquitto
+) -> None:
+    handle = BrokerHandle("mosquitto", "127.0.0.1", mosquitto.port)
+    jpeg = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
+    async with ResultReader(handle, "cam-r") as dev:
+        async with RunningBridge(handle, triton, bridge_id="bridge-r"):
+            for i in range(20):
+                await dev.send(request("cam-r", f"r-{i}", jpeg))
+        # Bridge gone: these wait at the broker in its persistent session.
+        for i in range(20, 40):
+            await dev.send(request("cam-r", f"r-{i}", jpeg))
+        async with RunningBridge(handle, triton, bridge_id="bridge-r"):
+            results = await dev.wait(40, timeout=30)
+    ids = sorted(r.trace_id for r in results)
+    assert ids == sorted(f"r-{i}" for i in range(40))  # each exactly once
+    assert all(r.status == "ok" for r in results)
