@@ -1,0 +1,104 @@
+"""The commands a newcomer and an operator run: the demo, eval, and the cloud on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+pytest.importorskip("pytriton")
+
+from edgewire import envelopes as env
+from edgewire import topics
+from edgewire.cli import app
+from edgewire.demo_models import DemoArtifacts
+from edgewire.demo_run import run_demo
+
+from .conftest import BrokerHandle, free_port
+
+
+async def test_demo_runs_the_whole_system(demo: DemoArtifacts, tmp_path: Path) -> None:
+    out = demo.frames_dir.parent
+    summary = await run_demo(out, devices=2, fps=200, console=Console(file=io.StringIO()), quiet=True)
+    assert summary["frames"] == 2 * 540 == summary["frames_scored"]
+    assert summary["mode"] == "joint"
+    assert 0.2 < summary["escalation_rate"] < 0.6
+    assert summary["timeouts"] <= summary["escalated"] * 0.05
+    assert summary["accuracy_joint"] > summary["accuracy_edge"] + 0.05
+    assert summary["accuracy_cloud_only"] > 0.95
+    assert summary["p99_ms_escalated"] >= summary["p50_ms_escalated"] > summary["p50_ms_local"] > 0
+    assert summary["bytes_sent_up"] > summary["escalated"] * 1000
+
+
+def test_eval_picks_a_threshold_within_budget(demo: DemoArtifacts) -> None:
+    result = CliRunner().invoke(app, ["eval", "--data", str(demo.frames_dir.parent), "--budget", "0.2", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output.strip().splitlines()[-1])
+    rows = doc["rows"]
+    assert [r["escalation_rate"] for r in rows] == sorted(r["escalation_rate"] for r in rows)
+    assert rows[-1]["accuracy"] > doc["accuracy_edge"]
+    best = doc["best"]
+    assert best["escalation_rate"] <= 0.2
+    assert best["accuracy"] == max(r["accuracy"] for r in rows if r["escalation_rate"] <= 0.2)
+    assert best["bytes_sent"] > 0
+
+
+async def test_cloud_command_serves_requests(demo: DemoArtifacts, tmp_path: Path, mosquitto) -> None:  # type: ignore[no-untyped-def]
+    broker = BrokerHandle("mosquitto", "127.0.0.1", mosquitto.port)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "edgewire.cli",
+        "cloud",
+        "--broker",
+        broker.url,
+        "--data",
+        str(demo.frames_dir.parent),
+        "--workdir",
+        str(tmp_path / "cloud"),
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.wait_for(proc.stderr.readline(), 120)
+        assert b"cloud: Triton" in line, line
+        jpeg = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
+        async with aiomqtt.Client(broker.host, broker.port, identifier="cam-z") as c:
+            await c.subscribe(topics.RESULT.build(device_id="cam-z"), qos=1)
+            req = env.Request(
+                trace_id="z1",
+                device_id="cam-z",
+                created=time.time(),
+                deadline=time.time() + 10,
+                model_hint="digits",
+                payload=jpeg,
+                content_type="image/jpeg",
+                reply_to="result/cam-z",
+            )
+            await c.publish(topics.REQUEST.build(device_id="cam-z", trace_id="z1"), env.encode(req), qos=1)
+            async for m in c.messages:
+                result = env.decode(env.Result, m.payload)
+                break
+        assert result.status == "ok" and result.model == "digits-cloud" and result.trace_id == "z1"
+        assert (tmp_path / "cloud" / "triton-repository-ngc" / "digits-cloud" / "config.pbtxt").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+
+
+def test_bridge_command_rejects_a_broken_rule_file(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: a\n    route_to: [m]\n    stratgy: parallel\n")
+    result = CliRunner().invoke(app, ["bridge", "--triton", f"grpc://127.0.0.1:{free_port()}", "--rules", str(rules)])
+    assert result.exit_code == 2
+    assert f"{rules}:4" in result.output and "stratgy" in result.output
