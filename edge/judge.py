@@ -67,7 +67,7 @@ class Judge:
             k = int(best[i])
             verdicts.append(
                 Verdict(
-                    Prediction(
+                    Prediction.model_construct(
                         label=self.labels[k],
                         class_index=k,
                         confidence=float(conf[i]),

@@ -28,6 +28,6 @@ def predictions(probs: np.ndarray, labels: tuple[str, ...] | list[str]) -> list[
         raise ValueError(f"model gives {probs.shape[-1]} classes but declares {len(labels)} labels")
     best, conf, margin = top2(probs)
     return [
-        Prediction(label=labels[int(k)], class_index=int(k), confidence=float(c), margin=float(m))
+        Prediction.model_construct(label=labels[int(k)], class_index=int(k), confidence=float(c), margin=float(m))
         for k, c, m in zip(best, conf, margin, strict=True)
     ]
