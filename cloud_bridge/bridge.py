@@ -94,6 +94,11 @@ class Bridge:
             else:
                 await session.subscribe(topics.REQUEST.filter(), qos=topics.REQUEST.qos)
             log.info("%s: serving %s over MQTT %s", self.bridge_id, topics.REQUEST.filter(), session.protocol)
+            for (endpoint, model), ok in (await self._check_health()).items():
+                if not ok:
+                    log.warning(
+                        "%s: %s on %s is not ready; its requests fail until it is", self.bridge_id, model, endpoint
+                    )
             self.ready.set()
             listener = asyncio.create_task(self._listen(session))
             telemetry = asyncio.create_task(self._telemetry(session))
@@ -257,7 +262,15 @@ class Bridge:
             await asyncio.sleep(self._telemetry_interval_s)
             await self._publish_telemetry(session)
 
+    async def _check_health(self) -> dict[tuple[str, str], bool]:
+        health = await self.dispatcher.health(self.rules.models())
+        for (endpoint, model), ok in health.items():
+            self.meter.set("triton_model_ready", 1.0 if ok else 0.0, endpoint=endpoint, model=model)
+        return health
+
     async def _publish_telemetry(self, session: MqttSession) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._check_health(), 2.0)
         states = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
         for (endpoint, model), state in self.dispatcher.breakers.states().items():
             self.meter.set("breaker_state", states[state], endpoint=endpoint, model=model)

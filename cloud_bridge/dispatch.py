@@ -228,6 +228,15 @@ class Dispatcher:
             return Answer(model, meta.version, prediction, ep.url, ms)
         raise Unavailable(f"{model}: " + ("; ".join(reasons) or "no endpoint"))
 
+    async def health(self, models: set[str]) -> dict[tuple[str, str], bool]:
+        """Readiness of every (endpoint, model), from Triton's own health API."""
+        out: dict[tuple[str, str], bool] = {}
+        for ep in self.endpoints:
+            server = await ep.ready()
+            for model in sorted(models):
+                out[(ep.url, model)] = server and await ep.ready(model)
+        return out
+
     def _batcher(self, ep: Endpoint, model: str, meta: ModelMeta) -> _Batcher:
         key = (ep.url, model)
         batcher = self._batchers.get(key)

@@ -32,6 +32,7 @@ DOCS = {
     "results_unsent_total": "Results the bridge could not publish",
     "triton_calls_total": "Successful Triton inferences, by model",
     "triton_errors_total": "Failed Triton inferences, by model",
+    "triton_model_ready": "1 when Triton reports the model ready on the endpoint",
     "breaker_state": "Circuit breaker per endpoint and model: 0 closed, 1 half-open, 2 open",
     "frames_dropped_total": "Frames dropped before inference (input backlog)",
     "frames_failed_total": "Frames that could not be decoded or inferred",

@@ -269,3 +269,13 @@ async def test_bridge_restart_loses_nothing_acknowledged(
     ids = sorted(r.trace_id for r in results)
     assert ids == sorted(f"r-{i}" for i in range(40))  # each exactly once
     assert all(r.status == "ok" for r in results)
+
+
+async def test_bridge_reports_model_readiness_from_triton(broker: BrokerHandle, triton: EmbeddedTriton) -> None:
+    rules = RuleSet(rules=[], default=default_rules("digits-cloud").default)
+    async with RunningBridge(broker, triton, rules) as bridge:
+        health = await bridge.dispatcher.health({"digits-cloud", "no-such-model"})
+        await bridge._check_health()
+    url = f"grpc://{triton.grpc_url}"
+    assert health == {(url, "digits-cloud"): True, (url, "no-such-model"): False}
+    assert bridge.meter.get("triton_model_ready", endpoint=url, model="digits-cloud") == 1.0
