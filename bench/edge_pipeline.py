@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,19 +40,9 @@ from edgewire.config import (
     SourceSettings,
 )
 from edgewire.demo_models import build_demo
-from edgewire.demo_run import free_port
 from edgewire.edge.agent import EdgeAgent
 from edgewire.modelmeta import META_KEY, ModelMeta
-
-
-def wait_port(port: int) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"broker did not come up on {port}")
+from edgewire.ports import free_port, wait_port
 
 
 def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int, str]:

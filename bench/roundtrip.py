@@ -32,22 +32,10 @@ from edgewire import topics
 from edgewire.cloud_bridge.model_repository import write_python_repository
 from edgewire.cloud_bridge.triton_server import EmbeddedTriton
 from edgewire.demo_models import build_demo
-from edgewire.demo_run import free_port
 from edgewire.modelmeta import META_KEY, ModelMeta
+from edgewire.ports import free_port, wait_port
 from edgewire.preprocess import Preprocessor, decode
 from edgewire.session import MqttSession
-
-
-def wait_port(port: int, timeout: float = 15) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(port)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +33,7 @@ from types import TracebackType
 from urllib.parse import quote
 
 from edgewire.errors import EdgewireError
+from edgewire.ports import free_port
 
 __all__ = ["EmbeddedTriton", "TritonError", "prepare_tritonserver"]
 
@@ -96,13 +96,6 @@ def prepare_tritonserver(cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _connect_host(host: str) -> str:
@@ -190,10 +183,10 @@ class EmbeddedTriton:
     ) -> None:
         self.repository = Path(repository)
         self.host = host
-        self.grpc_port = grpc_port or _free_port(host)
-        self.http_port = http_port or _free_port(host)
+        self.grpc_port = grpc_port or free_port(host)
+        self.http_port = http_port or free_port(host)
         while self.http_port == self.grpc_port:
-            self.http_port = _free_port(host)
+            self.http_port = free_port(host)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgewire-triton-"))
         self.log_path = Path(log_path) if log_path else self.workdir / "tritonserver.log"

@@ -16,8 +16,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from edgewire.demo_run import free_port
 from edgewire.errors import EdgewireError
+from edgewire.ports import free_port
 
 app = typer.Typer(help="edgewire: MQTT-first AI inference for fleets of edge devices.", no_args_is_help=True)
 edge_app = typer.Typer(help="Run and inspect the device agent.", no_args_is_help=True)

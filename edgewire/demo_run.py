@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,13 +27,8 @@ from edgewire import topics
 from edgewire.aio import cancel_and_wait
 from edgewire.config import BrokerSettings, CloudSettings, DeviceConfig, ModelSettings, SourceSettings
 from edgewire.demo_models import DemoArtifacts, build_demo, label_of
+from edgewire.ports import free_port
 from edgewire.session import MqttSession
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def demo_device_config(

@@ -6,9 +6,7 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,26 +14,11 @@ from pathlib import Path
 import pytest
 
 from edgewire.demo_models import DemoArtifacts, build_demo
+from edgewire.ports import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # CI sets this so a missing Mosquitto fails the run instead of skipping its tests.
 REQUIRE_MOSQUITTO = os.environ.get("EDGEWIRE_REQUIRE_MOSQUITTO") == "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
 @dataclass
