@@ -36,11 +36,12 @@ def broker_config(host: str, port: int) -> dict[str, Any]:
 class EmbeddedBroker:
     """``async with EmbeddedBroker(port=...)``: started on enter, stopped on exit."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, mdns: bool = False, name: str = "edgewire"):
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, mdns: bool = False, name: str | None = None):
         self.host = host
         self.port = port
         self.mdns = mdns
-        self.name = name
+        # One instance name per broker on the link: mDNS refuses a name already taken.
+        self.name = name or f"edgewire-{socket.gethostname()[:30]}-{port}"
         self._broker: Broker | None = None
         self._advertiser: Any = None
 

@@ -10,6 +10,7 @@ answered at once. A missing broker never stops the device: it keeps answering lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -128,10 +129,18 @@ class EdgeAgent:
             models={self.meta.name: self.meta.version},
             state=self.mode,
         )
+        resolver = None
+        if cfg.broker.uses_mdns:
+            from edgewire.discovery import find_broker
+
+            async def resolver() -> tuple[str, int]:
+                return await find_broker(cfg.broker)
+
         session = MqttSession(
             cfg.device_id,
-            cfg.broker.host,
+            cfg.broker.host if cfg.broker.url != "auto" else "",
             cfg.broker.port,
+            resolver=resolver,
             username=cfg.broker.username,
             password=cfg.broker.password,
             keepalive=cfg.broker.keepalive,
@@ -147,31 +156,28 @@ class EdgeAgent:
         else:
             log.info("%s: no cloud configured: running local-only, hard cases are answered locally", cfg.device_id)
         started = time.monotonic()
-        async with session:
-            if isinstance(self.source, QueueSource):
-                await session.subscribe(self._input_topic, qos=topics.INPUT.qos)
-            if self.escalator is not None:
-                await session.subscribe(self._result_topic, qos=topics.RESULT.qos)
-            try:
-                await session.wait_connected(cfg.broker.startup_wait_s)
-            except NotConnected as exc:
-                log.warning("%s: %s; answering locally until the broker is reachable", cfg.device_id, exc)
-            sdnotify.notify(f"READY=1\nSTATUS={self.mode}, broker {'up' if session.connected else 'down'}")
-            helpers = [
-                asyncio.create_task(self._listen(session), name="listen"),
-                asyncio.create_task(self._telemetry(session), name="telemetry"),
-                asyncio.create_task(sdnotify.watchdog(), name="watchdog"),
-            ]
-            try:
-                await self._pipeline(session)
-                if self._sends:
-                    await asyncio.gather(*self._sends, return_exceptions=True)
-                if self.escalator is not None:
-                    await self.escalator.drain()
-            finally:
-                await cancel_and_wait(*helpers)
-                elapsed = time.monotonic() - started
-                await self._publish_telemetry(session, elapsed)
+        async with contextlib.AsyncExitStack() as stack:
+            if cfg.advertise is not None:
+                from edgewire.mdns import EDGEWIRE_SERVICE, Advertiser
+
+                txt = {
+                    "device_id": cfg.device_id,
+                    "fleet": cfg.fleet,
+                    "profile": self.profile.name,
+                    "models": f"{self.meta.name}={self.meta.version}",
+                    "state": self.mode,
+                }
+                await stack.enter_async_context(
+                    Advertiser(
+                        EDGEWIRE_SERVICE,
+                        cfg.device_id,
+                        cfg.advertise.port,
+                        addresses=[cfg.advertise.address],
+                        properties=txt,
+                    )
+                )
+            await stack.enter_async_context(session)
+            elapsed = await self._serve(session, started)
         self._executor.shutdown(wait=True)
         self.engine.close()
         m = self.meter
@@ -190,6 +196,35 @@ class EdgeAgent:
             elapsed_s=elapsed,
             busy_s=(self._last_done - self._first_frame) if self._first_frame and self._last_done else 0.0,
         )
+
+    async def _serve(self, session: MqttSession, started: float) -> float:
+        """Subscribe, run the pipeline to its end, wait out escalations; returns seconds run."""
+        cfg = self.config
+        if isinstance(self.source, QueueSource):
+            await session.subscribe(self._input_topic, qos=topics.INPUT.qos)
+        if self.escalator is not None:
+            await session.subscribe(self._result_topic, qos=topics.RESULT.qos)
+        try:
+            await session.wait_connected(cfg.broker.startup_wait_s)
+        except NotConnected as exc:
+            log.warning("%s: %s; answering locally until the broker is reachable", cfg.device_id, exc)
+        sdnotify.notify(f"READY=1\nSTATUS={self.mode}, broker {'up' if session.connected else 'down'}")
+        helpers = [
+            asyncio.create_task(self._listen(session), name="listen"),
+            asyncio.create_task(self._telemetry(session), name="telemetry"),
+            asyncio.create_task(sdnotify.watchdog(), name="watchdog"),
+        ]
+        try:
+            await self._pipeline(session)
+            if self._sends:
+                await asyncio.gather(*self._sends, return_exceptions=True)
+            if self.escalator is not None:
+                await self.escalator.drain()
+        finally:
+            await cancel_and_wait(*helpers)
+            elapsed = time.monotonic() - started
+            await self._publish_telemetry(session, elapsed)
+        return elapsed
 
     # -- pipeline ------------------------------------------------------------------------
 

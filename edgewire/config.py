@@ -172,7 +172,13 @@ def _check_id(value: str) -> str:
 
 
 class BrokerSettings(StrictModel):
+    # mqtt://HOST:PORT, or "auto" to find a broker by mDNS (_mqtt._tcp).
     url: str = "mqtt://127.0.0.1:1883"
+    # With a url: fall back to mDNS when the configured broker does not answer.
+    discover: bool = False
+    # Where mDNS queries go: IPv4 addresses of interfaces, or ["all"].
+    mdns_interfaces: list[str] = Field(default_factory=lambda: ["all"])
+    mdns_timeout_s: float = Field(3.0, gt=0)
     username: str | None = None
     password: str | None = None
     keepalive: int = Field(30, ge=5, le=3600)
@@ -185,14 +191,20 @@ class BrokerSettings(StrictModel):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
+        if v == "auto":
+            return v
         parts = urlsplit(v)
         if parts.scheme != "mqtt" or not parts.hostname:
-            raise ValueError("expected mqtt://HOST[:PORT], e.g. mqtt://127.0.0.1:1883")
+            raise ValueError("expected mqtt://HOST[:PORT] (e.g. mqtt://127.0.0.1:1883) or auto")
         try:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError:
             raise ValueError("port must be a number 1-65535") from None
         return v
+
+    @property
+    def uses_mdns(self) -> bool:
+        return self.url == "auto" or self.discover
 
     @property
     def host(self) -> str:
@@ -253,6 +265,13 @@ class PipelineSettings(StrictModel):
     queue_size: int = Field(64, ge=1)
 
 
+class AdvertiseSettings(StrictModel):
+    """The device's own _edgewire._tcp record, so operators find it with `edgewire discover`."""
+
+    address: str = Field(description="IPv4 address of the interface to advertise on")
+    port: int = Field(9, ge=1, le=65535, description="service port in the record (metrics port if any)")
+
+
 class PublishSettings(StrictModel):
     local_results: bool = True
     telemetry_interval_s: float = Field(5.0, gt=0)
@@ -270,6 +289,7 @@ class DeviceConfig(StrictModel):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    advertise: AdvertiseSettings | None = None
 
     @field_validator("device_id", "fleet")
     @classmethod

@@ -17,7 +17,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 import aiomqtt
@@ -58,6 +58,7 @@ class MqttSession:
         reconnect_max_s: float = 30.0,
         meter: Meter | None = None,
         persistent: bool = False,
+        resolver: Callable[[], Awaitable[tuple[str, int]]] | None = None,
         session_expiry_s: int = 86_400,
         max_inflight: int = 256,
     ) -> None:
@@ -75,6 +76,9 @@ class MqttSession:
         self._persistent = persistent
         self._session_expiry_s = session_expiry_s
         self._max_inflight = max_inflight
+        # Asked for the broker's address before connecting, and again after a failed attempt.
+        self._resolver = resolver
+        self._configured_protocol: Protocol = protocol
         self.meter = meter or Meter(client_id)
         self._subscriptions: dict[str, int] = {}
         # Unbounded on purpose: paho acknowledges a QoS 1 message before we see it, so dropping
@@ -282,6 +286,11 @@ class MqttSession:
             return "3.1.1"
 
     async def _connect(self) -> aiomqtt.Client:
+        if self._resolver is not None and (self.connects == 0 or self.last_error is not None):
+            address = await self._resolver()
+            if address != (self.host, self.port):
+                self.host, self.port = address
+                self._protocol = self._configured_protocol  # another broker may speak another MQTT
         if self._protocol == "auto":
             self._protocol = await self._negotiate()
             log.info("%s: broker speaks MQTT %s", self.client_id, self._protocol)
@@ -295,13 +304,14 @@ class MqttSession:
         while not self._closing:
             try:
                 client = await self._connect()
-            except (aiomqtt.MqttError, OSError) as exc:
+            except (aiomqtt.MqttError, OSError, EdgewireError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.debug("%s: connect failed: %s; retry in %.1fs", self.client_id, self.last_error, delay)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self._backoff[1])
                 continue
             delay = self._backoff[0]
+            self.last_error = None
             try:
                 await self._serve(client)
             except aiomqtt.MqttError as exc:

@@ -111,7 +111,7 @@ def test_unknown_nested_key_names_file_line_and_suggests(tmp_path: Path) -> None
     message = config_error(path)
     assert f"{path}:4: broker.keepalve: unknown key" in message
     assert "did you mean 'keepalive'?" in message
-    assert "allowed: url, username, password, keepalive" in message
+    assert "allowed: url, discover, mdns_interfaces, mdns_timeout_s, username, password, keepalive" in message
 
 
 def test_unknown_key_in_judge_section(tmp_path: Path) -> None:
