@@ -29,9 +29,22 @@ class Camera(StrictModel):
     gstreamer: str | None = None
 
 
+class Hardware(StrictModel):
+    """What the board is, as its vendor documents it; shown to operators, used for limits."""
+
+    cpu: str
+    cpu_cores: int = Field(gt=0)
+    gpu: str | None = None
+    dla_cores: int = Field(0, ge=0)
+    memory_mb: int = Field(gt=0)
+    ai_tops: float | None = Field(None, gt=0, description="vendor's INT8 (sparse where stated) figure")
+    software: str | None = Field(None, description="OS / SDK the profile assumes, e.g. JetPack 6")
+
+
 class DeviceProfile(StrictModel):
     name: str
     description: str
+    hardware: Hardware | None = None
     backends: list[Literal["onnxruntime", "tensorrt"]]
     precisions: list[Literal["fp32", "fp16", "int8"]]
     onnxruntime: OnnxRuntimeSettings = Field(default_factory=OnnxRuntimeSettings)
