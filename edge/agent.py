@@ -31,6 +31,7 @@ from edgewire.preprocess import Preprocessor, decode, read, sharpness
 from edgewire.profiles import DeviceProfile, load_profile
 from edgewire.session import MqttSession, NotConnected, presence_factory
 
+from . import remote_config
 from .engines import create_engine
 from .escalation import Escalator
 from .judge import Judge, Verdict
@@ -109,6 +110,12 @@ class EdgeAgent:
         self._local_topic = topics.LOCAL.build(device_id=did)
         self._input_topic = topics.INPUT.build(device_id=did)
         self._result_topic = topics.RESULT.build(device_id=did)
+        self._boot_config = config
+        self._desired: dict[str, dict[str, Any]] = {"fleet": {}, "device": {}}
+        self._desired_topics = {
+            topics.CONFIG_FLEET.build(fleet=config.fleet): "fleet",
+            topics.CONFIG_DESIRED.build(device_id=did): "device",
+        }
 
     # -- control -------------------------------------------------------------------------
 
@@ -204,6 +211,8 @@ class EdgeAgent:
             await session.subscribe(self._input_topic, qos=topics.INPUT.qos)
         if self.escalator is not None:
             await session.subscribe(self._result_topic, qos=topics.RESULT.qos)
+        for topic in self._desired_topics:
+            await session.subscribe(topic, qos=topics.CONFIG_DESIRED.qos)
         try:
             await session.wait_connected(cfg.broker.startup_wait_s)
         except NotConnected as exc:
@@ -459,7 +468,43 @@ class EdgeAgent:
                 raise DecodeError(f"Result for device {result.device_id!r} arrived on {topic}")
             await self.escalator.resolve(result)
             return
+        if parsed.spec in (topics.CONFIG_DESIRED, topics.CONFIG_FLEET) and topic in self._desired_topics:
+            if not data:  # a cleared retained document
+                self._desired[self._desired_topics[topic]] = {}
+                return
+            desired = env.decode(env.DesiredConfig, data)
+            self._desired[self._desired_topics[topic]] = desired.config
+            await self._apply_desired(desired.revision)
+            return
         raise TopicError(f"{topic}: not a topic this device consumes")
+
+    async def _apply_desired(self, revision: int) -> None:
+        outcome = remote_config.evaluate(
+            self._boot_config, self.config, self._desired["fleet"], self._desired["device"]
+        )
+        if outcome.status != "rejected":
+            self.config = outcome.config
+            self.judge = Judge(self.config.judge, self.meta.labels)
+            if self.escalator is not None and self.config.cloud is not None:
+                self.escalator.settings = self.config.cloud
+        self.meter.inc("config_updates_total", status=outcome.status)
+        log.info("%s: desired config r%d %s %s", self.config.device_id, revision, outcome.status, outcome.reason or "")
+        report = env.ReportedConfig(
+            device_id=self.config.device_id,
+            revision=revision,
+            status=outcome.status,
+            config=self.config.model_dump(mode="json", exclude={"broker": {"password"}}),
+            reason=outcome.reason,
+            ts=time.time(),
+        )
+        assert self.session is not None
+        await self.session.publish(
+            topics.CONFIG_REPORTED.build(device_id=self.config.device_id),
+            env.encode(report),
+            qos=topics.CONFIG_REPORTED.qos,
+            retain=True,
+            timeout=10,
+        )
 
     async def _telemetry(self, session: MqttSession) -> None:
         started = time.monotonic()

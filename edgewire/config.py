@@ -162,6 +162,17 @@ def parse_yaml_model(text: str, model: type[M], *, source: Path, context: dict[s
         raise ConfigError(format_validation_error(source, exc, model, _line_marks(node))) from None
 
 
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` on top of ``base``, nested maps merged key by key (for layered configs)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 # ---- the device's configuration ----------------------------------------------------------
 
 

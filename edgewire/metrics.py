@@ -34,6 +34,7 @@ DOCS = {
     "triton_errors_total": "Failed Triton inferences, by model",
     "triton_model_ready": "1 when Triton reports the model ready on the endpoint",
     "breaker_state": "Circuit breaker per endpoint and model: 0 closed, 1 half-open, 2 open",
+    "config_updates_total": "Desired configurations received, by outcome",
     "frames_dropped_total": "Frames dropped before inference (input backlog)",
     "frames_failed_total": "Frames that could not be decoded or inferred",
     "messages_rejected_total": "Received messages refused (bad topic, payload, version, size)",
