@@ -14,7 +14,7 @@ from edgewire.profiles import available_profiles, load_profile
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "firmware_configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "firmware_configs").glob("device*.yaml")), ids=lambda p: p.name)
 def test_example_device_configs_validate(path: Path) -> None:
     cfg = load_device_config(path)
     assert cfg.profile in available_profiles()

@@ -1,0 +1,200 @@
+"""Rendering a fleet template into each device's files, before the devices ship.
+
+``edgewire flash`` reads one fleet file (shared defaults plus per-device overrides), renders
+every selected device's configuration, validates all of them, and only then writes anything:
+one bad device stops the whole run with the file, the line and the fix, and leaves the disk as
+it was. Writes are atomic (temp file, fsync, rename) and skipped when the bytes are unchanged,
+so a second run reports that nothing changed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import hmac
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from edgewire.config import DeviceConfig, StrictModel, deep_merge, format_validation_error, load_yaml_model
+from edgewire.errors import ConfigError
+from edgewire.profiles import available_profiles
+
+DEVICE_CONFIG = "etc/edgewire/device.yaml"
+SIGNING_KEY = "etc/edgewire/fleet-signing.pub"
+UNIT = "etc/systemd/system/edgewire-edge.service"
+
+
+class DeviceRange(StrictModel):
+    """Many devices at once: prefix + zero-padded numbers, e.g. cam-001 .. cam-200."""
+
+    prefix: str
+    start: int = Field(1, ge=0)
+    stop: int = Field(ge=0)
+    width: int = Field(3, ge=1, le=12)
+
+    @model_validator(mode="after")
+    def _order(self) -> DeviceRange:
+        if self.stop < self.start:
+            raise ValueError("stop must not be below start")
+        return self
+
+    def ids(self) -> list[str]:
+        return [f"{self.prefix}{n:0{self.width}d}" for n in range(self.start, self.stop + 1)]
+
+
+class DeviceEntry(StrictModel):
+    id: str | None = None
+    range: DeviceRange | None = None
+    password: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DeviceEntry:
+        if (self.id is None) == (self.range is None):
+            raise ValueError("give either 'id' or 'range'")
+        return self
+
+
+class Fleet(StrictModel):
+    fleet: str
+    broker: dict[str, Any]
+    # Derives each device's MQTT password (HMAC of the device id) when none is given, so
+    # re-rendering is repeatable without storing a password per device.
+    credentials_secret: str | None = None
+    signing_public_key: str | None = None
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    devices: list[DeviceEntry] = Field(min_length=1)
+
+    @field_validator("defaults")
+    @classmethod
+    def _no_identity_in_defaults(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "device_id" in v:
+            raise ValueError("device_id belongs to each device, not to defaults")
+        return v
+
+
+@dataclass(frozen=True)
+class Rendered:
+    device_id: str
+    files: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class Change:
+    device_id: str
+    path: Path
+    old: bytes | None
+    new: bytes
+
+    def diff(self) -> str:
+        old = (self.old or b"").decode(errors="replace").splitlines(keepends=True)
+        new = self.new.decode(errors="replace").splitlines(keepends=True)
+        return "".join(difflib.unified_diff(old, new, f"a/{self.path}", f"b/{self.path}"))
+
+
+def _line_of(text: str, path: list[Any]) -> int | None:
+    from edgewire.config import _line_for, _line_marks
+
+    return _line_for(_line_marks(yaml.compose(text, Loader=yaml.SafeLoader)), tuple(path))
+
+
+def _unit_text() -> bytes:
+    return resources.files("edgewire.systemd").joinpath("edgewire-edge.service").read_bytes()
+
+
+def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
+    """Every selected device's files, all validated; ConfigError (file, line, fix) otherwise."""
+    fleet = load_yaml_model(fleet_file, Fleet)
+    text = fleet_file.read_text(encoding="utf-8")
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    out: list[Rendered] = []
+    unit = _unit_text()
+    for index, entry in enumerate(fleet.devices):
+        ids = [entry.id] if entry.id else entry.range.ids()  # type: ignore[union-attr]
+        for device_id in ids:
+            line = _line_of(text, ["devices", index]) or 0
+            if device_id in seen:
+                problems.append(
+                    f"  {fleet_file}:{line}: devices[{index}]: device id {device_id!r} already used by "
+                    f"devices[{seen[device_id]}] -- give each device its own id"
+                )
+                continue
+            seen[device_id] = index
+            if select and not fnmatch.fnmatchcase(device_id, select):
+                continue
+            doc = deep_merge(fleet.defaults, entry.overrides)
+            doc = deep_merge(doc, {"device_id": device_id, "fleet": fleet.fleet, "broker": fleet.broker})
+            password = entry.password or (
+                hmac.new(fleet.credentials_secret.encode(), device_id.encode(), hashlib.sha256).hexdigest()[:32]
+                if fleet.credentials_secret
+                else None
+            )
+            if password:
+                doc["broker"] = {**doc["broker"], "username": device_id, "password": password}
+            try:
+                cfg = DeviceConfig.model_validate(doc)
+            except ValidationError as exc:
+                detail = format_validation_error(fleet_file, exc, DeviceConfig, {}).splitlines()[1:]
+                problems += [
+                    f"  {fleet_file}:{line}: devices[{index}] ({device_id}):{d.split(':', 1)[1]}" for d in detail
+                ]
+                continue
+            if cfg.profile not in available_profiles() and not Path(cfg.profile).suffix:
+                problems.append(
+                    f"  {fleet_file}:{line}: devices[{index}] ({device_id}): profile {cfg.profile!r} is unknown "
+                    f"-- use one of {', '.join(available_profiles())}"
+                )
+                continue
+            files = {
+                DEVICE_CONFIG: yaml.safe_dump(
+                    cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False
+                ).encode(),
+                UNIT: unit,
+            }
+            if fleet.signing_public_key:
+                files[SIGNING_KEY] = (fleet.signing_public_key.strip() + "\n").encode()
+            out.append(Rendered(device_id, files))
+    if problems:
+        raise ConfigError(f"invalid fleet {fleet_file} (nothing was written):\n" + "\n".join(problems))
+    if select and not out:
+        raise ConfigError(f"no device of {fleet_file} matches --devices {select!r}")
+    return out
+
+
+def plan(rendered: list[Rendered], root: Path, per_device_dirs: bool = True) -> Iterator[Change]:
+    """What writing would change, file by file (unchanged files are not listed)."""
+    for device in rendered:
+        base = root / device.device_id if per_device_dirs else root
+        for rel, data in sorted(device.files.items()):
+            path = base / rel
+            old = path.read_bytes() if path.exists() else None
+            if old != data:
+                yield Change(device.device_id, path, old, data)
+
+
+def write(changes: list[Change], progress: Callable[[Change], None] | None = None) -> None:
+    for change in changes:
+        change.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=change.path.parent, prefix=f".{change.path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(change.new)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600 if change.path.name == "device.yaml" else 0o644)  # it holds credentials
+            os.replace(tmp, change.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if progress is not None:
+            progress(change)

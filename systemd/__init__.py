@@ -1,0 +1,1 @@
+"""systemd unit files shipped with edgewire (rendered onto devices by `edgewire flash`)."""
