@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgewire import envelopes as env
-from edgewire import topics
+from edgewire import sdnotify, topics
 from edgewire.aio import cancel_and_wait
 from edgewire.config import BrokerSettings
 from edgewire.errors import DecodeError, EdgewireError, TopicError
@@ -100,15 +100,17 @@ class Bridge:
                         "%s: %s on %s is not ready; its requests fail until it is", self.bridge_id, model, endpoint
                     )
             self.ready.set()
+            sdnotify.notify(f"READY=1\nSTATUS=serving {topics.REQUEST.filter()} over MQTT {session.protocol}")
             listener = asyncio.create_task(self._listen(session))
             telemetry = asyncio.create_task(self._telemetry(session))
+            watchdog = asyncio.create_task(sdnotify.watchdog(lambda: session.connected))
             await self._stop.wait()
             await cancel_and_wait(listener)
             for message in session.drain_inbox():  # taken from the broker already: answer them too
                 self._take(session, message)
             if self._jobs:
                 await asyncio.gather(*self._jobs, return_exceptions=True)
-            await cancel_and_wait(telemetry)
+            await cancel_and_wait(telemetry, watchdog)
             await self._publish_telemetry(session)
 
     async def _listen(self, session: MqttSession) -> None:

@@ -72,9 +72,14 @@ def broker(
     stop = asyncio.Event()
 
     async def serve() -> None:
+        from edgewire import sdnotify
+
         async with EmbeddedBroker(host, port, mdns=mdns) as b:
             console.print(f"broker listening on {b.url}" + (" (advertised on mDNS)" if mdns else ""))
+            sdnotify.notify(f"READY=1\nSTATUS=listening on {b.url}")
+            pings = asyncio.create_task(sdnotify.watchdog())
             await stop.wait()
+            pings.cancel()
 
     try:
         _run_until_signal(serve, stop.set)

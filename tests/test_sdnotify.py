@@ -48,3 +48,30 @@ def test_ready_after_connect_then_watchdog_pings(mosquitto, demo: DemoArtifacts,
         proc.terminate()
         proc.wait(10)
         sock.close()
+
+
+def test_broker_command_notifies_ready_and_pings(tmp_path: Path) -> None:
+    from edgewire.ports import free_port
+
+    port = free_port()
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(20)
+    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "200000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgewire.cli", "broker", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        first = sock.recv(4096).decode()
+        assert first.startswith("READY=1") and f"127.0.0.1:{port}" in first
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # READY came after the listener was bound
+        assert [sock.recv(4096).decode() for _ in range(2)] == ["WATCHDOG=1", "WATCHDOG=1"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        sock.close()
