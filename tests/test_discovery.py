@@ -114,3 +114,19 @@ def test_auto_broker_discovery_listing_and_move(demo: DemoArtifacts, tmp_path: P
     assert [d["name"] for d in devices] == ["cam-d"]
     assert devices[0]["txt"]["models"] == "digits-edge=1.0.0" and devices[0]["txt"]["state"] == "local-only"
     assert result["online_at_moved_broker"] is True
+
+
+async def test_configured_broker_is_preferred_when_it_answers() -> None:
+    from edgewire.broker.embedded import EmbeddedBroker
+    from edgewire.config import BrokerSettings
+    from edgewire.discovery import find_broker
+    from edgewire.errors import DiscoveryError
+    from edgewire.ports import free_port
+
+    port = free_port()
+    # An interface that does not exist: any mDNS query would fail loudly.
+    settings = BrokerSettings(url=f"mqtt://127.0.0.1:{port}", discover=True, mdns_interfaces=["192.0.2.1"])
+    async with EmbeddedBroker("127.0.0.1", port):
+        assert await find_broker(settings) == ("127.0.0.1", port)
+    with pytest.raises(DiscoveryError):
+        await find_broker(settings)  # configured one gone: now it must ask mDNS, which cannot run here
