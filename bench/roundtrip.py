@@ -145,21 +145,24 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
     repo = work / "repo"
     write_python_repository(repo, [arts.cloud_model])
     async with EmbeddedTriton(repo, workdir=work) as triton:
-        bridge = subprocess.Popen(
-            [
-                sys.executable,
-                *(["-m", "cProfile", "-o", str(args.profile_bridge)] if args.profile_bridge else []),
-                "-m",
-                "edgewire.cli",
-                "bridge",
-                "--triton",
-                triton.http_url if args.http else f"grpc://{triton.grpc_url}",
-                "--broker",
-                f"mqtt://127.0.0.1:{port}",
-                "--id",
-                "bench-bridge",
-            ],
-        )
+        bridges = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    *(["-m", "cProfile", "-o", str(args.profile_bridge)] if args.profile_bridge and k == 0 else []),
+                    "-m",
+                    "edgewire.cli",
+                    "bridge",
+                    "--triton",
+                    triton.http_url if args.http else f"grpc://{triton.grpc_url}",
+                    "--broker",
+                    f"mqtt://127.0.0.1:{port}",
+                    "--id",
+                    f"bench-bridge-{k}",
+                ],
+            )
+            for k in range(args.bridges)
+        ]
         direct = Direct(triton.grpc_url, "digits-cloud", payload)
         await direct.start()
         try:
@@ -193,8 +196,10 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 listener.cancel()
         finally:
             await direct.client.close()
-            bridge.terminate()
-            bridge.wait(30)
+            for bridge in bridges:
+                bridge.terminate()
+            for bridge in bridges:
+                bridge.wait(30)
             broker.terminate()
             broker.wait(10)
     d50, m50 = pct(direct_lat, 50), pct(mqtt_lat, 50)
@@ -213,6 +218,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "requests": args.requests,
         "rounds": args.rounds,
         "concurrent": args.concurrent,
+        "bridges": args.bridges,
         "broker": "mosquitto",
         "targets": {"added_p50_ms": 5.0, "throughput_ratio_32": 0.7},
     }
@@ -225,6 +231,7 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=32)
     parser.add_argument("--data", type=Path, default=None, help="reuse a demo folder")
     parser.add_argument("--http", action="store_true", help="bridge talks HTTP to Triton")
+    parser.add_argument("--bridges", type=int, default=1, help="bridge processes sharing the request subscription")
     parser.add_argument("--profile-bridge", type=Path, default=None, help="cProfile the bridge into this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
