@@ -1,0 +1,183 @@
+"""The device's durable outbox: messages that must not be lost wait here until acknowledged.
+
+SQLite in WAL mode: an append is one row, a commit is one WAL write plus (synchronous=FULL) one
+fsync, so whatever a commit returned for survives kill -9 and power loss. Concurrent appends
+share one transaction (group commit), which is what makes thousands per second affordable on a
+device's flash storage. The queue is bounded by count, bytes and age, with an explicit policy
+when full; every drop is counted by reason.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from edgewire.errors import EdgewireError
+from edgewire.metrics import Meter
+
+Policy = Literal["drop_oldest", "drop_lowest_priority", "refuse"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    created REAL NOT NULL,
+    deadline REAL,
+    size INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_priority ON outbox (priority, id);
+"""
+
+
+class OutboxFull(EdgewireError):
+    """The outbox is at its bound and its policy is to refuse new messages."""
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    topic: str
+    payload: bytes
+    qos: int
+    priority: int
+    created: float
+    deadline: float | None
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    priority: int = 0
+    deadline: float | None = None
+
+
+class Outbox:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_count: int = 100_000,
+        max_bytes: int = 256 * 1024 * 1024,
+        max_age_s: float = 7 * 86_400,
+        policy: Policy = "drop_oldest",
+        durable: bool = True,
+        meter: Meter | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self.policy = policy
+        self.meter = meter or Meter("outbox")
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if self.path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: every commit is fsynced before it returns; OFF only for the in-memory baseline.
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        self._count, self._bytes = int(row[0]), int(row[1])
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def put(self, message: Message) -> int:
+        return self.put_many([message])[0]
+
+    def put_many(self, messages: Iterable[Message]) -> list[int]:
+        """Append in one transaction (one fsync); returns their ids in order."""
+        batch = list(messages)
+        now = time.time()
+        ids: list[int] = []
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for m in batch:
+                size = len(m.payload) + len(m.topic)
+                self._make_room(size)
+                cur = self._db.execute(
+                    "INSERT INTO outbox (topic, payload, qos, priority, created, deadline, size) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (m.topic, m.payload, m.qos, m.priority, now, m.deadline, size),
+                )
+                ids.append(int(cur.lastrowid or 0))
+                self._count += 1
+                self._bytes += size
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._recount()
+            raise
+        self.meter.inc("outbox_enqueued_total", len(batch))
+        self.meter.set("outbox_depth", self._count)
+        return ids
+
+    def _make_room(self, size: int) -> None:
+        while self._count + 1 > self.max_count or self._bytes + size > self.max_bytes:
+            if self.policy == "refuse" or self._count == 0:
+                raise OutboxFull(
+                    f"outbox full ({self._count} messages, {self._bytes} bytes; bounds {self.max_count}, "
+                    f"{self.max_bytes}) and its policy is {self.policy}"
+                )
+            order = "priority ASC, id ASC" if self.policy == "drop_lowest_priority" else "id ASC"
+            victim = self._db.execute(f"SELECT id, size FROM outbox ORDER BY {order} LIMIT 1").fetchone()
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (victim[0],))
+            self._count -= 1
+            self._bytes -= int(victim[1])
+            self.meter.inc("outbox_dropped_total", reason=self.policy)
+
+    def peek(self, limit: int) -> list[Item]:
+        """The oldest ``limit`` messages, in the order they were put."""
+        rows = self._db.execute(
+            "SELECT id, topic, payload, qos, priority, created, deadline FROM outbox ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        return [Item(int(r[0]), r[1], bytes(r[2]), int(r[3]), int(r[4]), float(r[5]), r[6]) for r in rows]
+
+    def ack(self, ids: Iterable[int]) -> None:
+        """Forget messages the broker has acknowledged."""
+        keys = [(i,) for i in ids]
+        if not keys:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("DELETE FROM outbox WHERE id = ?", keys)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._recount()
+        self.meter.set("outbox_depth", self._count)
+
+    def expire(self, now: float | None = None) -> list[Item]:
+        """Remove and return messages past their deadline or older than max_age_s."""
+        now = time.time() if now is None else now
+        rows = self._db.execute(
+            "SELECT id, topic, payload, qos, priority, created, deadline FROM outbox "
+            "WHERE (deadline IS NOT NULL AND deadline < ?) OR created < ? ORDER BY id",
+            (now, now - self.max_age_s),
+        ).fetchall()
+        items = [Item(int(r[0]), r[1], bytes(r[2]), int(r[3]), int(r[4]), float(r[5]), r[6]) for r in rows]
+        if items:
+            self.ack(i.id for i in items)
+            self.meter.inc("outbox_dropped_total", len(items), reason="expired")
+        return items
+
+    def _recount(self) -> None:
+        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        self._count, self._bytes = int(row[0]), int(row[1])
