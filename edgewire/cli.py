@@ -283,12 +283,13 @@ def _describe(topic: str, payload: bytes, envelopes: Any, topics: Any) -> tuple[
     except EdgewireError:
         return "unknown-topic", f"{len(payload)} bytes"
     try:
-        doc = envelopes.decode(spec.payload, payload).model_dump(mode="json")
+        message = envelopes.decode(spec.payload, payload)
     except EdgewireError as exc:
         return f"{spec.payload.__name__} (rejected)", str(exc)
+    doc = message.model_dump(mode="json")
     for key in ("payload", "data"):
         if key in doc:
-            doc[key] = f"<{len(envelopes.decode(spec.payload, payload).model_dump()[key])} bytes>"
+            doc[key] = f"<{len(getattr(message, key))} bytes>"
     return spec.payload.__name__, doc
 
 

@@ -94,19 +94,11 @@ class Scoreboard:
 
 def cloud_only_accuracy(arts: DemoArtifacts, refs: list[str]) -> float:
     """Accuracy had every frame gone to the cloud model (scored locally, same preprocessing)."""
-    from edgewire.edge.engines.onnx import OnnxEngine
-    from edgewire.preprocess import Preprocessor, read
+    from edgewire.evaluate import predict_files
 
-    engine = OnnxEngine(arts.cloud_model)
-    pre = Preprocessor(engine.meta.input)
     names = sorted(set(refs))
-    right = {}
-    for i in range(0, len(names), 64):
-        chunk = names[i : i + 64]
-        images = [read(str(arts.frames_dir / n), pre.gray) for n in chunk]
-        probs = engine.infer(pre.batch(images))
-        for name, row in zip(chunk, probs, strict=True):
-            right[name] = int(np.argmax(row)) == label_of(Path(name))
+    probs = predict_files(arts.cloud_model, [arts.frames_dir / n for n in names])
+    right = {n: int(np.argmax(row)) == label_of(Path(n)) for n, row in zip(names, probs, strict=True)}
     return sum(right[r] for r in refs) / len(refs) if refs else 0.0
 
 

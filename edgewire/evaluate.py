@@ -59,21 +59,24 @@ class Replay:
         return max(fits, key=lambda r: (r.accuracy, -r.escalation_rate)) if fits else None
 
 
-def replay(
-    frames: list[Path], label_of: Callable[[Path], int], edge_model: Path, cloud_model: Path, batch: int = 64
-) -> Replay:
+def predict_files(model: Path, frames: list[Path], batch: int = 64) -> np.ndarray:
+    """Class probabilities for image files, through the device's own decode and preprocessing."""
     from edgewire.edge.engines.onnx import OnnxEngine
     from edgewire.preprocess import Preprocessor, read
 
-    outs = []
-    for model in (edge_model, cloud_model):
-        engine = OnnxEngine(model)
-        pre = Preprocessor(engine.meta.input)
-        probs = [
-            engine.infer(pre.batch([read(str(p), pre.gray) for p in frames[i : i + batch]]))
-            for i in range(0, len(frames), batch)
-        ]
-        outs.append(np.concatenate(probs))
+    engine = OnnxEngine(model)
+    pre = Preprocessor(engine.meta.input)
+    probs = [
+        engine.infer(pre.batch([read(str(p), pre.gray) for p in frames[i : i + batch]]))
+        for i in range(0, len(frames), batch)
+    ]
+    return np.concatenate(probs)
+
+
+def replay(
+    frames: list[Path], label_of: Callable[[Path], int], edge_model: Path, cloud_model: Path, batch: int = 64
+) -> Replay:
+    outs = [predict_files(edge_model, frames, batch), predict_files(cloud_model, frames, batch)]
     edge_best, edge_conf, _ = top2(outs[0])
     cloud_best, _, _ = top2(outs[1])
     now = time.time()

@@ -38,7 +38,6 @@ DOCS = {
     "frames_dropped_total": "Frames dropped before inference (input backlog)",
     "frames_failed_total": "Frames that could not be decoded or inferred",
     "messages_rejected_total": "Received messages refused (bad topic, payload, version, size)",
-    "messages_published_total": "Messages published",
     "publish_dropped_total": "QoS 0 messages dropped because the broker was not connected",
     "mqtt_reconnects_total": "Connections made to the broker after the first",
     "mqtt_connected": "1 while connected to the broker",

@@ -21,6 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUIRE_MOSQUITTO = os.environ.get("EDGEWIRE_REQUIRE_MOSQUITTO") == "1"
 
 
+# A private network namespace's loopback as a multicast link (for `unshare -n sh -c ...`).
+NETNS_SETUP = "ip link set lo up; ip link set lo multicast on; ip route add 224.0.0.0/4 dev lo"
+
+
+def netns_available() -> bool:
+    """Whether `unshare -n` works here (root and iproute2); mDNS tests skip otherwise."""
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        return False
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
 @dataclass
 class BrokerHandle:
     kind: str

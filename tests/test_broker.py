@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,15 +14,7 @@ import pytest
 
 from edgewire.broker.embedded import BrokerError, EmbeddedBroker
 
-from .conftest import free_port, wait_port
-
-NETNS_SETUP = "ip link set lo up; ip link set lo multicast on; ip route add 224.0.0.0/4 dev lo"
-
-
-def _netns_available() -> bool:
-    if not (shutil.which("unshare") and shutil.which("ip")):
-        return False
-    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+from .conftest import NETNS_SETUP, free_port, netns_available, wait_port
 
 
 def test_broker_command_serves_and_stops_cleanly() -> None:
@@ -89,7 +80,7 @@ async def test_sessions_speak_mqtt5_to_mosquitto(mosquitto) -> None:  # type: ig
         assert session.protocol == "5"
 
 
-@pytest.mark.skipif(not _netns_available(), reason="needs unshare -n (root) and iproute2")
+@pytest.mark.skipif(not netns_available(), reason="needs unshare -n (root) and iproute2")
 def test_broker_is_advertised_on_mdns_inside_a_private_namespace() -> None:
     port = 18830
     script = textwrap.dedent(

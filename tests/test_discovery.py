@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,14 +16,7 @@ import yaml
 
 from edgewire.demo_models import DemoArtifacts
 
-NETNS_SETUP = "ip link set lo up; ip link set lo multicast on; ip route add 224.0.0.0/4 dev lo"
-
-
-def _netns_available() -> bool:
-    if not (shutil.which("unshare") and shutil.which("ip")):
-        return False
-    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
-
+from .conftest import NETNS_SETUP, netns_available
 
 SCRIPT = """
 import asyncio, json, subprocess, sys, time
@@ -81,7 +73,7 @@ asyncio.run(main())
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _netns_available(), reason="needs unshare -n (root) and iproute2")
+@pytest.mark.skipif(not netns_available(), reason="needs unshare -n (root) and iproute2")
 def test_auto_broker_discovery_listing_and_move(demo: DemoArtifacts, tmp_path: Path) -> None:
     config = {
         "device_id": "cam-d",

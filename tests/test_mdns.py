@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 
+from .conftest import NETNS_SETUP
+
 REPO = Path(__file__).resolve().parents[1]
 
-# lo needs no MULTICAST flag or multicast route for zeroconf (it sets IP_MULTICAST_IF), but
-# having them makes the namespace behave like a real link for anything else that multicasts.
-NETNS_SETUP = "ip link set lo up; ip link set lo multicast on; ip route add 224.0.0.0/4 dev lo"
+# NETNS_SETUP (conftest): lo needs no MULTICAST flag or multicast route for zeroconf (it sets
+# IP_MULTICAST_IF), but having them makes the namespace behave like a real link for anything else.
 
 # Every script starts with this; it prints one JSON object as its last line.
 PRELUDE = """
