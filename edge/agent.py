@@ -133,6 +133,7 @@ class EdgeAgent:
             cfg.device_id,
             "device",
             profile=self.profile.name,
+            fleet=cfg.fleet,
             models={self.meta.name: self.meta.version},
             state=self.mode,
         )

@@ -283,6 +283,35 @@ class AdvertiseSettings(StrictModel):
     port: int = Field(9, ge=1, le=65535, description="service port in the record (metrics port if any)")
 
 
+class DeliverySettings(StrictModel):
+    """Models pushed over MQTT: where they land, who must have signed them, how many to keep."""
+
+    # Folder of received models (one sub-folder per model and version) and download state.
+    store: Path
+    # The fleet's Ed25519 public key (`edgewire keys show`); a manifest must carry its signature.
+    public_key: Path | None = None
+    # Accept unsigned models: for a lab without keys, never for a fleet in the field.
+    allow_unsigned: bool = False
+    # Installed versions kept for rollback, the active one included.
+    keep_versions: int = Field(3, ge=2, le=50)
+    # Ask the distributor for missing chunks after this long without one arriving.
+    fetch_after_s: float = Field(1.0, gt=0)
+    # After a swap the new version is on probation this long; a regression past the bounds below
+    # rolls the device back on its own.
+    probation_s: float = Field(10.0, ge=0)
+    max_latency_ratio: float = Field(2.0, gt=1)
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _key(self) -> DeliverySettings:
+        if self.public_key is None and not self.allow_unsigned:
+            raise ValueError(
+                "needs 'public_key' (the fleet's signing key from `edgewire keys show`) "
+                "or 'allow_unsigned: true' for a lab setup"
+            )
+        return self
+
+
 class PublishSettings(StrictModel):
     local_results: bool = True
     telemetry_interval_s: float = Field(5.0, gt=0)
@@ -301,6 +330,7 @@ class DeviceConfig(StrictModel):
     publish: PublishSettings = Field(default_factory=PublishSettings)
     metrics_port: int | None = Field(None, ge=0, le=65535)
     advertise: AdvertiseSettings | None = None
+    delivery: DeliverySettings | None = None
 
     @field_validator("device_id", "fleet")
     @classmethod
@@ -318,4 +348,9 @@ def load_device_config(path: str | Path) -> DeviceConfig:
         updates["model"] = cfg.model.model_copy(update={"path": base / cfg.model.path})
     if cfg.source.path is not None and not cfg.source.path.is_absolute():
         updates["source"] = cfg.source.model_copy(update={"path": base / cfg.source.path})
+    if cfg.delivery is not None:
+        paths = {"store": cfg.delivery.store, "public_key": cfg.delivery.public_key}
+        fixed = {k: base / v for k, v in paths.items() if v is not None and not v.is_absolute()}
+        if fixed:
+            updates["delivery"] = cfg.delivery.model_copy(update=fixed)
     return cfg.model_copy(update=updates) if updates else cfg

@@ -136,8 +136,10 @@ class Frame(Envelope):
 class Manifest(Envelope):
     name: str
     version: str
-    format: Literal["onnx", "tensorrt-plan"]
-    precision: Literal["fp32", "fp16", "int8"]
+    # Free text on the wire so a device can refuse a format it does not know with a reason on
+    # its status topic, rather than drop the announce as undecodable.
+    format: str
+    precision: str
     size: int
     sha256: str
     chunk_size: int
@@ -185,6 +187,7 @@ class Presence(Envelope):
     ts: float
     software: str
     profile: str | None = None
+    fleet: str | None = None
     models: dict[str, str] = Field(default_factory=dict)
     state: str | None = None
 
