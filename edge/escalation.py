@@ -45,6 +45,9 @@ class Escalator:
     def pending(self) -> int:
         return len(self._pending)
 
+    def is_pending(self, trace_id: str) -> bool:
+        return trace_id in self._pending
+
     def has_room(self) -> bool:
         return len(self._pending) < self.settings.max_pending
 

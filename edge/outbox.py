@@ -1,10 +1,16 @@
-"""The device's durable outbox: messages that must not be lost wait here until acknowledged.
+"""The device's durable outbox: messages that must not be lost wait here until acknowledged,
+and the escalations still owed an answer are remembered here until they get one.
 
 SQLite in WAL mode: an append is one row, a commit is one WAL write plus (synchronous=FULL) one
 fsync, so whatever a commit returned for survives kill -9 and power loss. Concurrent appends
 share one transaction (group commit), which is what makes thousands per second affordable on a
 device's flash storage. The queue is bounded by count, bytes and age, with an explicit policy
 when full; every drop is counted by reason.
+
+The ``owed`` table is what makes the device's side exactly-once: an escalation is recorded in
+the same transaction as its request, and an answer is taken only by flipping its row from
+``waiting`` to ``answered`` -- a redelivered or duplicated answer finds nothing to flip, even
+after a restart.
 """
 
 from __future__ import annotations
@@ -33,7 +39,17 @@ CREATE TABLE IF NOT EXISTS outbox (
     size INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_priority ON outbox (priority, id);
+CREATE TABLE IF NOT EXISTS owed (
+    key TEXT PRIMARY KEY,
+    deadline REAL NOT NULL,
+    note BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'waiting',
+    settled REAL
+);
+CREATE INDEX IF NOT EXISTS owed_waiting ON owed (state, deadline);
 """
+
+OwedState = Literal["waiting", "answered", "expired"]
 
 
 class OutboxFull(EdgewireError):
@@ -58,6 +74,18 @@ class Message:
     qos: int = 1
     priority: int = 0
     deadline: float | None = None
+    #: When set, the message is owed an answer: ``key`` (the trace id) and ``note`` (what the
+    #: device needs to finish the work when the answer arrives, even after a restart) are
+    #: recorded with it, until ``deadline`` (required then).
+    key: str | None = None
+    note: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Owed:
+    key: str
+    deadline: float
+    note: bytes
 
 
 class Outbox:
@@ -118,6 +146,12 @@ class Outbox:
                 ids.append(int(cur.lastrowid or 0))
                 self._count += 1
                 self._bytes += size
+                if m.key is not None:
+                    if m.deadline is None or m.note is None:
+                        raise ValueError(f"message {m.key} is owed an answer but has no deadline or note")
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO owed (key, deadline, note) VALUES (?, ?, ?)", (m.key, m.deadline, m.note)
+                    )
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -164,19 +198,68 @@ class Outbox:
             self._recount()
         self.meter.set("outbox_depth", self._count)
 
-    def expire(self, now: float | None = None) -> list[Item]:
-        """Remove and return messages past their deadline or older than max_age_s."""
+    def expire(self, now: float | None = None, *, deadlines: bool = True) -> list[Item]:
+        """Remove and return messages older than max_age_s and, with ``deadlines``, those past
+        their deadline (without it, late messages stay to be forwarded for audit)."""
         now = time.time() if now is None else now
         rows = self._db.execute(
             "SELECT id, topic, payload, qos, priority, created, deadline FROM outbox "
-            "WHERE (deadline IS NOT NULL AND deadline < ?) OR created < ? ORDER BY id",
-            (now, now - self.max_age_s),
+            "WHERE (? AND deadline IS NOT NULL AND deadline < ?) OR created < ? ORDER BY id",
+            (int(deadlines), now, now - self.max_age_s),
         ).fetchall()
         items = [Item(int(r[0]), r[1], bytes(r[2]), int(r[3]), int(r[4]), float(r[5]), r[6]) for r in rows]
         if items:
             self.ack(i.id for i in items)
             self.meter.inc("outbox_dropped_total", len(items), reason="expired")
         return items
+
+    # -- answers owed -------------------------------------------------------------------------
+
+    def settle_many(self, outcomes: Iterable[tuple[str, OwedState]]) -> list[bool]:
+        """Flip owed rows out of ``waiting`` in one transaction; True where this call did it.
+
+        False means the answer was already taken (a duplicate), expired, or never owed."""
+        pairs = list(outcomes)
+        now = time.time()
+        done: list[bool] = []
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for key, state in pairs:
+                cur = self._db.execute(
+                    "UPDATE owed SET state = ?, settled = ? WHERE key = ? AND state = 'waiting'", (state, now, key)
+                )
+                done.append(cur.rowcount == 1)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return done
+
+    def note_of(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT note FROM owed WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def state_of(self, key: str) -> OwedState | None:
+        row = self._db.execute("SELECT state FROM owed WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def overdue(self, now: float | None = None) -> list[Owed]:
+        """Answers still waiting past their deadline (e.g. the device was down when it passed)."""
+        now = time.time() if now is None else now
+        rows = self._db.execute(
+            "SELECT key, deadline, note FROM owed WHERE state = 'waiting' AND deadline < ? ORDER BY deadline", (now,)
+        ).fetchall()
+        return [Owed(r[0], float(r[1]), bytes(r[2])) for r in rows]
+
+    def waiting(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM owed WHERE state = 'waiting'").fetchone()[0])
+
+    def forget_settled(self, older_than_s: float) -> int:
+        """Drop settled rows once no duplicate of their answer can still arrive."""
+        cur = self._db.execute(
+            "DELETE FROM owed WHERE state != 'waiting' AND settled < ?", (time.time() - older_than_s,)
+        )
+        return cur.rowcount
 
     def _recount(self) -> None:
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()

@@ -194,6 +194,10 @@ class BrokerSettings(StrictModel):
     password: str | None = None
     keepalive: int = Field(30, ge=5, le=3600)
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    # Keep the session at the broker while away (clean session off / session expiry), so answers,
+    # announces and config published while the device was offline reach it when it returns.
+    persistent_session: bool = True
+    session_expiry_s: int = Field(7 * 86_400, ge=0)
     reconnect_min_s: float = Field(0.2, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
     # At start a device waits this long for the broker, then runs anyway (answering locally).
@@ -246,6 +250,9 @@ class SourceSettings(StrictModel):
 
 class ModelSettings(StrictModel):
     path: Path
+    # A lighter model (e.g. INT8 or smaller) with the same labels and input, used while degraded
+    # and the frame queue is at least half full, so an overloaded device keeps up.
+    fallback: Path | None = None
 
 
 class JudgeSettings(StrictModel):
@@ -258,6 +265,22 @@ class JudgeSettings(StrictModel):
     min_sharpness: float | None = Field(None, ge=0)
 
 
+class OutboxSettings(StrictModel):
+    """Where escalations wait until the broker has them, and what happens when it fills up."""
+
+    # SQLite file (WAL, fsync per group commit); null keeps the queue in memory, lost on a crash.
+    path: Path | None = None
+    max_messages: int = Field(10_000, ge=1)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_age_s: float = Field(86_400.0, gt=0)
+    when_full: Literal["drop_oldest", "drop_lowest_priority", "refuse"] = "drop_oldest"
+    # Replay pace once the link returns, so a returning fleet does not flood the bridge.
+    replay_per_s: float = Field(500.0, gt=0)
+    # A request past its deadline when its turn comes: expire it on the device (its frame is
+    # recorded TIMEOUT), or forward it late so the cloud keeps it for audit.
+    late: Literal["expire", "forward"] = "expire"
+
+
 class CloudSettings(StrictModel):
     """Escalation of hard frames to the cloud bridge over MQTT."""
 
@@ -267,6 +290,12 @@ class CloudSettings(StrictModel):
     merge: Literal["prefer_cloud", "max_confidence"] = "prefer_cloud"
     # Escalations waiting for an answer at once; beyond this, hard frames are answered locally.
     max_pending: int = Field(1024, ge=1)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    # While degraded, hard frames are answered locally at once and their requests still queued
+    # with this deadline, so the cloud's answer arrives later as a late result; 0 stops queuing.
+    offline_deadline_s: float = Field(600.0, ge=0)
+    # Consecutive timeouts or unavailable answers that switch the device to degraded mode.
+    degraded_after: int = Field(3, ge=1)
 
 
 class PipelineSettings(StrictModel):
@@ -344,8 +373,13 @@ def load_device_config(path: str | Path) -> DeviceConfig:
     cfg = load_yaml_model(path, DeviceConfig)
     base = path.resolve().parent
     updates: dict[str, Any] = {}
-    if not cfg.model.path.is_absolute():
-        updates["model"] = cfg.model.model_copy(update={"path": base / cfg.model.path})
+    model_paths = {"path": cfg.model.path, "fallback": cfg.model.fallback}
+    fixed_model = {k: base / v for k, v in model_paths.items() if v is not None and not v.is_absolute()}
+    if fixed_model:
+        updates["model"] = cfg.model.model_copy(update=fixed_model)
+    if cfg.cloud is not None and cfg.cloud.outbox.path is not None and not cfg.cloud.outbox.path.is_absolute():
+        outbox = cfg.cloud.outbox.model_copy(update={"path": base / cfg.cloud.outbox.path})
+        updates["cloud"] = cfg.cloud.model_copy(update={"outbox": outbox})
     if cfg.source.path is not None and not cfg.source.path.is_absolute():
         updates["source"] = cfg.source.model_copy(update={"path": base / cfg.source.path})
     if cfg.delivery is not None:

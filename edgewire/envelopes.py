@@ -111,6 +111,9 @@ class LocalResult(_Strict):
     version: str
     degraded: bool
     latency_ms: float
+    #: A second outcome for a frame answered before: the cloud's answer to a request queued
+    #: while degraded, or the end of an escalation a restart interrupted.
+    late: bool = False
 
 
 class LocalResults(Envelope):

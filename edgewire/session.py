@@ -195,6 +195,14 @@ class MqttSession:
             raise NotConnected(f"{len(failures)} of {len(items)} publishes failed: {failures[0]}")
         return sent
 
+    async def refresh_presence(self) -> None:
+        """Publish the birth message again, after the state it reports has changed."""
+        client = self._client
+        if client is None or not self._connected.is_set() or self._presence is None:
+            return
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.publish(self._presence_topic, env.encode(self._presence(True)), qos=1, retain=True)
+
     def drain_inbox(self) -> list[aiomqtt.Message]:
         """Messages received but not yet taken, for a consumer that stops gracefully."""
         out = []
