@@ -565,14 +565,14 @@ class EdgeAgent:
         try:
             await self._db(self.outbox.put_many, [message for _, message in queued])
         except OutboxFull as exc:
-            log.warning("%s: %d escalations not queued: %s", self.config.device_id, len(queued), exc)
-            self.meter.inc("escalations_skipped_total", len(queued), reason="outbox_full")
-            for task, _ in queued:
+            refused, queued = queued[len(exc.accepted) :], queued[: len(exc.accepted)]
+            log.warning("%s: %s", self.config.device_id, exc)
+            self.meter.inc("escalations_skipped_total", len(refused), reason="outbox_full")
+            for task, _ in refused:
                 if self.escalator is not None and self.escalator.cancel(task.trace_id) is not None:
                     task.degraded = True
                     task.to(TaskState.COMPLETE)
                     await self._publish_final(session, task)
-            return
         self.meter.inc("frames_escalated_total", len(queued))
         self.meter.inc("bytes_escalated_total", sum(len(message.payload) for _, message in queued))
         self.forwarder.wake()

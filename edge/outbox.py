@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     priority INTEGER NOT NULL,
     created REAL NOT NULL,
     deadline REAL,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    key TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_priority ON outbox (priority, id);
 CREATE TABLE IF NOT EXISTS owed (
@@ -53,7 +54,13 @@ OwedState = Literal["waiting", "answered", "expired"]
 
 
 class OutboxFull(EdgewireError):
-    """The outbox is at its bound and its policy is to refuse new messages."""
+    """The outbox is at its bound and its policy is to refuse new messages.
+
+    ``accepted`` holds the ids of the leading messages of the batch that did fit and were kept."""
+
+    def __init__(self, message: str, accepted: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.accepted = accepted or []
 
 
 @dataclass(frozen=True)
@@ -129,19 +136,26 @@ class Outbox:
         return self.put_many([message])[0]
 
     def put_many(self, messages: Iterable[Message]) -> list[int]:
-        """Append in one transaction (one fsync); returns their ids in order."""
+        """Append in one transaction (one fsync); returns their ids in order.
+
+        Under the refuse policy the messages that fit are kept and OutboxFull names them."""
         batch = list(messages)
         now = time.time()
         ids: list[int] = []
+        refused: OutboxFull | None = None
         self._db.execute("BEGIN IMMEDIATE")
         try:
             for m in batch:
                 size = len(m.payload) + len(m.topic)
-                self._make_room(size)
+                try:
+                    self._make_room(size, now)
+                except OutboxFull as exc:
+                    refused = OutboxFull(f"{len(batch) - len(ids)} of {len(batch)} refused: {exc}", ids)
+                    break
                 cur = self._db.execute(
-                    "INSERT INTO outbox (topic, payload, qos, priority, created, deadline, size) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (m.topic, m.payload, m.qos, m.priority, now, m.deadline, size),
+                    "INSERT INTO outbox (topic, payload, qos, priority, created, deadline, size, key) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (m.topic, m.payload, m.qos, m.priority, now, m.deadline, size, m.key),
                 )
                 ids.append(int(cur.lastrowid or 0))
                 self._count += 1
@@ -157,11 +171,15 @@ class Outbox:
             self._db.execute("ROLLBACK")
             self._recount()
             raise
-        self.meter.inc("outbox_enqueued_total", len(batch))
         self.meter.set("outbox_depth", self._count)
+        if ids:
+            self.meter.inc("outbox_enqueued_total", len(ids))
+        if refused is not None:
+            self.meter.inc("outbox_dropped_total", len(batch) - len(ids), reason="refuse")
+            raise refused
         return ids
 
-    def _make_room(self, size: int) -> None:
+    def _make_room(self, size: int, now: float) -> None:
         while self._count + 1 > self.max_count or self._bytes + size > self.max_bytes:
             if self.policy == "refuse" or self._count == 0:
                 raise OutboxFull(
@@ -169,8 +187,14 @@ class Outbox:
                     f"{self.max_bytes}) and its policy is {self.policy}"
                 )
             order = "priority ASC, id ASC" if self.policy == "drop_lowest_priority" else "id ASC"
-            victim = self._db.execute(f"SELECT id, size FROM outbox ORDER BY {order} LIMIT 1").fetchone()
+            victim = self._db.execute(f"SELECT id, size, key FROM outbox ORDER BY {order} LIMIT 1").fetchone()
             self._db.execute("DELETE FROM outbox WHERE id = ?", (victim[0],))
+            if victim[2] is not None:
+                # A dropped request will never be answered: its frame keeps its local answer.
+                self._db.execute(
+                    "UPDATE owed SET state = 'expired', settled = ? WHERE key = ? AND state = 'waiting'",
+                    (now, victim[2]),
+                )
             self._count -= 1
             self._bytes -= int(victim[1])
             self.meter.inc("outbox_dropped_total", reason=self.policy)
