@@ -1,4 +1,5 @@
-"""The embedded cloud: a real Triton Inference Server on the demo cloud model, plus one bridge.
+"""The embedded cloud: a real Triton Inference Server on the demo cloud model, one bridge and the
+model distributor (its store under the work dir).
 
 This is what ``edgewire cloud`` runs on a laptop or in CI. Production runs the same bridge
 against any Triton (``edgewire bridge --triton grpc://HOST:PORT``); the NGC container serves
@@ -16,6 +17,7 @@ from edgewire.config import BrokerSettings
 
 from .bridge import Bridge
 from .dispatch import Dispatcher
+from .distributor import Distributor
 from .model_repository import write_onnxruntime_repository, write_python_repository
 from .rules import RuleSet, default_rules
 from .triton_server import EmbeddedTriton
@@ -32,6 +34,8 @@ class EmbeddedCloud:
         *,
         rules: RuleSet | None = None,
         bridge_id: str = "bridge-1",
+        distributor: bool = True,
+        distributor_id: str | None = None,
     ) -> None:
         self.broker = broker
         self.models = models
@@ -42,6 +46,10 @@ class EmbeddedCloud:
         self.bridge: Bridge | None = None
         self.dispatcher: Dispatcher | None = None
         self._task: asyncio.Task[None] | None = None
+        self._with_distributor = distributor
+        self._distributor_id = distributor_id
+        self.distributor: Distributor | None = None
+        self._distributor_task: asyncio.Task[None] | None = None
 
     @property
     def repository(self) -> Path:
@@ -50,6 +58,11 @@ class EmbeddedCloud:
     @property
     def ngc_repository(self) -> Path:
         return self.workdir / "triton-repository-ngc"
+
+    @property
+    def model_store(self) -> Path:
+        """Where the distributor keeps pushed artefacts."""
+        return self.workdir / "model-store"
 
     async def __aenter__(self) -> EmbeddedCloud:
         names = write_python_repository(self.repository, self.models)
@@ -66,9 +79,25 @@ class EmbeddedCloud:
             ready.cancel()
             await self.__aexit__(None, None, None)
             self._task.result()  # raises what stopped the bridge
+        if self._with_distributor:
+            await self._start_distributor()
         return self
 
+    async def _start_distributor(self) -> None:
+        self.distributor = Distributor(self.broker, self.model_store, client_id=self._distributor_id)
+        task = self._distributor_task = asyncio.create_task(self.distributor.run(), name="distributor")
+        ready = asyncio.create_task(self.distributor.ready.wait())
+        await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            await self.__aexit__(None, None, None)
+            task.result()  # raises what stopped the distributor
+
     async def __aexit__(self, *exc_info: object) -> None:
+        if self.distributor is not None and self._distributor_task is not None:
+            self.distributor.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._distributor_task, 30)
         if self.bridge is not None and self._task is not None:
             self.bridge.stop()
             with contextlib.suppress(Exception):

@@ -329,6 +329,8 @@ class DeliverySettings(StrictModel):
     # rolls the device back on its own.
     probation_s: float = Field(10.0, ge=0)
     max_latency_ratio: float = Field(2.0, gt=1)
+    # ... and slower by at least this much per frame, so batch-size noise on a tiny model is no regression.
+    min_latency_regression_ms: float = Field(0.5, ge=0)
     max_error_rate: float = Field(0.05, ge=0, le=1)
 
     @model_validator(mode="after")

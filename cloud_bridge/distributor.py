@@ -1,0 +1,573 @@
+"""The model distributor: keeps every pushed artefact and resends the chunks a device lacks.
+
+An operator pushes a model once; devices that were offline, joined later or lost a chunk must
+still get it. The distributor listens to the same announce and chunk topics the devices do,
+stores each artefact as it streams past (its persistent session keeps chunks queued at the
+broker while it restarts), and answers ``model/fetch/<device>/<model>`` by publishing exactly
+the chunks asked for on the ordinary chunk topic.
+
+Everything it receives is checked before it is believed: a chunk must agree with its topic, its
+manifest and its own checksum; a version is served only after the whole artefact hashes to the
+manifest's sha256; a fetch must come from the device its topic names. A bad message is logged
+with its reason and counted (``messages_rejected_total{reason=...}``); it never stops the loop.
+
+Store layout, per model and version: ``<store>/<name>/<version>/`` holding ``artefact`` (written
+chunk by chunk with pwrite), ``manifest.msgpack``, ``held`` (one byte per chunk, so a restart
+resumes a half-received push) and ``complete`` (the verified sha256).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgewire import delivery, sdnotify, topics
+from edgewire import envelopes as env
+from edgewire.aio import cancel_and_wait
+from edgewire.config import BrokerSettings
+from edgewire.errors import DecodeError, EdgewireError, TopicError
+from edgewire.metrics import Meter
+from edgewire.session import MqttSession, NotConnected, presence_factory
+
+log = logging.getLogger(__name__)
+
+SessionFactory = Callable[[], MqttSession]
+
+
+def default_client_id() -> str:
+    """``distributor-<host>``: stable across restarts, so the broker keeps its persistent session."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "host"
+    return f"distributor-{host}"[:128]
+
+
+class _Artefact:
+    """One model version in the store: its manifest, its file and which chunks it holds."""
+
+    def __init__(self, folder: Path, manifest: env.Manifest, held: bytearray, complete: bool) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.held = held
+        self.complete = complete
+        self.verifying = False
+        self._fd: int | None = None
+        self._held_fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "artefact"
+
+    @property
+    def missing(self) -> int:
+        return self.held.count(0)
+
+    @classmethod
+    def create(cls, folder: Path, manifest: env.Manifest) -> _Artefact:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("complete", "held", "artefact"):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
+        delivery.atomic_write(folder / "manifest.msgpack", env.encode(manifest))
+        held = bytearray(manifest.chunk_count)
+        (folder / "held").write_bytes(held)
+        with open(folder / "artefact", "wb") as f:
+            f.truncate(manifest.size)  # sparse: the space is taken as chunks land
+        return cls(folder, manifest, held, complete=False)
+
+    @classmethod
+    def load(cls, folder: Path) -> _Artefact:
+        manifest = env.decode(env.Manifest, (folder / "manifest.msgpack").read_bytes())
+        if (folder.parent.name, folder.name) != (manifest.name, manifest.version):
+            raise DecodeError(f"manifest is for {manifest.name} {manifest.version}")
+        try:
+            marker = (folder / "complete").read_text().strip()
+        except FileNotFoundError:
+            marker = ""
+        size = (folder / "artefact").stat().st_size
+        if size != manifest.size:
+            raise DecodeError(f"artefact is {size} bytes, manifest says {manifest.size}")
+        if marker == manifest.sha256:
+            return cls(folder, manifest, bytearray(b"\x01" * manifest.chunk_count), complete=True)
+        try:
+            held = bytearray((folder / "held").read_bytes())
+        except FileNotFoundError:
+            held = bytearray()
+        if len(held) != manifest.chunk_count:
+            held = bytearray(manifest.chunk_count)
+        return cls(folder, manifest, held, complete=False)
+
+    def _handle(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR)
+        return self._fd
+
+    def write(self, index: int, data: bytes) -> None:
+        """The chunk's bytes first, then its mark in ``held``: a crash between the two costs a
+        resend of that chunk, never a chunk marked held whose bytes are missing."""
+        os.pwrite(self._handle(), data, index * self.manifest.chunk_size)
+        if self._held_fd is None:
+            self._held_fd = os.open(self.folder / "held", os.O_WRONLY)
+        os.pwrite(self._held_fd, b"\x01", index)
+        self.held[index] = 1
+
+    def read(self, index: int) -> bytes:
+        length = delivery.expected_chunk_length(self.manifest, index)
+        return os.pread(self._handle(), length, index * self.manifest.chunk_size)
+
+    def update_manifest(self, manifest: env.Manifest) -> None:
+        """Same artefact, new announce (other targets, say): keep the bytes, remember the manifest."""
+        if manifest != self.manifest:
+            delivery.atomic_write(self.folder / "manifest.msgpack", env.encode(manifest))
+            self.manifest = manifest
+
+    def mark_complete(self) -> None:
+        fd = self._handle()
+        os.fsync(fd)
+        delivery.atomic_write(self.folder / "complete", self.manifest.sha256.encode())
+        self.complete = True
+
+    def reset(self) -> None:
+        self.held = bytearray(self.manifest.chunk_count)
+        if self._held_fd is None:
+            self._held_fd = os.open(self.folder / "held", os.O_WRONLY)
+        os.pwrite(self._held_fd, bytes(self.held), 0)
+
+    def close(self) -> None:
+        for fd in (self._fd, self._held_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._held_fd = None
+
+
+def _same_artefact(a: env.Manifest, b: env.Manifest) -> bool:
+    return (a.sha256, a.size, a.chunk_size) == (b.sha256, b.size, b.chunk_size)
+
+
+def _manifest_problem(manifest: env.Manifest) -> str | None:
+    try:
+        delivery.check_model_ids(manifest.name, manifest.version)
+    except delivery.DeliveryError as exc:
+        return str(exc)
+    if not 0 < manifest.chunk_size <= delivery.MAX_CHUNK_SIZE:
+        return f"chunk_size {manifest.chunk_size} out of range"
+    if manifest.size <= 0 or manifest.chunk_count != -(-manifest.size // manifest.chunk_size):
+        return f"size {manifest.size}, chunk_size {manifest.chunk_size} and chunk_count {manifest.chunk_count} disagree"
+    if not re.fullmatch(r"[0-9a-f]{64}", manifest.sha256):
+        return "sha256 is not 64 lowercase hex digits"
+    return None
+
+
+@dataclass(frozen=True)
+class _Send:
+    name: str
+    version: str
+    index: int
+
+
+class Distributor:
+    """One per fleet (or per broker cluster): with several, each stores every push and every
+    one answers each fetch, which costs bandwidth but never correctness (chunks carry checksums
+    and devices ignore what they hold already)."""
+
+    def __init__(
+        self,
+        broker: BrokerSettings | str,
+        store_dir: str | Path,
+        *,
+        client_id: str | None = None,
+        window: int = 16,
+        pending_limit_bytes: int = 64 * env.MIB,
+        telemetry_interval_s: float = 5.0,
+        meter: Meter | None = None,
+        session_factory: SessionFactory | None = None,
+    ) -> None:
+        self.broker = BrokerSettings(url=broker) if isinstance(broker, str) else broker
+        self.store_dir = Path(store_dir)
+        self.client_id = client_id or default_client_id()
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.window = window
+        self.meter = meter or Meter(self.client_id)
+        self._session_factory = session_factory
+        self._pending_limit = pending_limit_bytes
+        self._telemetry_interval_s = telemetry_interval_s
+        self._artefacts: dict[tuple[str, str], _Artefact] = {}
+        # Chunks that arrived before their manifest (another client's order is not guaranteed
+        # across topics); bounded, because an unannounced stream must not fill the memory.
+        self._pending: dict[tuple[str, str], dict[int, env.Chunk]] = {}
+        self._pending_bytes = 0
+        self._sends: asyncio.Queue[_Send] = asyncio.Queue()
+        self._queued: set[_Send] = set()
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self.session: MqttSession | None = None
+        self.ready = asyncio.Event()
+
+    # -- what tests and operators ask -------------------------------------------------------
+
+    def holds(self, name: str, version: str) -> bool:
+        """Whether a verified copy of this version is stored and served."""
+        art = self._artefacts.get((name, version))
+        return art is not None and art.complete
+
+    def manifest(self, name: str, version: str) -> env.Manifest | None:
+        art = self._artefacts.get((name, version))
+        return art.manifest if art is not None else None
+
+    def artefact_path(self, name: str, version: str) -> Path:
+        return self.store_dir / name / version / "artefact"
+
+    @property
+    def chunks_served(self) -> int:
+        return int(self.meter.total("distributor_chunks_served_total"))
+
+    def rejected(self, reason: str) -> int:
+        return int(self.meter.get("messages_rejected_total", reason=reason))
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop taking messages, finish the chunk sends already queued, then disconnect."""
+        self._stop.set()
+
+    def _make_session(self) -> MqttSession:
+        if self._session_factory is not None:
+            return self._session_factory()
+        b = self.broker
+        return MqttSession(
+            self.client_id,
+            b.host,
+            b.port,
+            username=b.username,
+            password=b.password,
+            keepalive=b.keepalive,
+            protocol=b.protocol,
+            presence=presence_factory(self.client_id, "distributor"),
+            reconnect_min_s=b.reconnect_min_s,
+            reconnect_max_s=b.reconnect_max_s,
+            meter=self.meter,
+            persistent=True,  # chunks pushed while the distributor restarts wait at the broker
+        )
+
+    async def run(self) -> None:
+        self._load_store()
+        session = self._make_session()
+        self.session = session
+        async with session:
+            await session.wait_connected(None)
+            for spec in (topics.MODEL_ANNOUNCE, topics.MODEL_CHUNK, topics.MODEL_FETCH):
+                await session.subscribe(spec.filter(), qos=spec.qos)
+            held = sum(1 for a in self._artefacts.values() if a.complete)
+            log.info("%s: serving %d stored version(s) from %s", self.client_id, held, self.store_dir)
+            for art in self._artefacts.values():  # stopped between the last chunk and its verification
+                if not art.complete and art.missing == 0:
+                    art.verifying = True
+                    self._spawn(self._verify(art))
+            self.ready.set()
+            sdnotify.notify(f"READY=1\nSTATUS=serving {held} model version(s) from {self.store_dir}")
+            senders = [asyncio.create_task(self._sender(session)) for _ in range(self.window)]
+            listener = asyncio.create_task(self._listen(session))
+            telemetry = asyncio.create_task(self._telemetry(session))
+            watchdog = asyncio.create_task(sdnotify.watchdog(lambda: session.connected))
+            try:
+                await self._stop.wait()
+            finally:
+                await cancel_and_wait(listener)
+                for message in session.drain_inbox():  # acknowledged to the broker already: take them too
+                    with contextlib.suppress(Exception):
+                        self._take(str(message.topic), bytes(message.payload))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._drain_sends(), 10)
+                if self._jobs:  # a verification under way is worth finishing: it saves a whole resend
+                    await asyncio.wait(set(self._jobs), timeout=30)
+                await cancel_and_wait(*senders, telemetry, watchdog, *self._jobs)
+                with contextlib.suppress(Exception):
+                    await self._publish_telemetry(session)
+                for art in self._artefacts.values():
+                    art.close()
+
+    async def _drain_sends(self) -> None:
+        await self._sends.join()
+
+    def _load_store(self) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        for folder in sorted(self.store_dir.glob("*/*")):
+            if not (folder / "manifest.msgpack").exists():
+                continue
+            try:
+                art = _Artefact.load(folder)
+            except (OSError, EdgewireError) as exc:
+                log.warning("%s: ignoring %s in the store: %s", self.client_id, folder, exc)
+                continue
+            self._artefacts[(art.manifest.name, art.manifest.version)] = art
+        self._gauge()
+
+    def _gauge(self) -> None:
+        self.meter.set("distributor_versions_held", sum(1 for a in self._artefacts.values() if a.complete))
+
+    # -- receiving --------------------------------------------------------------------------
+
+    async def _listen(self, session: MqttSession) -> None:
+        async for message in session.messages():
+            try:
+                self._take(str(message.topic), bytes(message.payload))
+            except Exception:  # a bug must cost one message, not the distributor
+                self._reject("internal", f"{message.topic}: handling failed", exc_info=True)
+
+    def _reject(self, reason: str, why: str, *, exc_info: bool = False) -> None:
+        self.meter.inc("messages_rejected_total", reason=reason)
+        log.warning("%s: rejected (%s): %s", self.client_id, reason, why, exc_info=exc_info)
+
+    def _take(self, topic: str, payload: bytes) -> None:
+        try:
+            parsed = topics.parse(topic)
+        except TopicError as exc:
+            self._reject("topic", str(exc))
+            return
+        if parsed.spec is topics.MODEL_ANNOUNCE:
+            self._on_announce(parsed["model"], payload)
+        elif parsed.spec is topics.MODEL_CHUNK:
+            self._on_chunk(parsed, payload)
+        elif parsed.spec is topics.MODEL_FETCH:
+            self._on_fetch(parsed, payload)
+        else:
+            # Not subscribed to, but amqtt 0.12 hands a connecting client the retained messages of
+            # every filter any client subscribed to: not bad input, just not ours.
+            log.debug("%s: ignoring %s", self.client_id, topic)
+
+    def _on_announce(self, model: str, payload: bytes) -> None:
+        if not payload:  # the retained announce was withdrawn; what is stored stays servable
+            return
+        try:
+            manifest = env.decode(env.Manifest, payload)
+        except DecodeError as exc:
+            self._reject("payload", f"announce of {model}: {exc}")
+            return
+        if manifest.name != model:
+            self._reject("manifest", f"announce on {model} names {manifest.name}")
+            return
+        problem = _manifest_problem(manifest)
+        if problem is not None:
+            self._reject("manifest", f"{model} {manifest.version}: {problem}")
+            return
+        key = (manifest.name, manifest.version)
+        art = self._artefacts.get(key)
+        if art is not None and _same_artefact(art.manifest, manifest):
+            art.update_manifest(manifest)
+        else:
+            if art is not None:
+                log.warning(
+                    "%s: %s %s announced again with another artefact (sha256 %s, was %s); storing the new one",
+                    self.client_id,
+                    *key,
+                    manifest.sha256[:12],
+                    art.manifest.sha256[:12],
+                )
+                art.close()
+                self._unqueue(*key)
+            self._artefacts[key] = _Artefact.create(self.store_dir / manifest.name / manifest.version, manifest)
+            self.meter.inc("distributor_versions_announced_total")
+            log.info("%s: storing %s %s (%d chunks)", self.client_id, *key, manifest.chunk_count)
+        for chunk in self._pending_take(key).values():
+            self._store_chunk(self._artefacts[key], chunk)
+        self._gauge()
+
+    def _on_chunk(self, parsed: topics.ParsedTopic, payload: bytes) -> None:
+        key = (parsed["model"], parsed["version"])
+        art = self._artefacts.get(key)
+        if art is not None and (art.complete or art.verifying):
+            # Our own fetch answers come back to us (MQTT 3.1.1 has no no-local): nothing to do.
+            self.meter.inc("distributor_chunks_ignored_total")
+            return
+        try:
+            chunk = env.decode(env.Chunk, payload)
+        except DecodeError as exc:
+            self._reject("payload", f"chunk {'/'.join(key)}/{parsed['index']}: {exc}")
+            return
+        if (chunk.name, chunk.version, str(chunk.index)) != (*key, parsed["index"]):
+            self._reject(
+                "chunk_topic",
+                f"chunk on {'/'.join(key)}/{parsed['index']} names {chunk.name} {chunk.version} {chunk.index}",
+            )
+            return
+        if art is None:
+            self._pending_add(key, chunk)
+            return
+        self._store_chunk(art, chunk)
+
+    def _pending_add(self, key: tuple[str, str], chunk: env.Chunk) -> None:
+        if self._pending_bytes + len(chunk.data) > self._pending_limit:
+            self._reject("chunk_unannounced", f"chunk {chunk.index} of {key[0]} {key[1]}, whose manifest was not seen")
+            return
+        held = self._pending.setdefault(key, {})
+        old = held.pop(chunk.index, None)
+        self._pending_bytes += len(chunk.data) - (len(old.data) if old else 0)
+        held[chunk.index] = chunk
+
+    def _pending_take(self, key: tuple[str, str]) -> dict[int, env.Chunk]:
+        held = self._pending.pop(key, {})
+        self._pending_bytes -= sum(len(c.data) for c in held.values())
+        return held
+
+    def _store_chunk(self, art: _Artefact, chunk: env.Chunk) -> None:
+        m = art.manifest
+        where = f"chunk {chunk.index} of {m.name} {m.version}"
+        if not 0 <= chunk.index < m.chunk_count:
+            self._reject("chunk_index", f"{where}: the manifest has {m.chunk_count} chunks")
+            return
+        expected = delivery.expected_chunk_length(m, chunk.index)
+        if len(chunk.data) != expected:
+            self._reject("chunk_size", f"{where}: {len(chunk.data)} bytes, expected {expected}")
+            return
+        if hashlib.sha256(chunk.data).hexdigest() != chunk.sha256:
+            self._reject("chunk_checksum", f"{where}: data does not match its sha256")
+            return
+        art.write(chunk.index, chunk.data)
+        self.meter.inc("distributor_chunks_stored_total")
+        if art.missing == 0 and not art.verifying:
+            art.verifying = True
+            self._spawn(self._verify(art))
+
+    async def _verify(self, art: _Artefact) -> None:
+        """Hash the whole artefact off the event loop; only a match makes the version servable."""
+        m = art.manifest
+        try:
+            digest, size = await asyncio.to_thread(delivery.sha256_file, art.path)
+            if art is not self._artefacts.get((m.name, m.version)):
+                return  # replaced by another announce meanwhile
+            if digest.hex() != m.sha256 or size != m.size:
+                self._reject(
+                    "artefact_checksum",
+                    f"{m.name} {m.version}: the assembled artefact does not match its sha256; receiving it again",
+                )
+                art.reset()
+                return
+            await asyncio.to_thread(art.mark_complete)
+            self.meter.inc("distributor_versions_complete_total")
+            log.info("%s: %s %s complete and verified (%d bytes)", self.client_id, m.name, m.version, m.size)
+            self._gauge()
+        finally:
+            art.verifying = False
+
+    def _spawn(self, coro: Any) -> None:
+        job = asyncio.ensure_future(coro)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def _on_fetch(self, parsed: topics.ParsedTopic, payload: bytes) -> None:
+        device, model = parsed["device_id"], parsed["model"]
+        try:
+            req = env.decode(env.FetchRequest, payload)
+        except DecodeError as exc:
+            self._reject("payload", f"fetch from {device} for {model}: {exc}")
+            return
+        if req.device_id != device:
+            self._reject("fetch_device_mismatch", f"fetch on {device}'s topic says it is from {req.device_id}")
+            return
+        if req.name != model:
+            self._reject("fetch_model_mismatch", f"fetch on the {model} topic from {device} asks for {req.name}")
+            return
+        versions = [v for (n, v) in self._artefacts if n == model]
+        if not versions:
+            self._reject("fetch_unknown_model", f"{device} asks for {model}, which the distributor does not hold")
+            return
+        art = self._artefacts.get((model, req.version))
+        if art is None:
+            self._reject(
+                "fetch_unknown_version", f"{device} asks for {model} {req.version}; held: {', '.join(sorted(versions))}"
+            )
+            return
+        if not art.complete:
+            self._reject(
+                "fetch_incomplete", f"{device} asks for {model} {req.version}, still {art.missing} chunks short here"
+            )
+            return
+        indices: set[int] = set()
+        count = art.manifest.chunk_count
+        for r in req.ranges:
+            if len(r) != 2 or not 0 <= r[0] < r[1] <= count:
+                self._reject(
+                    "fetch_bad_ranges",
+                    f"{device} asks for {model} {req.version} chunks {r!r}; valid: [start, end) within 0..{count}",
+                )
+                return
+            indices.update(range(r[0], r[1]))
+        self.meter.inc("distributor_fetches_total")
+        queued = 0
+        for index in sorted(indices):
+            send = _Send(model, req.version, index)
+            if send in self._queued:  # another device asked for it already; one publish serves both
+                self.meter.inc("distributor_chunks_coalesced_total")
+                continue
+            self._queued.add(send)
+            self._sends.put_nowait(send)
+            queued += 1
+        log.info(
+            "%s: %s fetches %d chunk(s) of %s %s (%d queued)",
+            self.client_id,
+            device,
+            len(indices),
+            model,
+            req.version,
+            queued,
+        )
+
+    def _unqueue(self, name: str, version: str) -> None:
+        self._queued = {s for s in self._queued if (s.name, s.version) != (name, version)}
+
+    async def _sender(self, session: MqttSession) -> None:
+        """One of ``window`` workers: at most that many chunk publishes wait for their ack at once."""
+        while True:
+            send = await self._sends.get()
+            try:
+                self._queued.discard(send)
+                art = self._artefacts.get((send.name, send.version))
+                if art is None or not art.complete:
+                    continue
+                data = art.read(send.index)
+                chunk = env.Chunk(
+                    name=send.name,
+                    version=send.version,
+                    index=send.index,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    data=data,
+                )
+                topic = topics.MODEL_CHUNK.build(model=send.name, version=send.version, index=send.index)
+                try:
+                    await session.publish(topic, env.encode(chunk), qos=topics.MODEL_CHUNK.qos, timeout=30)
+                except NotConnected as exc:
+                    self.meter.inc("distributor_chunks_unsent_total")
+                    log.warning("%s: chunk not sent to %s: %s", self.client_id, topic, exc)
+                    continue
+                self.meter.inc("distributor_chunks_served_total")
+            except Exception as exc:  # an unreadable chunk costs that chunk, not a sender
+                self.meter.inc("distributor_chunks_unsent_total")
+                log.error(
+                    "%s: cannot send chunk %d of %s %s: %r", self.client_id, send.index, send.name, send.version, exc
+                )
+            finally:
+                self._sends.task_done()
+
+    # -- telemetry --------------------------------------------------------------------------
+
+    async def _telemetry(self, session: MqttSession) -> None:
+        while True:
+            await asyncio.sleep(self._telemetry_interval_s)
+            await self._publish_telemetry(session)
+
+    async def _publish_telemetry(self, session: MqttSession) -> None:
+        self.meter.set("distributor_sends_queued", self._sends.qsize())
+        payload = env.encode(env.Telemetry(client_id=self.client_id, ts=time.time(), metrics=self.meter.snapshot()))
+        with contextlib.suppress(EdgewireError):
+            await session.publish(topics.TELEMETRY.build(client_id=self.client_id), payload, qos=0)

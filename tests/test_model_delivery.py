@@ -1,0 +1,291 @@
+"""Model delivery end to end on the device: push, verify, validate, swap, resume, catch up, roll back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from edgewire import envelopes as env
+from edgewire import signing, topics
+from edgewire.cloud_bridge.distributor import Distributor
+from edgewire.config import BrokerSettings, DeliverySettings, DeviceConfig, ModelSettings, SourceSettings
+from edgewire.delivery import announce, build_manifest, publish_chunks, push, read_chunk
+from edgewire.demo_models import DemoArtifacts
+from edgewire.edge.agent import EdgeAgent
+from edgewire.modelmeta import META_KEY
+from edgewire.session import MqttSession
+
+from .conftest import BrokerHandle
+from .test_edge_integration import Reader
+
+NAME = "digits-edge"
+
+
+def variant(src: Path, dst: Path, version: str, *, slow: int = 0) -> Path:
+    """The demo edge model re-labelled as ``version``; ``slow`` adds that many dead 1024x1024
+    layers whose result is multiplied by zero, so the answers stay and the latency grows."""
+    model = onnx.load(str(src))
+    for prop in model.metadata_props:
+        if prop.key == META_KEY:
+            meta = json.loads(prop.value)
+            meta["version"] = version
+            prop.value = json.dumps(meta)
+    if slow:
+        g = model.graph
+        rng = np.random.default_rng(0)
+        softmax = next(n for n in g.node if n.op_type == "Softmax")
+        logits = softmax.input[0]
+        current, width = "flat", 64
+        for i in range(slow):
+            w = numpy_helper.from_array(rng.standard_normal((width, 1024)).astype(np.float32) * 0.01, f"dead{i}.w")
+            g.initializer.append(w)
+            g.node.append(helper.make_node("MatMul", [current, f"dead{i}.w"], [f"dead{i}"]))
+            current, width = f"dead{i}", 1024
+        g.initializer.append(numpy_helper.from_array(np.zeros((1,), np.float32), "zero"))
+        g.node.append(helper.make_node("ReduceSum", [current], ["dead_sum"], keepdims=1))
+        g.node.append(helper.make_node("Mul", ["dead_sum", "zero"], ["dead_zero"]))
+        g.node.append(helper.make_node("Add", [logits, "dead_zero"], ["logits_live"]))
+        softmax.input[0] = "logits_live"
+        # Softmax must come after the new nodes: move it to the end.
+        g.node.remove(softmax)
+        g.node.append(softmax)
+    onnx.save(model, str(dst))
+    return dst
+
+
+@dataclass
+class Fleet:
+    broker: BrokerHandle
+    root: Path
+    private: signing.Ed25519PrivateKey
+    public_file: Path
+    distributor: Distributor
+
+    def device(
+        self, device_id: str, *, source: dict[str, object] | None = None, persistent: bool = True, **delivery: object
+    ) -> DeviceConfig:
+        return DeviceConfig(
+            device_id=device_id,
+            fleet="lab",
+            broker=BrokerSettings(
+                url=self.broker.url, reconnect_min_s=0.05, reconnect_max_s=0.5, persistent_session=persistent
+            ),
+            source=SourceSettings(**(source or {"kind": "mqtt"})),  # type: ignore[arg-type]
+            model=ModelSettings(path=self.root / "v1.onnx"),
+            delivery=DeliverySettings(
+                store=self.root / "stores" / device_id,
+                public_key=self.public_file,
+                **{"fetch_after_s": 0.5, "probation_s": 3.0, **delivery},  # type: ignore[arg-type]
+            ),
+        )
+
+    def operator(self) -> MqttSession:
+        return MqttSession("operator-test", self.broker.host, self.broker.port)
+
+
+@pytest.fixture
+async def fleet(broker: BrokerHandle, demo: DemoArtifacts, tmp_path: Path) -> AsyncIterator[Fleet]:
+    pem, public = signing.generate()
+    public_file = tmp_path / "fleet-signing.pub"
+    public_file.write_text(public)
+    variant(demo.edge_model, tmp_path / "v1.onnx", "1.0.0")
+    dist = Distributor(BrokerSettings(url=broker.url, reconnect_min_s=0.05), tmp_path / "distributor")
+    task = asyncio.create_task(dist.run())
+    await asyncio.wait_for(dist.ready.wait(), 15)
+    try:
+        yield Fleet(broker, tmp_path, signing.load_private(pem), public_file, dist)
+    finally:
+        dist.stop()
+        await asyncio.wait_for(task, 15)
+
+
+class Running:
+    """An agent running in the background of a test."""
+
+    def __init__(self, cfg: DeviceConfig, **kw: object) -> None:
+        self.agent = EdgeAgent(cfg, **kw)  # type: ignore[arg-type]
+        self.task: asyncio.Task[object] | None = None
+
+    async def __aenter__(self) -> EdgeAgent:
+        self.task = asyncio.create_task(self.agent.run())
+        assert await until(lambda: self.agent.session is not None and self.agent.session.connected, 10)
+        await asyncio.sleep(0.3)  # subscriptions in place
+        return self.agent
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.agent.stop()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 20)
+
+
+async def until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+def statuses(reader: Reader, device_id: str) -> list[env.ModelStatus]:
+    return [s for s in reader.decoded(topics.MODEL_STATUS) if s.device_id == device_id]  # type: ignore[attr-defined]
+
+
+async def test_push_installs_on_every_device_while_frames_keep_flowing(fleet: Fleet, demo: DemoArtifacts) -> None:
+    v2 = variant(demo.edge_model, fleet.root / "v2.onnx", "2.0.0")
+    manifest = build_manifest(v2, name=NAME, version="2.0.0", chunk_size=4096, private_key=fleet.private)
+    seen: list[env.LocalResult] = []
+    busy = {"kind": "folder", "path": demo.frames_dir, "loop": True, "fps": 100}
+    async with (
+        Reader(fleet.broker, topics.MODEL_STATUS.filter()) as reader,
+        Running(fleet.device("cam-a", source=busy), on_result=seen.append) as a,
+        Running(fleet.device("cam-b")) as b,
+    ):
+        async with fleet.operator() as op:
+            await op.wait_connected(10)
+            await push(op, v2, manifest)
+        assert await until(lambda: a.meta.version == b.meta.version == "2.0.0", 30)
+        await until(lambda: len([r for r in seen if r.version == "2.0.0"]) > 20, 10)
+    for device in ("cam-a", "cam-b"):
+        states = [s.state for s in statuses(reader, device)]
+        assert states[-1] == "active" and "verifying" in states and "validating" in states
+    served = {r.version for r in seen}
+    assert served == {"1.0.0", "2.0.0"}  # frames served across the swap
+    assert a.meter.total("frames_failed_total") == 0
+    assert a.meter.get("model_chunks_received_total") == manifest.chunk_count
+    installed = fleet.root / "stores" / "cam-b" / NAME / "2.0.0" / "model.onnx"
+    assert installed.read_bytes() == v2.read_bytes()
+
+
+@pytest.mark.parametrize("fault", ["wrong_sha256", "bad_signature", "truncated", "unknown_format", "corrupt_chunk"])
+async def test_bad_artefacts_are_refused_and_the_active_model_stays(
+    fleet: Fleet, demo: DemoArtifacts, fault: str
+) -> None:
+    v2 = variant(demo.edge_model, fleet.root / "v2.onnx", "2.0.0")
+    key = fleet.private
+    if fault == "bad_signature":
+        key = signing.load_private(signing.generate()[0])
+    if fault == "truncated":
+        v2.write_bytes(v2.read_bytes()[: v2.stat().st_size // 2])
+    manifest = build_manifest(v2, name=NAME, version="2.0.0", chunk_size=4096, private_key=key)
+    if fault == "wrong_sha256":
+        manifest = manifest.model_copy(update={"sha256": "0" * 64})
+    if fault == "unknown_format":
+        manifest = manifest.model_copy(update={"format": "pytorch"})
+    async with (
+        Reader(fleet.broker, topics.MODEL_STATUS.filter()) as reader,
+        Running(fleet.device("cam-x")) as agent,
+        fleet.operator() as op,
+    ):
+        await op.wait_connected(10)
+        if fault == "corrupt_chunk":
+            # Chunk 1 arrives damaged (its data no longer matches its checksum); the rest are good.
+            good = read_chunk(v2, manifest, 1)
+            bad = good.model_copy(update={"data": bytes(len(good.data))})
+            await announce(op, manifest)
+            await publish_chunks(op, v2, manifest, indices=[0, *range(2, manifest.chunk_count)])
+            topic = topics.MODEL_CHUNK.build(model=NAME, version="2.0.0", index=1)
+            await op.publish(topic, env.encode(bad), qos=1, timeout=10)
+            assert await until(lambda: any(s.reason for s in statuses(reader, "cam-x")), 10)
+            assert agent.meta.version == "1.0.0"
+            await publish_chunks(op, v2, manifest, indices=[1])  # the operator sends it again
+        else:
+            await push(op, v2, manifest)
+        done = {"failed", "active"}
+        assert await until(lambda: any(s.state in done for s in statuses(reader, "cam-x")), 20)
+        final = statuses(reader, "cam-x")[-1]
+        if fault == "corrupt_chunk":
+            assert final.state == "active" and agent.meta.version == "2.0.0"
+            assert agent.meter.get("model_chunks_rejected_total", reason="checksum") == 1
+            assert any("chunk 1" in (s.reason or "") for s in statuses(reader, "cam-x"))
+            return
+        assert final.state == "failed"
+        assert agent.meta.version == "1.0.0"
+    reason = final.reason or ""
+    expected = {
+        "wrong_sha256": "sha256",
+        "bad_signature": "signature",
+        "truncated": "not a loadable ONNX model",
+        "unknown_format": "unknown format 'pytorch'",
+    }[fault]
+    assert expected in reason, reason
+
+
+async def test_interrupted_download_resumes_and_fetches_only_what_it_lacks(fleet: Fleet, demo: DemoArtifacts) -> None:
+    v2 = variant(demo.edge_model, fleet.root / "v2.onnx", "2.0.0")
+    manifest = build_manifest(v2, name=NAME, version="2.0.0", chunk_size=2048, private_key=fleet.private)
+    n = manifest.chunk_count
+    first = list(range(0, n, 2))  # the device is there for every other chunk, then drops off
+    cfg = fleet.device("cam-r", persistent=False)
+    async with fleet.operator() as op:
+        await op.wait_connected(10)
+        async with Running(cfg) as agent:
+            await announce(op, manifest)
+            await publish_chunks(op, v2, manifest, indices=first)
+            assert await until(lambda: agent.meter.get("model_chunks_received_total") == len(first), 10)
+            agent.updater._fetch_wait = 3600  # gone before it could ask for the rest
+        await publish_chunks(op, v2, manifest, indices=[i for i in range(n) if i not in first])
+        assert await until(lambda: fleet.distributor.holds(NAME, "2.0.0"), 10)
+        served_before = fleet.distributor.chunks_served
+        async with Running(cfg) as again:
+            assert await until(lambda: again.meta.version == "2.0.0", 20)
+    lacked = n - len(first)
+    assert again.meter.get("model_downloads_resumed_total") == 1
+    assert again.meter.get("model_chunks_received_total") == lacked  # no chunk it held came again
+    assert again.meter.get("model_chunks_duplicate_total") == 0
+    assert fleet.distributor.chunks_served - served_before == lacked
+
+
+async def test_offline_device_catches_up_and_an_unmatched_one_ignores(fleet: Fleet, demo: DemoArtifacts) -> None:
+    v2 = variant(demo.edge_model, fleet.root / "v2.onnx", "2.0.0")
+    targets = env.Targets(devices=["cam-late*"])
+    manifest = build_manifest(
+        v2, name=NAME, version="2.0.0", chunk_size=4096, private_key=fleet.private, targets=targets
+    )
+    async with fleet.operator() as op:
+        await op.wait_connected(10)
+        await push(op, v2, manifest)  # no device is up
+    assert await until(lambda: fleet.distributor.holds(NAME, "2.0.0"), 10)
+    async with Running(fleet.device("cam-late-1")) as late, Running(fleet.device("cam-other")) as other:
+        assert await until(lambda: late.meta.version == "2.0.0", 20)
+        await asyncio.sleep(0.5)
+    assert other.meta.version == "1.0.0"
+    assert other.meter.get("model_announces_ignored_total", reason="not_targeted") >= 1
+    assert other.meter.get("model_chunks_received_total") == 0
+
+
+async def test_regression_on_probation_rolls_back_and_a_fleet_rollback_reactivates(
+    fleet: Fleet, demo: DemoArtifacts
+) -> None:
+    v2 = variant(demo.edge_model, fleet.root / "v2.onnx", "2.0.0")
+    slow = variant(demo.edge_model, fleet.root / "v3.onnx", "3.0.0", slow=24)
+    m2 = build_manifest(v2, name=NAME, version="2.0.0", chunk_size=8192, private_key=fleet.private)
+    m3 = build_manifest(slow, name=NAME, version="3.0.0", chunk_size=65536, private_key=fleet.private)
+    busy = {"kind": "folder", "path": demo.frames_dir, "loop": True, "fps": 200}
+    async with (
+        Reader(fleet.broker, topics.MODEL_STATUS.filter()) as reader,
+        Running(fleet.device("cam-p", source=busy, probation_s=30)) as agent,
+        fleet.operator() as op,
+    ):
+        await op.wait_connected(10)
+        await push(op, v2, m2)
+        assert await until(lambda: agent.meta.version == "2.0.0", 20)
+        await asyncio.sleep(1.0)  # v2 serves long enough to be the baseline
+        await push(op, slow, m3)
+        assert await until(
+            lambda: any(s.version == "3.0.0" and s.state == "active" for s in statuses(reader, "cam-p")), 20
+        )
+        assert await until(lambda: statuses(reader, "cam-p")[-1].state == "rolled_back", 20)
+        assert agent.meta.version == "2.0.0"
+    back = statuses(reader, "cam-p")[-1]
+    assert back.version == "3.0.0" and "latency" in (back.reason or "")
+    assert agent.meter.get("model_rollbacks_total") == 1
