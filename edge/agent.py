@@ -797,7 +797,10 @@ class EdgeAgent:
         if self.updater is not None and self.updater.wants(parsed):
             await self.updater.handle(parsed, bytes(data))
             return
-        raise TopicError(f"{topic}: not a topic this device consumes")
+        # An edgewire topic this device never asked for: amqtt hands every new client the retained
+        # messages of every filter any client subscribed to. Not an attack, not worth a warning.
+        self.meter.inc("messages_ignored_total", family=parsed.spec.name)
+        log.debug("%s: ignored a message on %s", self.config.device_id, topic)
 
     async def _apply_desired(self, revision: int) -> None:
         outcome = remote_config.evaluate(

@@ -84,6 +84,10 @@ class Download:
         self._received = 0
         self._unsynced = 0
         self._closed = False
+        # The whole-file hash, fed in chunk order as chunks arrive, so that verifying a complete
+        # download is not a second pass over the file after the last chunk (it overlaps the network).
+        self._stream = hashlib.sha256()
+        self._streamed = 0
         directory.mkdir(parents=True, exist_ok=True)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         self._data = os.open(directory / "data", flags, 0o644)
@@ -99,6 +103,9 @@ class Download:
                 os.ftruncate(self._chunks, self._count * DIGEST_BYTES)
             #: Chunks the sidecar claimed but whose bytes on disk did not hash to the claim (lost in a power cut).
             self.invalidated = self._load()
+            if self._count and self._held[0]:
+                self._streamed = 0
+                self._stream_held()
         except BaseException:
             os.close(self._data)
             os.close(self._chunks)
@@ -158,11 +165,31 @@ class Download:
             _pwrite_all(self._chunks, digest, chunk.index * DIGEST_BYTES)
             self._held[chunk.index] = 1
             self._received += 1
+            self._advance_stream(chunk.index, chunk.data)
             self._unsynced += len(chunk.data)
             if self._unsynced >= SYNC_EVERY:
                 self._sync()
             self._meter.inc("model_chunks_received_total")
         return True
+
+    def _advance_stream(self, index: int, data: bytes) -> None:
+        """Feed the whole-file hash as far as chunks are held in order; a chunk that arrived
+        early (or was held from an earlier run) is read back from the page cache when its turn comes."""
+        if index != self._streamed:
+            return
+        self._stream.update(data)
+        self._streamed += 1
+        self._stream_held()
+
+    def _stream_held(self) -> None:
+        while self._streamed < self._count and self._held[self._streamed]:
+            i = self._streamed
+            self._stream.update(os.pread(self._data, self._length(i), i * self.manifest.chunk_size))
+            self._streamed += 1
+
+    def streamed_digest(self) -> bytes | None:
+        """SHA-256 of the whole artefact as written, once every chunk is in; None before."""
+        return self._stream.digest() if self._streamed == self._count else None
 
     def close(self) -> None:
         """Flush what was written and release the files; the download stays resumable."""
@@ -331,9 +358,13 @@ class ModelStore:
             raise StoreError(
                 f"{m.name} {m.version} is not complete: {download.received} of {m.chunk_count} chunks held"
             )
+        streamed = download.streamed_digest()
         download.close()
         try:
-            digest = _hash_file(download.data_path, m.size)
+            on_disk = download.data_path.stat().st_size
+            if streamed is not None and on_disk != m.size:
+                raise VerifyFailed(f"size mismatch: the downloaded file has {on_disk} bytes, the manifest {m.size}")
+            digest = streamed if streamed is not None else _hash_file(download.data_path, m.size)
             if digest.hex() != m.sha256.lower():
                 raise VerifyFailed(
                     f"sha256 mismatch: the downloaded file hashes to {digest.hex()}, the manifest says {m.sha256}"

@@ -273,7 +273,7 @@ async def test_regression_on_probation_rolls_back_and_a_fleet_rollback_reactivat
     busy = {"kind": "folder", "path": demo.frames_dir, "loop": True, "fps": 200}
     async with (
         Reader(fleet.broker, topics.MODEL_STATUS.filter()) as reader,
-        Running(fleet.device("cam-p", source=busy, probation_s=30)) as agent,
+        Running(fleet.device("cam-p", source=busy, probation_s=30, min_latency_regression_ms=1.5)) as agent,
         fleet.operator() as op,
     ):
         await op.wait_connected(10)
