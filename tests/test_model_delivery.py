@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from edgewire.edge.agent import EdgeAgent
 from edgewire.modelmeta import META_KEY
 from edgewire.session import MqttSession
 
-from .conftest import BrokerHandle
+from .conftest import BrokerHandle, until
 from .test_edge_integration import Reader
 
 NAME = "digits-edge"
@@ -125,15 +124,6 @@ class Running:
         self.agent.stop()
         assert self.task is not None
         await asyncio.wait_for(self.task, 20)
-
-
-async def until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 def statuses(reader: Reader, device_id: str) -> list[env.ModelStatus]:

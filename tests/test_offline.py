@@ -7,8 +7,6 @@ import collections
 import signal
 import sqlite3
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,7 @@ from edgewire.demo_models import LABELS, DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
 from edgewire.ports import free_port
 
-from .conftest import BrokerHandle, Mosquitto
+from .conftest import BrokerHandle, Mosquitto, until
 from .test_edge_integration import Reader, spawn_edge_run
 
 EVERY_FRAME_HARD = JudgeSettings(unknown_labels=list(LABELS))
@@ -56,16 +54,6 @@ def config(demo: DemoArtifacts, port: int, device_id: str, tmp: Path, **over: ob
         cloud=CloudSettings(**cloud),  # type: ignore[arg-type]
         **over,  # type: ignore[arg-type]
     )
-
-
-async def until(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``predicate`` (state in another process or a file) until true or ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True
 
 
 def count(db: Path, sql: str) -> int:
