@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,10 +18,11 @@ from edgewire import envelopes as env
 from edgewire import signing, topics
 from edgewire.cloud_bridge.distributor import Distributor
 from edgewire.config import BrokerSettings, DeliverySettings, DeviceConfig, ModelSettings, SourceSettings
-from edgewire.delivery import announce, build_manifest, publish_chunks, push, read_chunk
+from edgewire.delivery import History, announce, build_manifest, publish_chunks, push, read_chunk
 from edgewire.demo_models import DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
 from edgewire.modelmeta import META_KEY
+from edgewire.rollout import push_model
 from edgewire.session import MqttSession
 
 from .conftest import BrokerHandle, until
@@ -279,3 +281,39 @@ async def test_regression_on_probation_rolls_back_and_a_fleet_rollback_reactivat
     back = statuses(reader, "cam-p")[-1]
     assert back.version == "3.0.0" and "latency" in (back.reason or "")
     assert agent.meter.get("model_rollbacks_total") == 1
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["promoted", "aborted"])
+async def test_canary_rollout_goes_on_or_stops_at_the_canary(
+    fleet: Fleet, demo: DemoArtifacts, tmp_path: Path, good: bool
+) -> None:
+    v2 = variant(demo.edge_model, fleet.root / "v2.onnx", "2.0.0")
+    if not good:  # verifies (signed as it is) but is no model: the canary refuses it at validation
+        v2.write_bytes(v2.read_bytes()[:-100])
+    manifest = build_manifest(v2, name=NAME, version="2.0.0", chunk_size=4096, private_key=fleet.private)
+    ids = ["cam-c0", "cam-c1", "cam-c2", "cam-c3"]
+    async with contextlib.AsyncExitStack() as stack:
+        reader = await stack.enter_async_context(Reader(fleet.broker, topics.MODEL_STATUS.filter()))
+        agents = [await stack.enter_async_context(Running(fleet.device(i))) for i in ids]
+        op = await stack.enter_async_context(fleet.operator())
+        await op.wait_connected(10)
+        result = await push_model(
+            op, v2, manifest, history=History(tmp_path / "history"), canary_percent=25, probation_s=1.0, timeout_s=30
+        )
+        if good:
+            assert await until(lambda: all(a.meta.version == "2.0.0" for a in agents), 20)
+        else:
+            await asyncio.sleep(1.0)
+    assert result.canaries == ["cam-c0"]
+    if good:
+        assert result.outcome == "promoted"
+        assert {s.device_id for s in statuses_all(reader) if s.state == "active"} == set(ids)
+    else:
+        assert result.outcome == "aborted" and "not a loadable ONNX model" in (result.reason or "")
+        assert [a.meta.version for a in agents] == ["1.0.0"] * 4
+        # The rest never started: no status at all from them.
+        assert {s.device_id for s in statuses_all(reader)} == {"cam-c0"}
+
+
+def statuses_all(reader: Reader) -> list[env.ModelStatus]:
+    return reader.decoded(topics.MODEL_STATUS)  # type: ignore[return-value]
