@@ -89,6 +89,7 @@ class ModelUpdater:
         self._last_chunk = 0.0
         self._fetch_wait = settings.fetch_after_s
         self._last_status = 0.0
+        self._reported = -1.0
         self._busy: asyncio.Task[None] | None = None
         self._probation: _Probation | None = None
         # Per-frame inference time of the serving version, the baseline a new one is judged by.
@@ -334,6 +335,8 @@ class ModelUpdater:
             download = self._download
             if download is None or download.complete or not session.connected:
                 continue
+            if download.progress != self._reported and time.monotonic() - self._last_status > 0.5:
+                await self._status(download.manifest.version, "downloading", progress=download.progress)
             if time.monotonic() - self._last_chunk < self._fetch_wait:
                 continue
             ranges = download.missing_ranges()
@@ -349,6 +352,7 @@ class ModelUpdater:
 
     async def _status(self, version: str, state: str, *, progress: float = 0.0, reason: str | None = None) -> None:
         self._last_status = time.monotonic()
+        self._reported = progress if state == "downloading" else -1.0
         session = self._session or self.agent.session
         if session is None:
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,14 @@ from onnx import helper, numpy_helper
 from edgewire import envelopes as env
 from edgewire import signing, topics
 from edgewire.cloud_bridge.distributor import Distributor
-from edgewire.config import BrokerSettings, DeliverySettings, DeviceConfig, ModelSettings, SourceSettings
+from edgewire.config import (
+    BrokerSettings,
+    DeliverySettings,
+    DeviceConfig,
+    ModelSettings,
+    PublishSettings,
+    SourceSettings,
+)
 from edgewire.delivery import History, announce, build_manifest, publish_chunks, push, read_chunk
 from edgewire.demo_models import DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
@@ -26,7 +34,7 @@ from edgewire.rollout import push_model
 from edgewire.session import MqttSession
 
 from .conftest import BrokerHandle, until
-from .test_edge_integration import Reader
+from .test_edge_integration import Reader, spawn_edge_run
 
 NAME = "digits-edge"
 
@@ -317,3 +325,46 @@ async def test_canary_rollout_goes_on_or_stops_at_the_canary(
 
 def statuses_all(reader: Reader) -> list[env.ModelStatus]:
     return reader.decoded(topics.MODEL_STATUS)  # type: ignore[return-value]
+
+
+async def test_device_killed_mid_download_resumes_after_restart(fleet: Fleet, demo: DemoArtifacts) -> None:
+    v2 = variant(demo.edge_model, fleet.root / "v2.onnx", "2.0.0", slow=1)  # ~256 KiB of weights
+    manifest = build_manifest(v2, name=NAME, version="2.0.0", chunk_size=4096, private_key=fleet.private)
+    n = manifest.chunk_count
+    half = list(range(n // 2))
+    cfg = fleet.device("cam-k9").model_copy(update={"publish": PublishSettings(telemetry_interval_s=0.3)})
+    folder = fleet.root / "cam-k9"
+    folder.mkdir()
+    device_id = "cam-k9"
+
+    def progress() -> float:
+        mine = statuses(reader, device_id)
+        return mine[-1].progress if mine and mine[-1].state == "downloading" else 0.0
+
+    async with Reader(fleet.broker, topics.MODEL_STATUS.filter(), topics.TELEMETRY.filter()) as reader:
+        device = await spawn_edge_run(cfg, folder, output=asyncio.subprocess.DEVNULL)
+        try:
+            assert await until(
+                lambda: any(getattr(p, "client_id", "") == device_id for p in reader.decoded(topics.TELEMETRY)), 20
+            )
+            async with fleet.operator() as op:
+                await op.wait_connected(10)
+                await announce(op, manifest)
+                await publish_chunks(op, v2, manifest, indices=half)
+                assert await until(lambda: progress() >= len(half) / n - 1e-9, 15)
+                device.send_signal(signal.SIGKILL)  # mid-download, no goodbye
+                await device.wait()
+                await publish_chunks(op, v2, manifest, indices=range(len(half), n))
+            device = await spawn_edge_run(cfg, folder, output=asyncio.subprocess.DEVNULL)
+            assert await until(
+                lambda: bool(statuses(reader, device_id)) and statuses(reader, device_id)[-1].state == "active", 30
+            )
+            await asyncio.sleep(0.8)  # one more telemetry snapshot
+        finally:
+            if device.returncode is None:
+                device.send_signal(signal.SIGTERM)
+                await device.wait()
+    last = [t for t in reader.decoded(topics.TELEMETRY) if t.client_id == device_id][-1].metrics  # type: ignore[attr-defined]
+    assert last["model_downloads_resumed_total"] == 1
+    assert last["model_chunks_received_total"] == n - len(half)  # the second run got only what it lacked
+    assert last.get("model_chunks_duplicate_total", 0) == 0
