@@ -584,11 +584,20 @@ class EdgeAgent:
         """An escalated task reached COMPLETE or TIMEOUT: publish its final outcome."""
         self.meter.inc("frames_completed_total")
         self._last_done = time.monotonic()
-        if task.state is TaskState.TIMEOUT:
+        if task.state is TaskState.TIMEOUT and self.outbox is not None:
+            settled = await self._settle([(task.trace_id, "expired")])
+            if not settled[0]:
+                # Its answer was taken in the same instant and is published as the outcome instead.
+                self.meter.inc("frames_completed_total", -1)
+                return
             self._cloud_failed("timeout")
-            if self.outbox is not None:
-                await self._db(self.outbox.settle_many, [(task.trace_id, "expired")])
         await self._publish_local(session, [self._local_result(task, None)])
+
+    async def _settle(self, outcomes: list[tuple[str, Any]]) -> list[bool]:
+        """Settle owed answers; a request given up on is still forwarded for audit if so configured."""
+        assert self.outbox is not None and self.config.cloud is not None
+        keep = self.config.cloud.outbox.late == "forward"
+        return await self._db(lambda: self.outbox.settle_many(outcomes, keep_unsent=keep))
 
     def _local_result(self, task: Task, sharp: float | None) -> env.LocalResult:
         assert task.prediction is not None
@@ -656,6 +665,9 @@ class EdgeAgent:
             return
         first = env.decode(env.LocalResults, note).results[0]
         unfinished = first.state == TaskState.PENDING_CLOUD.value
+        # A frame of this run whose deadline fired as its answer arrived: this is its outcome, on
+        # time; one a restart interrupted, or one answered locally while degraded, gets it late.
+        on_time = unfinished and result.trace_id.startswith(self._run_id + "-")
         self.meter.inc("late_results_total", status=result.status)
         if result.status == "ok" and result.prediction is not None:
             cloud = result.prediction
@@ -672,14 +684,14 @@ class EdgeAgent:
         if unfinished:
             self.meter.inc("frames_completed_total")
         latency = (time.time() - first.ts) * 1000.0
-        late = first.model_copy(update={**update, "state": "COMPLETE", "late": True, "latency_ms": latency})
+        late = first.model_copy(update={**update, "state": "COMPLETE", "late": not on_time, "latency_ms": latency})
         await self._publish_local(session, [late])
 
     async def _on_expired(self, items: list[Item]) -> None:
         """Requests the forwarder dropped at their deadline: their frames were answered already."""
         assert self.outbox is not None
         keys = [topics.REQUEST.match(i.topic) for i in items]
-        await self._db(self.outbox.settle_many, [(k["trace_id"], "expired") for k in keys if k is not None])
+        await self._settle([(k["trace_id"], "expired") for k in keys if k is not None])
 
     async def _sweep_overdue(self, session: MqttSession) -> None:
         """Answers owed past their deadline and not on a timer here (a previous run's) are
@@ -690,7 +702,7 @@ class EdgeAgent:
         ]
         if not overdue:
             return
-        taken = await self._db(self.outbox.settle_many, [(o.key, "expired") for o in overdue])
+        taken = await self._settle([(o.key, "expired") for o in overdue])
         finals = []
         for owed, mine in zip(overdue, taken, strict=True):
             first = env.decode(env.LocalResults, owed.note).results[0]
@@ -736,20 +748,21 @@ class EdgeAgent:
         assert self.forwarder is not None
         cooloff = 10.0
         was = session.connected
+        connects = session.connects
         if not was:
             self._set_mode(DEGRADED, "link")
         ticks = 0
         while True:
             await asyncio.sleep(0.1)
             now = session.connected
-            if now != was:
-                was = now
+            if now != was or (now and session.connects != connects):
+                was, connects = now, session.connects
                 if not now:
                     self._set_mode(DEGRADED, "link")
                 else:
                     if self._degraded_by == "link":
                         self._set_mode(JOINT, "link")
-                    self.forwarder.wake()
+                    await self.forwarder.link_back()
             elif (
                 now
                 and self.mode == DEGRADED

@@ -2,14 +2,16 @@
 
 Every escalation goes through here, online or not, so there is one path to test. A token bucket
 caps the rate (its burst equals one second of rate, so normal traffic never waits) and a fleet
-coming back online replays its backlog without flooding the bridge. Messages are removed from
-the outbox only after the broker's PUBACK; a crash in between re-sends them, which the bridge's
-trace_id dedupe and the device's owed-answer table turn into exactly-once.
+coming back online replays its backlog without flooding the bridge. A message is marked sent
+only after the broker's PUBACK, and one owed an answer stays until the answer settles it: after
+a reconnect, or when its answer is overdue, it goes again. A crash anywhere re-sends, which the
+bridge's trace_id dedupe and the device's owed-answer table turn into exactly-once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -73,6 +75,13 @@ class Forwarder:
         """Outbox calls run on the one I/O thread: SQLite stays single-threaded, the loop free."""
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
+    async def link_back(self) -> None:
+        """A new connection: whatever the broker took before may not have reached a bridge."""
+        again = await self.db(lambda: self.outbox.resend())
+        if again:
+            log.info("%s: sending %d unanswered requests again after reconnecting", self.session.client_id, again)
+        self.wake()
+
     def wake(self) -> None:
         self._idle.clear()
         self._wake.set()
@@ -92,13 +101,20 @@ class Forwarder:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            await self._expire()
-            if not self.session.connected:
+            try:
+                await self._expire()
+                if not self.session.connected:
+                    continue
+                await self.db(functools.partial(self.outbox.resend, older_than_s=self.settings.resend_after_s))
+            except Exception:  # a bug must not end the forwarding for good
+                log.exception("%s: forwarder error", self.session.client_id)
                 continue
             try:
                 await self._drain()
             except NotConnected as exc:
                 log.info("%s: replay paused, link down: %s", self.session.client_id, exc)
+            except Exception:  # a bug must not end the forwarding for good
+                log.exception("%s: forwarder error", self.session.client_id)
 
     async def _expire(self) -> None:
         deadlines = self.settings.late == "expire"
@@ -121,6 +137,6 @@ class Forwarder:
                 await asyncio.wait_for(self.session.publish_many([(i.topic, i.payload) for i in items], qos=1), 10.0)
             except asyncio.TimeoutError:
                 raise NotConnected(f"{len(items)} queued messages not acknowledged within 10 s") from None
-            await self.db(self.outbox.ack, [i.id for i in items])
+            await self.db(self.outbox.sent, [i.id for i in items])
             self.forwarded += len(items)
             self.meter.inc("outbox_forwarded_total", len(items))

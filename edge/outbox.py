@@ -11,6 +11,12 @@ The ``owed`` table is what makes the device's side exactly-once: an escalation i
 the same transaction as its request, and an answer is taken only by flipping its row from
 ``waiting`` to ``answered`` -- a redelivered or duplicated answer finds nothing to flip, even
 after a restart.
+
+A message owed an answer stays in the outbox after the broker acknowledged it, marked sent,
+until its answer is settled: a broker's PUBACK does not mean a bridge has it (a broker restart
+can lose a shared subscription, a bridge can stop between taking and answering). Such a message
+is sent again after a reconnect or when it has waited too long, and the bridge's dedupe by
+trace_id makes the resend harmless.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL,
     deadline REAL,
     size INTEGER NOT NULL,
-    key TEXT
+    key TEXT,
+    sent REAL,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_priority ON outbox (priority, id);
 CREATE TABLE IF NOT EXISTS owed (
@@ -200,9 +208,11 @@ class Outbox:
             self.meter.inc("outbox_dropped_total", reason=self.policy)
 
     def peek(self, limit: int) -> list[Item]:
-        """The oldest ``limit`` messages, in the order they were put."""
+        """The oldest ``limit`` messages not yet handed to the broker, in the order they were put."""
         rows = self._db.execute(
-            "SELECT id, topic, payload, qos, priority, created, deadline FROM outbox ORDER BY id LIMIT ?", (limit,)
+            "SELECT id, topic, payload, qos, priority, created, deadline FROM outbox WHERE sent IS NULL "
+            "ORDER BY id LIMIT ?",
+            (limit,),
         ).fetchall()
         return [Item(int(r[0]), r[1], bytes(r[2]), int(r[3]), int(r[4]), float(r[5]), r[6]) for r in rows]
 
@@ -222,6 +232,46 @@ class Outbox:
             self._recount()
         self.meter.set("outbox_depth", self._count)
 
+    def sent(self, ids: Iterable[int], now: float | None = None) -> None:
+        """The broker has these: forget those owed nothing, keep the rest until their answer."""
+        keys = [(i,) for i in ids]
+        if not keys:
+            return
+        now = time.time() if now is None else now
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            # Owed nothing, or its answer is settled already (a late request forwarded for audit).
+            self._db.executemany(
+                "DELETE FROM outbox WHERE id = ? AND (key IS NULL OR key NOT IN "
+                "(SELECT key FROM owed WHERE state = 'waiting'))",
+                keys,
+            )
+            self._db.executemany(
+                "UPDATE outbox SET sent = ?, attempts = attempts + 1 WHERE id = ?", [(now, i) for (i,) in keys]
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        finally:
+            self._recount()
+        self.meter.set("outbox_depth", self._count)
+
+    def resend(self, *, older_than_s: float | None = None, now: float | None = None) -> int:
+        """Mark sent-but-unanswered messages to go again: all of them (after a reconnect), or those
+        sent more than ``older_than_s`` ago, doubled per attempt so a long outage does not churn."""
+        now = time.time() if now is None else now
+        if older_than_s is None:
+            cur = self._db.execute("UPDATE outbox SET sent = NULL WHERE sent IS NOT NULL")
+        else:
+            cur = self._db.execute(
+                "UPDATE outbox SET sent = NULL WHERE sent IS NOT NULL AND sent < ? - ? * (1 << MIN(attempts - 1, 5))",
+                (now, older_than_s),
+            )
+        if cur.rowcount:
+            self.meter.inc("outbox_resent_total", cur.rowcount)
+        return cur.rowcount
+
     def expire(self, now: float | None = None, *, deadlines: bool = True) -> list[Item]:
         """Remove and return messages older than max_age_s and, with ``deadlines``, those past
         their deadline (without it, late messages stay to be forwarded for audit)."""
@@ -239,10 +289,11 @@ class Outbox:
 
     # -- answers owed -------------------------------------------------------------------------
 
-    def settle_many(self, outcomes: Iterable[tuple[str, OwedState]]) -> list[bool]:
+    def settle_many(self, outcomes: Iterable[tuple[str, OwedState]], *, keep_unsent: bool = False) -> list[bool]:
         """Flip owed rows out of ``waiting`` in one transaction; True where this call did it.
 
-        False means the answer was already taken (a duplicate), expired, or never owed."""
+        False means the answer was already taken (a duplicate), expired, or never owed. The
+        request goes too, unless ``keep_unsent`` and it never left (a late one kept for audit)."""
         pairs = list(outcomes)
         now = time.time()
         done: list[bool] = []
@@ -253,10 +304,15 @@ class Outbox:
                     "UPDATE owed SET state = ?, settled = ? WHERE key = ? AND state = 'waiting'", (state, now, key)
                 )
                 done.append(cur.rowcount == 1)
+                # Answered or given up on: the request need not go (again).
+                self._db.execute("DELETE FROM outbox WHERE key = ? AND (? OR sent IS NOT NULL)", (key, not keep_unsent))
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        finally:
+            self._recount()
+        self.meter.set("outbox_depth", self._count)
         return done
 
     def note_of(self, key: str) -> bytes | None:

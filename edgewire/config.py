@@ -276,6 +276,9 @@ class OutboxSettings(StrictModel):
     when_full: Literal["drop_oldest", "drop_lowest_priority", "refuse"] = "drop_oldest"
     # Replay pace once the link returns, so a returning fleet does not flood the bridge.
     replay_per_s: float = Field(500.0, gt=0)
+    # A request the broker took but no answer came for is sent again after this long (doubling
+    # per attempt), and at once after a reconnect; the bridge's dedupe makes that harmless.
+    resend_after_s: float = Field(10.0, gt=0)
     # A request past its deadline when its turn comes: expire it on the device (its frame is
     # recorded TIMEOUT), or forward it late so the cloud keeps it for audit.
     late: Literal["expire", "forward"] = "expire"

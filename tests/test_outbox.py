@@ -87,3 +87,36 @@ def test_committed_messages_survive_kill_9(tmp_path: Path) -> None:
     topics = [i.topic for i in box.peek(len(box))]
     assert topics == [f"req/cam/{k}" for k in range(len(topics))]  # in order, no holes
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def owed(i: int, deadline: float) -> Message:
+    return Message(topic=f"req/cam/t{i}", payload=b"r" * 50, deadline=deadline, key=f"t{i}", note=b"n")
+
+
+def test_owed_messages_stay_until_answered_and_go_again_when_overdue(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "q.db")
+    now = time.time()
+    ids = box.put_many([owed(0, now + 60), owed(1, now + 60), msg(2)])
+    box.sent(ids, now=now)
+    # The broker has all three: the plain one is gone, the owed ones wait for their answers.
+    assert len(box) == 2 and box.peek(10) == []
+    assert box.settle_many([("t0", "answered")]) == [True]
+    assert len(box) == 1
+    assert box.resend(older_than_s=5, now=now + 1) == 0  # not overdue yet
+    assert box.resend(older_than_s=5, now=now + 6) == 1
+    assert [i.topic for i in box.peek(10)] == ["req/cam/t1"]
+    box.sent([ids[1]], now=now + 6)
+    assert box.resend(older_than_s=5, now=now + 12) == 0  # second attempt waits twice as long
+    assert box.resend(older_than_s=5, now=now + 17) == 1
+    box.sent([ids[1]], now=now + 17)
+    assert box.resend() == 1  # after a reconnect: everything unanswered goes again
+    assert box.settle_many([("t1", "answered"), ("t1", "answered")]) == [True, False]  # the duplicate
+    assert len(box) == 0 and box.waiting() == 0
+
+
+def test_a_dropped_request_is_no_longer_owed(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "q.db", max_count=2, policy="drop_oldest")
+    now = time.time()
+    box.put_many([owed(i, now + 60) for i in range(3)])
+    assert box.state_of("t0") == "expired" and box.state_of("t2") == "waiting"
+    assert box.waiting() == 2
