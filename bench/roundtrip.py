@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shutil
 import statistics
 import subprocess
@@ -42,6 +43,51 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+class CpuMeter:
+    """CPU seconds of this process and of each child process tree (bridge, broker, Triton), so
+    a phase's cost per request can be read per process; the 2-core hosts this runs on share
+    every core between them."""
+
+    def __init__(self, groups: dict[str, int]) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.groups = groups  # name -> pid of the tree's root
+        self.totals: dict[str, dict[str, float]] = {}
+
+    def sample(self) -> dict[str, float]:
+        out = {}
+        for name, pid in self.groups.items():
+            total = 0.0
+            try:
+                root = self.psutil.Process(pid)
+                procs = [root, *root.children(recursive=True)] if name != "bench" else [root]
+            except self.psutil.NoSuchProcess:
+                procs = []
+            for proc in procs:
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+                except self.psutil.NoSuchProcess:
+                    pass
+            out[name] = total
+        return out
+
+    def add(self, phase: str, before: dict[str, float], n: int) -> None:
+        after = self.sample()
+        acc = self.totals.setdefault(phase, {"n": 0.0})
+        acc["n"] += n
+        for name in self.groups:
+            acc[name] = acc.get(name, 0.0) + after[name] - before[name]
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """Microseconds of CPU per request, per process group and phase."""
+        return {
+            phase: {name: round(v / acc["n"] * 1e6, 1) for name, v in acc.items() if name != "n"}
+            for phase, acc in self.totals.items()
+        }
+
+
 class MqttDevice:
     """The device side of the round trip: publishes requests, matches results by trace_id."""
 
@@ -52,6 +98,7 @@ class MqttDevice:
         self.waiting: dict[str, asyncio.Future[env.Result]] = {}
         self.n = 0
         self.bridge_ms: list[float] = []
+        self.reply_to = topics.RESULT.build(device_id=device_id)  # a device's own topic: built once
 
     async def listen(self) -> None:
         async for msg in self.session.messages():
@@ -72,7 +119,7 @@ class MqttDevice:
             model_hint="digits",
             payload=self.payload,
             content_type="image/jpeg",
-            reply_to=topics.RESULT.build(device_id=self.device_id),
+            reply_to=self.reply_to,
         )
         fut: asyncio.Future[env.Result] = asyncio.get_running_loop().create_future()
         self.waiting[trace_id] = fut
@@ -182,6 +229,9 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                             raise
                 await serial(dev.one, 50)
                 await serial(direct.one, 50)
+                groups = {"bench": os.getpid(), "broker": broker.pid, "triton": triton._proc.pid}
+                groups.update({f"bridge{k}": b.pid for k, b in enumerate(bridges)})
+                cpu = CpuMeter(groups) if args.cpu else None
                 direct_lat, mqtt_lat, tput_direct, tput_mqtt = [], [], [], []
                 bridge_serial, bridge_32 = [], []  # time spent inside the bridge, from its own timings
                 for _ in range(args.rounds):
@@ -189,9 +239,15 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                     dev.bridge_ms = []
                     mqtt_lat += await serial(dev.one, args.requests // args.rounds)
                     bridge_serial += dev.bridge_ms
+                    before = cpu.sample() if cpu else {}
                     tput_direct.append(await concurrent(direct.one, args.requests, args.concurrent))
+                    if cpu:
+                        cpu.add("direct_32", before, args.requests)
                     dev.bridge_ms = []
+                    before = cpu.sample() if cpu else {}
                     tput_mqtt.append(await concurrent(dev.one, args.requests, args.concurrent))
+                    if cpu:
+                        cpu.add("mqtt_32", before, args.requests)
                     bridge_32 += dev.bridge_ms
                 listener.cancel()
         finally:
@@ -203,7 +259,9 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
             broker.terminate()
             broker.wait(10)
     d50, m50 = pct(direct_lat, 50), pct(mqtt_lat, 50)
+    extra = {"cpu_us_per_request": cpu.report()} if cpu else {}
     return {
+        **extra,
         "direct_p50_ms": round(d50, 3),
         "direct_p99_ms": round(pct(direct_lat, 99), 3),
         "mqtt_p50_ms": round(m50, 3),
@@ -232,6 +290,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="reuse a demo folder")
     parser.add_argument("--http", action="store_true", help="bridge talks HTTP to Triton")
     parser.add_argument("--bridges", type=int, default=1, help="bridge processes sharing the request subscription")
+    parser.add_argument("--cpu", action="store_true", help="report CPU per request of each process at 32 in flight")
     parser.add_argument("--profile-bridge", type=Path, default=None, help="cProfile the bridge into this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

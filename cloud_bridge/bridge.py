@@ -62,6 +62,7 @@ class Bridge:
         self._stop = asyncio.Event()
         self._telemetry_interval_s = telemetry_interval_s
         self._pre: dict[str, Preprocessor] = {}
+        self._reply_topics: dict[str, str] = {}  # device_id -> its result topic, built once
         self.session: MqttSession | None = None
         self.ready = asyncio.Event()
 
@@ -105,6 +106,9 @@ class Bridge:
             telemetry = asyncio.create_task(self._telemetry(session))
             watchdog = asyncio.create_task(sdnotify.watchdog(lambda: session.connected))
             await self._stop.wait()
+            # From here on nothing new is acknowledged: the broker keeps it for the next bridge
+            # with this id (or another of the group); what was acknowledged is answered below.
+            session.hold_acks()
             await cancel_and_wait(listener)
             for message in session.drain_inbox():  # taken from the broker already: answer them too
                 self._take(session, message)
@@ -116,6 +120,18 @@ class Bridge:
     async def _listen(self, session: MqttSession) -> None:
         async for message in session.messages():
             self._take(session, message)
+            # Take the rest of what one read from the broker delivered in the same pass, so the
+            # requests of a burst reach the batcher together instead of one loop pass each.
+            for more in session.drain_inbox():
+                self._take(session, more)
+
+    def _reply_topic(self, device_id: str) -> str:
+        topic = self._reply_topics.get(device_id)
+        if topic is None:
+            if len(self._reply_topics) >= 4096:
+                self._reply_topics.clear()
+            topic = self._reply_topics[device_id] = topics.RESULT.build(device_id=device_id)
+        return topic
 
     def _take(self, session: MqttSession, message: Any) -> None:
         received = time.time()
@@ -133,7 +149,7 @@ class Bridge:
         if cached is not None:
             # Already answered: publish the same answer again, do not run it twice.
             self.meter.inc("requests_duplicate_total", state="answered")
-            self._spawn(self._publish(session, topics.RESULT.build(device_id=parsed["device_id"]), cached))
+            self._spawn(self._publish(session, self._reply_topic(parsed["device_id"]), cached))
             return
         if trace_id in self._inflight:
             self.meter.inc("requests_duplicate_total", state="inflight")
@@ -157,7 +173,7 @@ class Bridge:
             self._remember(trace_id, payload)
             self._inflight.discard(trace_id)
             self.meter.inc("requests_total", status=result.status)
-            await self._publish(session, topics.RESULT.build(device_id=device_id), payload)
+            await self._publish(session, self._reply_topic(device_id), payload)
 
     async def _serve(self, device_id: str, trace_id: str, data: bytes, received: float) -> env.Result:
         try:
@@ -166,7 +182,7 @@ class Bridge:
             return self._result(device_id, trace_id, received, "rejected", reason=f"malformed request: {exc}")
         if req.device_id != device_id or req.trace_id != trace_id:
             return self._result(device_id, trace_id, received, "rejected", reason="topic and payload disagree on ids")
-        if req.reply_to != topics.RESULT.build(device_id=device_id):
+        if req.reply_to != self._reply_topic(device_id):
             return self._result(device_id, trace_id, received, "rejected", reason="reply_to is not the sender's topic")
         if time.time() >= req.deadline:
             return self._result(device_id, trace_id, received, "expired", reason="deadline passed before dispatch")

@@ -10,6 +10,7 @@ does not (amqtt refuses an MQTT 5 CONNECT).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -22,9 +23,12 @@ from typing import Any, Literal
 
 import aiomqtt
 from aiomqtt import ProtocolVersion
-from aiomqtt.exceptions import MqttConnectError
+from aiomqtt.exceptions import MqttCodeError, MqttConnectError
+from paho.mqtt import client as mqtt
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edgewire import envelopes as env
 from edgewire import topics
@@ -88,6 +92,7 @@ class MqttSession:
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._holding = False
         self.connects = 0
         self._published = 0
         self.last_error: str | None = None
@@ -163,8 +168,16 @@ class MqttSession:
             await self.wait_connected(timeout)
         client = self._client
         assert client is not None
+        # Straight to paho, as aiomqtt's publish does, but the wait for the broker's
+        # acknowledgement (or, at QoS 0, for the write) is one future on the client's shared
+        # ack tracker instead of an Event, a wait_for task and a timer per message.
+        acks: _Acks = client._edgewire_acks  # type: ignore[attr-defined]
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain)
+            info = client._client.publish(topic, payload, qos, retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise MqttCodeError(info.rc, "Could not publish message")
+            if not info.is_published():
+                await acks.register(info.mid)
         except aiomqtt.MqttError as exc:
             if qos == 0:
                 self.meter.inc("publish_dropped_total")
@@ -176,22 +189,44 @@ class MqttSession:
     async def publish_many(self, items: list[tuple[str, bytes]], *, qos: int = 0, retain: bool = False) -> int:
         """Publish a burst at once; returns how many went out.
 
-        Issuing them together lets the MQTT client write every queued packet in one pass of the
-        event loop instead of one loop round trip per message; under load this is what keeps
-        result publishing off the critical path.
+        Every packet is queued before any is written, so the MQTT client sends the whole burst
+        in one write and one pass of the event loop instead of one round trip per message;
+        under load this is what keeps result publishing off the critical path.
         """
         if not items:
             return 0
-        if not self._connected.is_set() and qos == 0:
-            self.meter.inc("publish_dropped_total", len(items))
-            return 0
-        outcomes = await asyncio.gather(
-            *(self.publish(topic, payload, qos=qos, retain=retain) for topic, payload in items),
-            return_exceptions=True,
-        )
-        sent = sum(1 for o in outcomes if o is True)
-        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if not self._connected.is_set():
+            if qos == 0:
+                self.meter.inc("publish_dropped_total", len(items))
+                return 0
+            await self.wait_connected(None)
+        client = self._client
+        assert client is not None
+        acks: _Acks = client._edgewire_acks  # type: ignore[attr-defined]
+        paho = client._client
+        waits: list[asyncio.Future[None]] = []
+        failures: list[BaseException] = []
+        sent = 0
+        for topic, payload in items:
+            info = paho.publish(topic, payload, qos, retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                failures.append(MqttCodeError(info.rc, "Could not publish message"))
+            elif info.is_published():
+                sent += 1
+            else:
+                waits.append(acks.register(info.mid))
+        if waits:
+            # Futures, not coroutines: gathering them costs no task per message.
+            for outcome in await asyncio.gather(*waits, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    failures.append(outcome)
+                else:
+                    sent += 1
+        self._published += sent
         if failures:
+            if qos == 0:
+                self.meter.inc("publish_dropped_total", len(failures))
+                return sent
             raise NotConnected(f"{len(failures)} of {len(items)} publishes failed: {failures[0]}")
         return sent
 
@@ -202,6 +237,17 @@ class MqttSession:
             return
         with contextlib.suppress(aiomqtt.MqttError):
             await client.publish(self._presence_topic, env.encode(self._presence(True)), qos=1, retain=True)
+
+    def hold_acks(self) -> None:
+        """Acknowledge nothing that arrives from now on, and do not deliver it.
+
+        For a consumer about to leave: what is in the inbox now was acknowledged and must still be
+        handled (``drain_inbox``); anything later stays the broker's, which delivers it again to
+        this session's next connection (a persistent session) instead of it being lost here."""
+        self._holding = True
+        client = self._client
+        if client is not None:
+            client._client.manual_ack_set(True)
 
     def drain_inbox(self) -> list[aiomqtt.Message]:
         """Messages received but not yet taken, for a consumer that stops gracefully."""
@@ -226,6 +272,7 @@ class MqttSession:
         if self._presence is not None:
             will = aiomqtt.Will(self._presence_topic, env.encode(self._presence(False)), qos=1, retain=True)
         inbox = self._inbox
+        session = self
         loop = asyncio.get_running_loop()
         loop_thread = threading.get_ident()
 
@@ -238,6 +285,9 @@ class MqttSession:
             any other thread is handed to the loop instead of touching the queue directly."""
 
             def put_nowait(self, item: aiomqtt.Message) -> None:
+                if session._holding:  # not acknowledged: the broker delivers it again next session
+                    session.meter.inc("messages_held_back_total")
+                    return
                 if threading.get_ident() == loop_thread:
                     inbox.put_nowait(item)
                 else:
@@ -261,6 +311,29 @@ class MqttSession:
         )
         # aiomqtt warns past 10 unacknowledged publishes; we run up to max_inflight on purpose.
         client.pending_calls_threshold = self._max_inflight
+        if self._holding:
+            client._client.manual_ack_set(True)
+        # publish() waits on these; aiomqtt's on_publish callback resolves them by message id.
+        acks = client._edgewire_acks = _Acks(client, loop)  # type: ignore[attr-defined]
+        paho = client._client
+        aiomqtt_on_disconnect = paho.on_disconnect
+
+        def on_disconnect(*args: Any) -> None:
+            # A publish in flight ends with its connection (NotConnected), not after the
+            # client's timeout: this client is never reused, so no acknowledgement can come.
+            try:
+                aiomqtt_on_disconnect(*args)
+            finally:
+                if threading.get_ident() == loop_thread:
+                    acks.fail_all()
+                else:
+                    loop.call_soon_threadsafe(acks.fail_all)
+
+        paho.on_disconnect = on_disconnect
+        _coalesce_writes(client._client)
+        _buffer_reads(client._client)
+        if protocol == ProtocolVersion.V5:
+            _plain_v5_fast_path(client._client)
         return client
 
     def _session_options(self, protocol: ProtocolVersion) -> dict[str, Any]:
@@ -351,6 +424,275 @@ class MqttSession:
         log.info("%s: connected to mqtt://%s:%s", self.client_id, self.host, self.port)
         async for _ in client.messages:  # messages go straight to the inbox; this ends on disconnect
             pass
+
+
+class _Acks:
+    """Waiters for publish completions on one aiomqtt client, with one shared timeout timer.
+
+    aiomqtt's own publish spends an Event, an ``asyncio.wait_for`` task and a timer on every
+    message; here a message costs one future, registered where aiomqtt's on_publish callback
+    looks (``_pending_publishes``: it calls ``.set()`` on what it finds by message id). Waits
+    end after the client's timeout like aiomqtt's, with the same MqttError.
+    """
+
+    class _Waiter:
+        __slots__ = ("deadline", "fut")
+
+        def __init__(self, fut: asyncio.Future[None], deadline: float) -> None:
+            self.fut = fut
+            self.deadline = deadline
+
+        def set(self) -> None:  # what aiomqtt's on_publish calls
+            if not self.fut.done():
+                self.fut.set_result(None)
+
+    def __init__(self, client: aiomqtt.Client, loop: asyncio.AbstractEventLoop) -> None:
+        self._pending: dict[int, Any] = client._pending_publishes
+        self._timeout = client.timeout
+        self._loop = loop
+        self._order: collections.deque[tuple[int, _Acks._Waiter]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def register(self, mid: int) -> asyncio.Future[None]:
+        """A future that completes when message ``mid`` is published, or fails on timeout."""
+        if mid in self._pending:
+            raise RuntimeError(f'There already exists a pending call for message ID "{mid}"')
+        fut = self._loop.create_future()
+        waiter = self._Waiter(fut, self._loop.time() + self._timeout)
+        self._pending[mid] = waiter
+        self._order.append((mid, waiter))
+        if self._timer is None:
+            self._timer = self._loop.call_at(waiter.deadline, self._expire)
+        return fut
+
+    async def wait(self, mid: int) -> None:
+        await self.register(mid)
+
+    def fail_all(self) -> None:
+        """End every wait: the connection is gone."""
+        order, self._order = self._order, collections.deque()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for mid, waiter in order:
+            if not waiter.fut.done():
+                waiter.fut.set_exception(aiomqtt.MqttError("Disconnected before the broker acknowledged"))
+            if self._pending.get(mid) is waiter:
+                del self._pending[mid]
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        order = self._order
+        while order:
+            mid, waiter = order[0]
+            if not waiter.fut.done():
+                if waiter.deadline > now:
+                    break
+                waiter.fut.set_exception(aiomqtt.MqttError("Operation timed out"))
+            order.popleft()
+            if self._pending.get(mid) is waiter:  # timed out, or its waiter went away unacknowledged
+                del self._pending[mid]
+        if order:
+            self._timer = self._loop.call_at(order[0][1].deadline, self._expire)
+
+
+def _coalesce_writes(paho: mqtt.Client) -> None:
+    """Make paho write every queued packet with one send instead of one send per packet.
+
+    Under load the event loop queues many PUBACKs and PUBLISHes between two writes; on a busy
+    host each send on a TCP socket costs more than building the packet. Only packets whose
+    completion paho does nothing for beyond dropping them (all but QoS 0 PUBLISH and
+    DISCONNECT) are merged; a queue holding any other kind is written by paho's own code.
+    """
+    original = paho._packet_write
+    out: collections.deque[Any] = paho._out_packet
+    publish_qos0, disconnect = mqtt.PUBLISH, mqtt.DISCONNECT
+
+    def plain(packet: Any) -> bool:
+        kind = packet["command"] & 0xF0
+        return kind != disconnect and not (kind == publish_qos0 and packet["qos"] == 0)
+
+    def packet_write() -> mqtt.MQTTErrorCode:
+        while len(out) > 1:
+            packets = list(out)
+            if not all(map(plain, packets)):
+                break
+            data = b"".join(memoryview(p["packet"])[p["pos"] :] for p in packets)
+            try:
+                sent = paho._sock_send(data)
+            except (AttributeError, ValueError):
+                return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+            except BlockingIOError:
+                return mqtt.MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError:
+                log.debug("send failed", exc_info=True)
+                return mqtt.MQTTErrorCode.MQTT_ERR_CONN_LOST
+            for packet in packets:
+                if sent <= 0:
+                    break
+                step = min(sent, packet["to_process"])
+                packet["to_process"] -= step
+                packet["pos"] += step
+                sent -= step
+                if packet["to_process"]:
+                    break
+                out.popleft()
+            with paho._msgtime_mutex:
+                paho._last_msg_out = mqtt.time_func()
+        return original()
+
+    paho._packet_write = packet_write  # type: ignore[method-assign]
+
+
+def _buffer_reads(paho: mqtt.Client) -> None:
+    """Make paho read the socket in large chunks and cut packets out of a buffer.
+
+    paho reads a packet's first byte, then its length byte by byte, then its body, each with
+    its own recv; a burst of small PUBLISHes and PUBACKs costs a system call per few bytes.
+    Here one recv takes whatever the socket holds and each whole packet in it goes to paho's
+    own packet handling. A packet left in the buffer never waits for the socket to become
+    readable again: loop_read keeps going while the buffer holds a whole one.
+    """
+    original_recv = paho._sock_recv
+    original_loop_read = paho.loop_read
+    buf = bytearray()
+    chunk = 1 << 16
+    codes = mqtt.MQTTErrorCode
+
+    def first_packet() -> tuple[int, int]:
+        """(header length, total length) of the first packet in the buffer; (0, 0) while it
+        is incomplete, (-1, -1) when its length field is malformed."""
+        have = len(buf)
+        length, mult = 0, 1
+        for i in range(1, 5):
+            if i >= have:
+                return 0, 0
+            byte = buf[i]
+            length += (byte & 127) * mult
+            mult *= 128
+            if not byte & 128:
+                total = i + 1 + length
+                return (i + 1, total) if have >= total else (0, 0)
+        return -1, -1
+
+    def packet_read() -> mqtt.MQTTErrorCode:
+        head, total = first_packet()
+        if total == 0:
+            try:
+                data = original_recv(chunk)
+            except BlockingIOError:
+                return codes.MQTT_ERR_AGAIN
+            except OSError as err:  # TimeoutError included
+                log.debug("mqtt receive failed: %s", err)
+                return codes.MQTT_ERR_CONN_LOST
+            if not data:
+                return codes.MQTT_ERR_CONN_LOST
+            buf.extend(data)
+            head, total = first_packet()
+            if total == 0:
+                return codes.MQTT_ERR_AGAIN
+        if total < 0:
+            return codes.MQTT_ERR_PROTOCOL
+        paho._in_packet = {
+            "command": buf[0],
+            "have_remaining": 1,
+            "remaining_count": list(buf[1:head]),
+            "remaining_mult": 1,
+            "remaining_length": total - head,
+            "packet": bytearray(buf[head:total]),
+            "to_process": 0,
+            "pos": 0,
+        }
+        del buf[:total]
+        try:
+            rc = paho._packet_handle()
+        except MalformedPacket as exc:
+            log.debug("malformed packet from the broker: %s", exc)
+            rc = codes.MQTT_ERR_PROTOCOL
+        paho._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(b""),
+            "to_process": 0,
+            "pos": 0,
+        }
+        with paho._msgtime_mutex:
+            paho._last_bytes_received = mqtt.time_func()
+        return rc
+
+    def loop_read(max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        rc = original_loop_read(max_packets)
+        while rc == codes.MQTT_ERR_SUCCESS and paho._sock is not None and first_packet()[1] != 0:
+            rc = original_loop_read(max_packets)
+        if paho._sock is None:
+            buf.clear()  # a new connection starts from a clean stream
+        return rc
+
+    paho._packet_read = packet_read  # type: ignore[method-assign]
+    paho.loop_read = loop_read  # type: ignore[method-assign]
+
+
+# Shared by every message and acknowledgement that carries no MQTT 5 properties (the usual
+# case); nothing reads them but aiomqtt, which only passes them along.
+_NO_PUBLISH_PROPERTIES = Properties(PacketTypes.PUBLISH)
+_NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK, "Success")
+
+
+def _plain_v5_fast_path(paho: mqtt.Client) -> None:
+    """Decode MQTT 5 PUBLISH (QoS 0/1) and PUBACK packets that carry no properties without
+    building a Properties object for each; paho spends more on that than on the rest of the
+    packet. Anything else (properties present, QoS 2, a reason code) takes paho's own path.
+    """
+    original_publish = paho._handle_publish
+    original_pubackcomp = paho._handle_pubackcomp
+    success = mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+    new_message = object.__new__
+
+    def handle_publish() -> mqtt.MQTTErrorCode:
+        header = paho._in_packet["command"]
+        packet = paho._in_packet["packet"]
+        qos = (header & 0x06) >> 1
+        if qos > 1 or len(packet) < 3:
+            return original_publish()
+        slen = (packet[0] << 8) | packet[1]
+        pos = 2 + slen + (2 if qos else 0)
+        if len(packet) <= pos or packet[pos] != 0:  # properties present (or malformed): paho decodes
+            return original_publish()
+        # Built field by field: MQTTMessage() would also make an MQTTMessageInfo, with its own
+        # threading.Condition, that only outgoing messages use.
+        message = new_message(mqtt.MQTTMessage)
+        message.mid = (packet[pos - 2] << 8) | packet[pos - 1] if qos else 0
+        message._topic = bytes(packet[2 : 2 + slen])
+        message.info = None  # type: ignore[assignment]
+        message.state = mqtt.mqtt_ms_invalid
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.properties = _NO_PUBLISH_PROPERTIES
+        message.payload = bytes(packet[pos + 1 :])
+        message.timestamp = mqtt.time_func()
+        paho._handle_on_message(message)
+        if qos == 1 and not paho._manual_ack:
+            return paho._send_puback(message.mid)
+        return success
+
+    def handle_pubackcomp(cmd: Any) -> mqtt.MQTTErrorCode:
+        packet = paho._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2:  # a reason code or properties follow: paho decodes
+            return original_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        with paho._out_message_mutex:
+            if mid in paho._out_messages:
+                return paho._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PUBACK_PROPERTIES)
+        return success
+
+    paho._handle_publish = handle_publish  # type: ignore[method-assign]
+    paho._handle_pubackcomp = handle_pubackcomp  # type: ignore[method-assign]
 
 
 def presence_factory(client_id: str, kind: str, **fields: object) -> PresenceFactory:
