@@ -16,7 +16,7 @@ The artefact is random bytes (it verifies, then fails validation as a model: tha
 clock stops). Python start-up of the two processes is outside the timing. The last line is one
 JSON object.
 
-    python bench/delivery.py [--mib 64] [--chunk-kib 1024]
+    python bench/delivery.py [--mib 64] [--chunk-kib 512]
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def http_delivery(work: Path, artefact: Path, public: Path, signature: bytes) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=64)
-    parser.add_argument("--chunk-kib", type=int, default=1024)
+    parser.add_argument("--chunk-kib", type=int, default=512, help="512 KiB is what `edgewire model push` uses")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

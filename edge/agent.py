@@ -294,6 +294,8 @@ class EdgeAgent:
             self._io.shutdown(wait=True)
             if self.outbox is not None:
                 self.outbox.close()
+            if self.updater is not None:
+                self.updater.close()
             self.model.engine.close()
         m = self.meter
         return AgentSummary(

@@ -11,9 +11,11 @@ rate or latency rolls the device back on its own). Every step is reported on the
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,6 +94,8 @@ class ModelUpdater:
         self._reported = -1.0
         self._busy: asyncio.Task[None] | None = None
         self._probation: _Probation | None = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"chunks-{agent.config.device_id}")
+        self._background: set[asyncio.Future[None]] = set()
         # Per-frame inference time of the serving version, the baseline a new one is judged by.
         self._usage: dict[str, _Usage] = {}
 
@@ -164,8 +168,9 @@ class ModelUpdater:
         self._fetch_wait = self.settings.fetch_after_s
         log.info("%s: downloading %s %s (%d bytes)", self.device_id, self.name, version, manifest.size)
         await self._status(version, "downloading", progress=self._download.progress)
-        if self._download.complete:
-            self._start(self._finish(self._download))
+        if self._download.complete:  # everything was kept from an earlier run
+            download, self._download = self._download, None
+            self._start(self._finish(download))
 
     def _refusal(self, manifest: env.Manifest) -> str | None:
         """Why this device cannot run the announced artefact, checked before a byte is fetched."""
@@ -188,17 +193,28 @@ class ModelUpdater:
             return
         self._last_chunk = time.monotonic()
         self._fetch_wait = self.settings.fetch_after_s
-        try:
-            await asyncio.to_thread(download.write, chunk)
-        except ChunkRejected as exc:
+        # Written on one ordered thread without waiting here: decoding the next chunk overlaps
+        # hashing and writing this one, and the store sees chunks in the order they came.
+        written = asyncio.get_running_loop().run_in_executor(self._writer, download.write, chunk)
+        written.add_done_callback(functools.partial(self._written, download))
+
+    def _written(self, download: Download, written: asyncio.Future[bool]) -> None:
+        exc = written.exception()
+        if isinstance(exc, ChunkRejected):
             log.warning("%s: %s", self.device_id, exc)
             # Asked for again by the next fetch; the operator sees why the download slowed.
-            await self._status(download.manifest.version, "downloading", progress=download.progress, reason=str(exc))
-            return
-        if download.complete:
+            status = self._status(download.manifest.version, "downloading", progress=download.progress, reason=str(exc))
+            job = asyncio.ensure_future(status)
+            self._background.add(job)
+            job.add_done_callback(self._background.discard)
+        elif exc is not None:
+            log.error("%s: writing a chunk failed: %s", self.device_id, exc)
+        elif download.complete and self._download is download:
+            self._download = None
             self._start(self._finish(download))
-        elif time.monotonic() - self._last_status > 0.5:
-            await self._status(download.manifest.version, "downloading", progress=download.progress)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
 
     def _start(self, coro: Any) -> None:
         self._busy = asyncio.ensure_future(coro)
@@ -207,7 +223,6 @@ class ModelUpdater:
 
     async def _finish(self, download: Download) -> None:
         manifest = download.manifest
-        self._download = None
         await self._status(manifest.version, "verifying", progress=1.0)
         try:
             path = await asyncio.to_thread(self.store.verify_and_install, download)

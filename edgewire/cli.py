@@ -570,7 +570,7 @@ def model_push(
     probation: Annotated[float, typer.Option(min=0, help="seconds each canary must stay active")] = 10.0,
     timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for the canaries")] = 300.0,
     key: Annotated[Path | None, typer.Option("--key", help="fleet signing key (PKCS#8 PEM, `edgewire keys`)")] = None,
-    chunk_size: Annotated[int, typer.Option("--chunk-size", help="bytes per chunk (at most 4 MiB)")] = 1024 * 1024,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="bytes per chunk (at most 4 MiB)")] = 512 * 1024,
     fmt: Annotated[str | None, typer.Option("--format", help="onnx or tensorrt-plan (default: by suffix)")] = None,
     precision: Annotated[str, typer.Option(help="fp32, fp16 or int8")] = "fp32",
     broker_url: BrokerOption = "mqtt://127.0.0.1:1883",

@@ -497,13 +497,21 @@ class _Acks:
             self._timer = self._loop.call_at(order[0][1].deadline, self._expire)
 
 
+#: Packets written by one gather-write (below the kernel's IOV_MAX of 1024).
+_GATHER_MAX = 256
+#: Bytes joined per send where a gather-write is not available (TLS, websockets).
+_JOIN_BYTES = 256 * 1024
+
+
 def _coalesce_writes(paho: mqtt.Client) -> None:
     """Make paho write every queued packet with one send instead of one send per packet.
 
     Under load the event loop queues many PUBACKs and PUBLISHes between two writes; on a busy
-    host each send on a TCP socket costs more than building the packet. Only packets whose
-    completion paho does nothing for beyond dropping them (all but QoS 0 PUBLISH and
-    DISCONNECT) are merged; a queue holding any other kind is written by paho's own code.
+    host each send on a TCP socket costs more than building the packet. The packets go out as
+    one gather-write of views into them: paho itself re-slices (copies) the unsent rest of a
+    packet after every partial send, which for a model chunk of a megabyte is quadratic. Only
+    packets whose completion paho does nothing for beyond dropping them (all but QoS 0 PUBLISH
+    and DISCONNECT) are written here; from the first other kind on, paho's own code writes.
     """
     original = paho._packet_write
     out: collections.deque[Any] = paho._out_packet
@@ -513,14 +521,31 @@ def _coalesce_writes(paho: mqtt.Client) -> None:
         kind = packet["command"] & 0xF0
         return kind != disconnect and not (kind == publish_qos0 and packet["qos"] == 0)
 
-    def packet_write() -> mqtt.MQTTErrorCode:
-        while len(out) > 1:
-            packets = list(out)
-            if not all(map(plain, packets)):
+    def send(views: list[memoryview]) -> int:
+        sock = paho._sock
+        if type(sock) is socket.socket:  # plain TCP: gather-write, no copy of the payloads
+            return sock.sendmsg(views)
+        # TLS or websockets: one joined buffer, bounded so a large backlog is not copied per send.
+        data, size = [], 0
+        for view in views:
+            data.append(view[: _JOIN_BYTES - size])
+            size += len(data[-1])
+            if size >= _JOIN_BYTES:
                 break
-            data = b"".join(memoryview(p["packet"])[p["pos"] :] for p in packets)
+        return paho._sock_send(b"".join(data))
+
+    def packet_write() -> mqtt.MQTTErrorCode:
+        while out:
+            packets = []
+            for packet in out:
+                if not plain(packet) or len(packets) == _GATHER_MAX:
+                    break
+                packets.append(packet)
+            if not packets:
+                break
+            views = [memoryview(p["packet"])[p["pos"] :] for p in packets]
             try:
-                sent = paho._sock_send(data)
+                sent = send(views)
             except (AttributeError, ValueError):
                 return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
             except BlockingIOError:
@@ -528,6 +553,9 @@ def _coalesce_writes(paho: mqtt.Client) -> None:
             except OSError:
                 log.debug("send failed", exc_info=True)
                 return mqtt.MQTTErrorCode.MQTT_ERR_CONN_LOST
+            finally:
+                for view in views:
+                    view.release()
             for packet in packets:
                 if sent <= 0:
                     break
@@ -543,6 +571,12 @@ def _coalesce_writes(paho: mqtt.Client) -> None:
         return original()
 
     paho._packet_write = packet_write  # type: ignore[method-assign]
+
+
+def _cut(buf: bytearray, start: int, end: int) -> bytearray:
+    """One copy of ``buf[start:end]`` (slicing a bytearray and wrapping it would make two)."""
+    with memoryview(buf) as view:
+        return bytearray(view[start:end])
 
 
 def _buffer_reads(paho: mqtt.Client) -> None:
@@ -600,7 +634,7 @@ def _buffer_reads(paho: mqtt.Client) -> None:
             "remaining_count": list(buf[1:head]),
             "remaining_mult": 1,
             "remaining_length": total - head,
-            "packet": bytearray(buf[head:total]),
+            "packet": _cut(buf, head, total),
             "to_process": 0,
             "pos": 0,
         }
@@ -674,7 +708,8 @@ def _plain_v5_fast_path(paho: mqtt.Client) -> None:
         message.qos = qos
         message.retain = bool(header & 0x01)
         message.properties = _NO_PUBLISH_PROPERTIES
-        message.payload = bytes(packet[pos + 1 :])
+        with memoryview(packet) as view:
+            message.payload = bytes(view[pos + 1 :])
         message.timestamp = mqtt.time_func()
         paho._handle_on_message(message)
         if qos == 1 and not paho._manual_ack:
