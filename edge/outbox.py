@@ -21,9 +21,10 @@ trace_id makes the resend harmless.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -133,6 +134,19 @@ class Outbox:
     def close(self) -> None:
         self._db.close()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction, one fsync at its commit; on any error it is rolled back and the
+        cached count and size are read again."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._recount()
+            raise
+
     def __len__(self) -> int:
         return self._count
 
@@ -151,8 +165,7 @@ class Outbox:
         now = time.time()
         ids: list[int] = []
         refused: OutboxFull | None = None
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             for m in batch:
                 size = len(m.payload) + len(m.topic)
                 try:
@@ -174,11 +187,6 @@ class Outbox:
                     self._db.execute(
                         "INSERT OR IGNORE INTO owed (key, deadline, note) VALUES (?, ?, ?)", (m.key, m.deadline, m.note)
                     )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            self._recount()
-            raise
         self.meter.set("outbox_depth", self._count)
         if ids:
             self.meter.inc("outbox_enqueued_total", len(ids))
@@ -221,15 +229,9 @@ class Outbox:
         keys = [(i,) for i in ids]
         if not keys:
             return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self._db.executemany("DELETE FROM outbox WHERE id = ?", keys)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        finally:
-            self._recount()
+        self._recount()
         self.meter.set("outbox_depth", self._count)
 
     def sent(self, ids: Iterable[int], now: float | None = None) -> None:
@@ -238,8 +240,7 @@ class Outbox:
         if not keys:
             return
         now = time.time() if now is None else now
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             # Owed nothing, or its answer is settled already (a late request forwarded for audit).
             self._db.executemany(
                 "DELETE FROM outbox WHERE id = ? AND (key IS NULL OR key NOT IN "
@@ -249,12 +250,7 @@ class Outbox:
             self._db.executemany(
                 "UPDATE outbox SET sent = ?, attempts = attempts + 1 WHERE id = ?", [(now, i) for (i,) in keys]
             )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        finally:
-            self._recount()
+        self._recount()
         self.meter.set("outbox_depth", self._count)
 
     def resend(self, *, older_than_s: float | None = None, now: float | None = None) -> int:
@@ -297,8 +293,7 @@ class Outbox:
         pairs = list(outcomes)
         now = time.time()
         done: list[bool] = []
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             for key, state in pairs:
                 cur = self._db.execute(
                     "UPDATE owed SET state = ?, settled = ? WHERE key = ? AND state = 'waiting'", (state, now, key)
@@ -306,12 +301,7 @@ class Outbox:
                 done.append(cur.rowcount == 1)
                 # Answered or given up on: the request need not go (again).
                 self._db.execute("DELETE FROM outbox WHERE key = ? AND (? OR sent IS NOT NULL)", (key, not keep_unsent))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        finally:
-            self._recount()
+        self._recount()
         self.meter.set("outbox_depth", self._count)
         return done
 

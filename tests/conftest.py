@@ -76,14 +76,20 @@ class Mosquitto:
         wait_port(self.port)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
+        stop_process(self.proc, 5)
+        self.proc = None
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float = 10) -> None:
+    """SIGTERM (a broker saves its state), then SIGKILL if it is still there after ``grace_s``."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ from edgewire.demo_models import LABELS, DemoArtifacts
 from edgewire.ports import free_port, wait_port
 from edgewire.session import MqttSession, NotConnected
 
-from .conftest import REQUIRE_MOSQUITTO, ROOT
+from .conftest import REQUIRE_MOSQUITTO, ROOT, stop_process
 from .test_discovery_netns import HOSTS, Lan, _can_make_namespaces, _ip
 
 DEVICE = "cam-f"
@@ -192,14 +192,8 @@ class Broker:
         wait_port(self.port)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
+        stop_process(self.proc)
+        self.proc = None
 
 
 def device_config(
@@ -360,12 +354,7 @@ class Monitor:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 5)
 
 
 def _total(metrics: dict[str, float], name: str) -> float:
