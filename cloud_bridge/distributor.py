@@ -242,18 +242,10 @@ class Distributor:
     def _make_session(self) -> MqttSession:
         if self._session_factory is not None:
             return self._session_factory()
-        b = self.broker
-        return MqttSession(
+        return MqttSession.from_settings(
             self.client_id,
-            b.host,
-            b.port,
-            username=b.username,
-            password=b.password,
-            keepalive=b.keepalive,
-            protocol=b.protocol,
+            self.broker,
             presence=presence_factory(self.client_id, "distributor"),
-            reconnect_min_s=b.reconnect_min_s,
-            reconnect_max_s=b.reconnect_max_s,
             meter=self.meter,
             persistent=True,  # chunks pushed while the distributor restarts wait at the broker
         )

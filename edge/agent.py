@@ -240,18 +240,12 @@ class EdgeAgent:
             async def resolver() -> tuple[str, int]:
                 return await find_broker(cfg.broker)
 
-        session = MqttSession(
+        session = MqttSession.from_settings(
             cfg.device_id,
-            cfg.broker.host if cfg.broker.url != "auto" else "",
-            cfg.broker.port,
+            cfg.broker,
+            host=cfg.broker.host if cfg.broker.url != "auto" else "",
             resolver=resolver,
-            username=cfg.broker.username,
-            password=cfg.broker.password,
-            keepalive=cfg.broker.keepalive,
-            protocol=cfg.broker.protocol,
             presence=self._presence,
-            reconnect_min_s=cfg.broker.reconnect_min_s,
-            reconnect_max_s=cfg.broker.reconnect_max_s,
             meter=self.meter,
             persistent=cfg.broker.persistent_session,
             session_expiry_s=cfg.broker.session_expiry_s,

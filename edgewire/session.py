@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiomqtt
 from aiomqtt import ProtocolVersion
@@ -35,6 +35,9 @@ from edgewire import topics
 from edgewire.aio import cancel_and_wait
 from edgewire.errors import EdgewireError
 from edgewire.metrics import Meter
+
+if TYPE_CHECKING:
+    from edgewire.config import BrokerSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,22 @@ class MqttSession:
         self.connects = 0
         self._published = 0
         self.last_error: str | None = None
+
+    @classmethod
+    def from_settings(cls, client_id: str, broker: BrokerSettings, **options: Any) -> MqttSession:
+        """A session configured from a component's ``broker:`` settings (address, credentials,
+        keepalive, protocol, backoff); ``options`` add or override the rest."""
+        fields: dict[str, Any] = {
+            "host": broker.host,
+            "port": broker.port,
+            "username": broker.username,
+            "password": broker.password,
+            "keepalive": broker.keepalive,
+            "protocol": broker.protocol,
+            "reconnect_min_s": broker.reconnect_min_s,
+            "reconnect_max_s": broker.reconnect_max_s,
+        }
+        return cls(client_id, **{**fields, **options})
 
     # -- lifecycle ---------------------------------------------------------------------------
 
