@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_priority ON outbox (priority, id);
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (id) WHERE sent IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_key ON outbox (key);
 CREATE TABLE IF NOT EXISTS owed (
     key TEXT PRIMARY KEY,
     deadline REAL NOT NULL,
@@ -243,8 +245,8 @@ class Outbox:
         with self._transaction():
             # Owed nothing, or its answer is settled already (a late request forwarded for audit).
             self._db.executemany(
-                "DELETE FROM outbox WHERE id = ? AND (key IS NULL OR key NOT IN "
-                "(SELECT key FROM owed WHERE state = 'waiting'))",
+                "DELETE FROM outbox WHERE id = ? AND (key IS NULL OR NOT EXISTS "
+                "(SELECT 1 FROM owed WHERE owed.key = outbox.key AND owed.state = 'waiting'))",
                 keys,
             )
             self._db.executemany(
