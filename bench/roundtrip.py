@@ -206,6 +206,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                     f"mqtt://127.0.0.1:{port}",
                     "--id",
                     f"bench-bridge-{k}",
+                    *(["--decode-workers", str(args.decode_workers)] if args.decode_workers is not None else []),
                 ],
             )
             for k in range(args.bridges)
@@ -290,6 +291,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="reuse a demo folder")
     parser.add_argument("--http", action="store_true", help="bridge talks HTTP to Triton")
     parser.add_argument("--bridges", type=int, default=1, help="bridge processes sharing the request subscription")
+    parser.add_argument("--decode-workers", type=int, default=None, help="the bridge's (default: its own default)")
     parser.add_argument("--cpu", action="store_true", help="report CPU per request of each process at 32 in flight")
     parser.add_argument("--profile-bridge", type=Path, default=None, help="cProfile the bridge into this file")
     args = parser.parse_args()

@@ -27,6 +27,7 @@ from edgewire.metrics import Meter
 from edgewire.preprocess import Preprocessor, decode
 from edgewire.session import MqttSession, NotConnected, presence_factory
 
+from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
 from .dispatch import Dispatcher, Unavailable
 from .rules import RuleSet
 
@@ -46,7 +47,10 @@ class Bridge:
         dedupe_size: int = 100_000,
         telemetry_interval_s: float = 5.0,
         meter: Meter | None = None,
+        decode_workers: int = 0,
     ) -> None:
+        """``decode_workers``: child processes that decode and preprocess request images, a
+        burst per pass of the event loop (see cloud_bridge.decoder); 0 decodes on the loop."""
         self.bridge_id = bridge_id
         self.broker = broker
         self.dispatcher = dispatcher
@@ -62,6 +66,13 @@ class Bridge:
         self._stop = asyncio.Event()
         self._telemetry_interval_s = telemetry_interval_s
         self._pre: dict[str, Preprocessor] = {}
+        self.decode_workers = decode_workers
+        # With this few requests in flight the loop has time to spare: a request is decoded on
+        # it, sooner than by a round trip to a worker (two more process wake-ups). Under load
+        # the workers take the decoding, a burst per pass of the loop.
+        self.inline_decode_max_inflight = 2
+        self.decoder: DecodePool | None = None
+        self._spec_ids: dict[str, int] = {}  # model -> its input spec's id in the decode pool
         self._reply_topics: dict[str, str] = {}  # device_id -> its result topic, built once
         self.session: MqttSession | None = None
         self.ready = asyncio.Event()
@@ -71,6 +82,16 @@ class Bridge:
         self._stop.set()
 
     async def run(self) -> None:
+        if self.decode_workers > 0:
+            self.decoder = DecodePool(self.decode_workers)
+            await self.decoder.start()
+        try:
+            await self._run()
+        finally:
+            if self.decoder is not None:
+                await self.decoder.close()
+
+    async def _run(self) -> None:
         b = self.broker
         session = MqttSession(
             self.bridge_id,
@@ -193,9 +214,17 @@ class Bridge:
             metas = {m: await self.dispatcher.model_meta(m) for m in route.route_to}
         except (Unavailable, EdgewireError) as exc:
             return self._result(device_id, trace_id, received, "unavailable", reason=str(exc))
-        tensors = self._tensors(req.payload, metas)
-        if tensors is None:
-            return self._result(device_id, trace_id, received, "rejected", reason="payload is not a decodable image")
+        if self.decoder is None or len(self._inflight) <= self.inline_decode_max_inflight:
+            tensors = self._tensors(req.payload, metas)
+            if tensors is None:
+                return self._result(device_id, trace_id, received, "rejected", reason=NOT_AN_IMAGE)
+        else:
+            try:
+                tensors = await self._decoded(self.decoder, req.payload, metas)
+            except NotDecodable as exc:
+                return self._result(device_id, trace_id, received, "rejected", reason=str(exc))
+            except DecoderUnavailable as exc:
+                return self._result(device_id, trace_id, received, "unavailable", reason=str(exc))
         dispatched = time.time()
         try:
             answer = await self.dispatcher.run(route, tensors, req.deadline)
@@ -228,6 +257,17 @@ class Bridge:
                 return None
             out[model] = pre.batch([image])
         return out
+
+    async def _decoded(self, decoder: DecodePool, payload: bytes, metas: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The same tensors as ``_tensors``, from the decode workers (a burst per loop pass)."""
+        sids = []
+        for model, meta in metas.items():
+            sid = self._spec_ids.get(model)
+            if sid is None:
+                sid = self._spec_ids[model] = decoder.spec_id(meta.input)
+            sids.append(sid)
+        arrays = await decoder.decode(payload, tuple(sids))
+        return dict(zip(metas, arrays, strict=True))
 
     def _result(
         self,

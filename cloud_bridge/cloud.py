@@ -36,12 +36,14 @@ class EmbeddedCloud:
         bridge_id: str = "bridge-1",
         distributor: bool = True,
         distributor_id: str | None = None,
+        decode_workers: int = 0,
     ) -> None:
         self.broker = broker
         self.models = models
         self.workdir = workdir
         self.rules = rules
         self.bridge_id = bridge_id
+        self.decode_workers = decode_workers
         self.triton: EmbeddedTriton | None = None
         self.bridge: Bridge | None = None
         self.dispatcher: Dispatcher | None = None
@@ -71,7 +73,7 @@ class EmbeddedCloud:
         await self.triton.start()
         self.dispatcher = Dispatcher([f"grpc://{self.triton.grpc_url}"])
         rules = self.rules or default_rules(names[0])
-        self.bridge = Bridge(self.bridge_id, self.broker, self.dispatcher, rules)
+        self.bridge = Bridge(self.bridge_id, self.broker, self.dispatcher, rules, decode_workers=self.decode_workers)
         self._task = asyncio.create_task(self.bridge.run(), name="bridge")
         ready = asyncio.create_task(self.bridge.ready.wait())
         await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)

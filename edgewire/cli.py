@@ -158,6 +158,9 @@ def bridge(
     bridge_id: Annotated[str, typer.Option("--id", help="client id; keep it stable across restarts")] = "bridge-1",
     group: Annotated[str, typer.Option(help="shared-subscription group (MQTT 5 brokers)")] = "bridges",
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    decode_workers: Annotated[
+        int, typer.Option(min=0, help="processes decoding request images beside the event loop; 0: decode on it")
+    ] = 1,
 ) -> None:
     """Serve escalations: subscribe to requests, dispatch to Triton, publish results."""
     from edgewire.cloud_bridge.bridge import Bridge
@@ -173,7 +176,7 @@ def bridge(
         raise _fail(exc) from None
     if metrics_port is not None:
         serve(metrics_port)
-    b = Bridge(bridge_id, settings, dispatcher, rules, group=group)
+    b = Bridge(bridge_id, settings, dispatcher, rules, group=group, decode_workers=decode_workers)
     console.print(f"bridge {bridge_id}: {broker_url} → {', '.join(triton)}")
 
     async def run() -> None:
@@ -194,6 +197,9 @@ def cloud(
     model_files: Annotated[list[Path] | None, typer.Option("--model", help="ONNX model(s) to serve")] = None,
     workdir: Annotated[Path, typer.Option(help="Triton model repositories and logs")] = Path("cloud-data"),
     rules_file: Annotated[Path | None, typer.Option("--rules", help="routing rules (YAML)")] = None,
+    decode_workers: Annotated[
+        int, typer.Option(min=0, help="processes decoding request images beside the event loop; 0: decode on it")
+    ] = 1,
 ) -> None:
     """The embedded cloud: a real Triton Inference Server on the cloud model, plus the bridge."""
     from edgewire.cloud_bridge.cloud import EmbeddedCloud
@@ -207,7 +213,7 @@ def cloud(
     async def run() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         rules = load_rules(rules_file) if rules_file else None
-        async with EmbeddedCloud(settings, models, workdir, rules=rules) as c:
+        async with EmbeddedCloud(settings, models, workdir, rules=rules, decode_workers=decode_workers) as c:
             assert c.triton is not None
             console.print(
                 f"cloud: Triton {c.triton.grpc_url} serving {', '.join(c.triton.models)}; bridge {c.bridge_id} on "
