@@ -92,18 +92,10 @@ class Bridge:
                 await self.decoder.close()
 
     async def _run(self) -> None:
-        b = self.broker
-        session = MqttSession(
+        session = MqttSession.from_settings(
             self.bridge_id,
-            b.host,
-            b.port,
-            username=b.username,
-            password=b.password,
-            keepalive=b.keepalive,
-            protocol=b.protocol,
+            self.broker,
             presence=presence_factory(self.bridge_id, "bridge"),
-            reconnect_min_s=b.reconnect_min_s,
-            reconnect_max_s=b.reconnect_max_s,
             meter=self.meter,
             persistent=True,  # requests sent while the bridge restarts wait at the broker
         )
