@@ -83,7 +83,7 @@ def build_manifest(
         )
     if precision not in PRECISIONS:
         raise DeliveryError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    digest, size = sha256_file(path)
+    digest, size, _ = _hash_artefact(path, chunk_size)
     if size == 0:
         raise DeliveryError(f"{path}: the file is empty")
     inputs, outputs = onnx_tensor_specs(path) if fmt == "onnx" else ([], [])
@@ -110,6 +110,37 @@ def check_model_ids(name: str, version: str) -> None:
         topics.MODEL_CHUNK.build(model=name, version=version, index=0)
     except TopicError as exc:
         raise DeliveryError(f"model name or version: {exc}") from None
+
+
+#: Chunk checksums worked out while hashing an artefact for its manifest, reused when its chunks
+#: are sent, so the push does not hash every byte a second time. Keyed by what identifies the
+#: file's content (path, size, mtime) and the chunk size; a changed file misses the cache.
+_CHUNK_DIGESTS: dict[tuple[str, int, int, int], list[str]] = {}
+
+
+def _file_key(path: str | Path, chunk_size: int) -> tuple[str, int, int, int]:
+    st = os.stat(path)
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, chunk_size)
+
+
+def _hash_artefact(path: str | Path, chunk_size: int) -> tuple[bytes, int, list[str]]:
+    """The whole file's SHA-256, its size and each chunk's SHA-256, in one read."""
+    whole = hashlib.sha256()
+    chunks: list[str] = []
+    size = 0
+    try:
+        key = _file_key(path, chunk_size)
+        with open(path, "rb") as f:
+            while block := f.read(chunk_size):
+                whole.update(block)
+                chunks.append(hashlib.sha256(block).hexdigest())
+                size += len(block)
+    except OSError as exc:
+        raise DeliveryError(f"{path}: cannot read the artefact ({exc.strerror or exc})") from None
+    if len(_CHUNK_DIGESTS) >= 8:
+        _CHUNK_DIGESTS.clear()
+    _CHUNK_DIGESTS[key] = chunks
+    return whole.digest(), size, chunks
 
 
 def sha256_file(path: str | Path) -> tuple[bytes, int]:
@@ -176,11 +207,20 @@ def iter_chunks(path: str | Path, manifest: env.Manifest) -> Iterator[env.Chunk]
     """Every chunk in index order, one chunk in memory at a time."""
     path = Path(path)
     try:
+        known = _CHUNK_DIGESTS.get(_file_key(path, manifest.chunk_size))
+        if known is not None and len(known) != manifest.chunk_count:
+            known = None
         with open(path, "rb") as f:
             _check_same_size(path, f, manifest)
             for index in range(manifest.chunk_count):
                 f.seek(index * manifest.chunk_size)
-                yield _chunk(manifest, index, f.read(manifest.chunk_size))
+                data = f.read(manifest.chunk_size)
+                if known is None:
+                    yield _chunk(manifest, index, data)
+                else:
+                    yield env.Chunk(
+                        name=manifest.name, version=manifest.version, index=index, sha256=known[index], data=data
+                    )
     except OSError as exc:
         raise DeliveryError(f"{path}: cannot read the artefact ({exc.strerror or exc})") from None
 
