@@ -29,7 +29,7 @@ from edgewire.delivery import targets_match
 from edgewire.errors import DecodeError, EdgewireError
 from edgewire.session import MqttSession
 
-from .model_store import ChunkRejected, Download, ModelStore, StoreError, VerifyFailed
+from .model_store import ChunkRejected, ChunksCorrupt, Download, ModelStore, StoreError, VerifyFailed
 
 if TYPE_CHECKING:
     from .agent import ActiveModel, EdgeAgent
@@ -226,6 +226,13 @@ class ModelUpdater:
         await self._status(manifest.version, "verifying", progress=1.0)
         try:
             path = await asyncio.to_thread(self.store.verify_and_install, download)
+        except ChunksCorrupt as exc:
+            log.warning("%s: %s", self.device_id, exc)
+            self._download = await asyncio.to_thread(self.store.download, manifest)
+            self._last_chunk = time.monotonic()
+            self._fetch_wait = self.settings.fetch_after_s
+            await self._status(manifest.version, "downloading", progress=self._download.progress, reason=str(exc))
+            return
         except (VerifyFailed, StoreError) as exc:
             await self._fail(manifest.version, str(exc))
             return

@@ -18,7 +18,7 @@ import pytest
 from edgewire import envelopes as env
 from edgewire import signing
 from edgewire.edge import model_store
-from edgewire.edge.model_store import ChunkRejected, Download, ModelStore, StoreError, VerifyFailed
+from edgewire.edge.model_store import ChunkRejected, ChunksCorrupt, Download, ModelStore, StoreError, VerifyFailed
 from edgewire.metrics import Meter
 
 KEY_PEM, PUBLIC_LINE = signing.generate()
@@ -147,9 +147,8 @@ def test_duplicate_chunk_is_not_new_and_is_counted(tmp_path: Path) -> None:
 
 def _bad_chunks(chunks: list[env.Chunk]) -> dict[str, tuple[str, env.Chunk]]:
     c = chunks[1]
-    flipped = bytes([c.data[0] ^ 1]) + c.data[1:]
     return {
-        "corrupt": ("checksum", chunk_of("digits", "1", 1, flipped, sha256=c.sha256)),
+        "no checksum": ("checksum", chunk_of("digits", "1", 1, c.data, sha256="not hex")),
         "short": ("size", chunk_of("digits", "1", 1, c.data[:-1])),
         "long last": ("size", chunk_of("digits", "1", 2, chunks[2].data + b"x")),
         "index too high": ("index", chunk_of("digits", "1", 3, chunks[2].data)),
@@ -506,3 +505,22 @@ def test_installed_version_missing_from_the_state_file_still_counts(tmp_path: Pa
     install(store, "2")
     (tmp_path / "digits" / "state.json").unlink()  # a crash between the rename and the state write
     assert store_at(tmp_path).installed("digits") == ["1", "2"]
+
+
+def test_a_corrupt_chunk_is_found_at_verification_and_only_it_is_fetched_again(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    _, manifest, chunks = artefact(10 * KIB, 4 * KIB)
+    download = store.download(manifest)
+    good = chunks[1]
+    flipped = chunk_of("digits", "1", 1, bytes([good.data[0] ^ 1]) + good.data[1:], sha256=good.sha256)
+    for chunk in (chunks[0], flipped, chunks[2]):
+        download.write(chunk)
+    with pytest.raises(ChunksCorrupt, match="chunk 1 is corrupt") as caught:
+        store.verify_and_install(download)
+    assert caught.value.indices == [1]
+    assert store.meter.get("model_chunks_rejected_total", reason="checksum") == 1
+    again = store.download(manifest)  # the download stays, without the corrupt chunk
+    assert again.missing() == [1]
+    again.write(good)
+    path = store.verify_and_install(again)
+    assert path.read_bytes() == b"".join(c.data for c in chunks)
