@@ -162,7 +162,13 @@ async def test_concurrent_requests_are_batched_and_split_back(
     inputs = [_frames(demo, meta, n, int(s)) for n, s in zip(sizes, starts, strict=True)]
     before = await _counts(client, CLOUD_NAME)
     results = await asyncio.gather(*(_infer(client, CLOUD_NAME, x) for x in inputs))
+    # Triton records a request's statistics after its response has gone out: wait for them.
     after = await _counts(client, CLOUD_NAME)
+    for _ in range(50):
+        if after[0] - before[0] >= len(sizes):
+            break
+        await asyncio.sleep(0.1)
+        after = await _counts(client, CLOUD_NAME)
     for x, got in zip(inputs, results, strict=True):
         assert got.shape == (x.shape[0], 10)
         assert np.allclose(got, _local(demo.cloud_model, x), atol=1e-6)
