@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import signal
 import sqlite3
 import statistics
 from pathlib import Path
 
+import onnx
 import pytest
 
 pytest.importorskip("pytriton")
@@ -23,10 +25,12 @@ from edgewire.config import (
     JudgeSettings,
     ModelSettings,
     OutboxSettings,
+    PipelineSettings,
     SourceSettings,
 )
 from edgewire.demo_models import LABELS, DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
+from edgewire.modelmeta import META_KEY
 from edgewire.ports import free_port
 
 from .conftest import BrokerHandle, Mosquitto, until
@@ -196,3 +200,29 @@ async def test_degraded_when_the_cloud_is_gone_and_back_when_it_answers(
     assert late and all(r.answered_by == "cloud" for r in late)  # queued while degraded, answered later
     finals = [r for r in results if r.state != "PENDING_CLOUD" and not r.late]
     assert len({r.trace_id for r in finals}) == len(finals)  # one final outcome per frame
+
+
+async def test_fallback_model_serves_while_degraded_and_overloaded(demo: DemoArtifacts, tmp_path: Path) -> None:
+    lite = onnx.load(str(demo.edge_model))
+    for prop in lite.metadata_props:
+        if prop.key == META_KEY:
+            meta = json.loads(prop.value)
+            meta["name"] = "digits-edge-lite"
+            prop.value = json.dumps(meta)
+    onnx.save(lite, str(tmp_path / "lite.onnx"))
+    source = {"kind": "folder", "path": demo.frames_dir, "max_frames": 400}  # as fast as it reads: a backlog
+    cfg = config(demo, free_port(), "cam-lite", tmp_path, source=source)
+    cfg = cfg.model_copy(
+        update={
+            "model": ModelSettings(path=demo.edge_model, fallback=tmp_path / "lite.onnx"),
+            "pipeline": PipelineSettings(queue_size=8, workers=1, max_batch=4),
+        }
+    )
+    seen: list[env.LocalResult] = []
+    agent = EdgeAgent(cfg, on_result=seen.append)
+    summary = await agent.run()
+    assert summary.mode == "degraded" and summary.completed == 400
+    by_model = collections.Counter(r.model for r in seen)
+    assert by_model["digits-edge-lite"] > 0, by_model  # the lighter model took batches under load
+    assert agent.meter.get("fallback_batches_total") > 0
+    assert all(r.degraded for r in seen if r.model == "digits-edge-lite")
