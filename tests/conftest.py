@@ -11,10 +11,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import pytest_asyncio
 
 from edgewire.demo_models import DemoArtifacts, build_demo
+
+if TYPE_CHECKING:
+    from edgewire.cloud_bridge.triton_server import EmbeddedTriton
 from edgewire.ports import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +95,25 @@ def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float = 10) -> N
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def repository(demo: DemoArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Triton model repository serving the demo cloud model (python backend, onnxruntime)."""
+    from edgewire.cloud_bridge.model_repository import write_python_repository
+
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    write_python_repository(repo, [demo.cloud_model])
+    return repo
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def triton(repository: Path, tmp_path: Path) -> AsyncIterator[EmbeddedTriton]:
+    """A real Triton Inference Server (from the nvidia-pytriton wheel) on that repository."""
+    from edgewire.cloud_bridge.triton_server import EmbeddedTriton
+
+    async with EmbeddedTriton(repository, workdir=tmp_path) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

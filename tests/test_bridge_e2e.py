@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiomqtt
 import pytest
-import pytest_asyncio
 
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.grpc")
@@ -20,7 +18,6 @@ from edgewire import topics
 from edgewire.cloud_bridge.breaker import BreakerBoard
 from edgewire.cloud_bridge.bridge import Bridge
 from edgewire.cloud_bridge.dispatch import Dispatcher
-from edgewire.cloud_bridge.model_repository import write_python_repository
 from edgewire.cloud_bridge.rules import RuleSet, default_rules, load_rules
 from edgewire.cloud_bridge.triton_server import EmbeddedTriton
 from edgewire.config import BrokerSettings, CloudSettings, DeviceConfig, JudgeSettings, ModelSettings, SourceSettings
@@ -30,19 +27,6 @@ from edgewire.edge.agent import EdgeAgent
 from .conftest import BrokerHandle, Mosquitto
 
 FAST_BREAKER = {"window": 6, "min_calls": 3, "error_rate": 0.5, "open_s": 0.5}
-
-
-@pytest.fixture(scope="module")
-def repository(demo: DemoArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("triton") / "repo"
-    write_python_repository(repo, [demo.cloud_model])
-    return repo
-
-
-@pytest_asyncio.fixture(loop_scope="function")
-async def triton(repository: Path, tmp_path: Path) -> AsyncIterator[EmbeddedTriton]:
-    async with EmbeddedTriton(repository, workdir=tmp_path) as server:
-        yield server
 
 
 class RunningBridge:

@@ -103,11 +103,11 @@ from edgewire.cloud_bridge.triton_server import EmbeddedTriton  # noqa: E402
 from edgewire.config import BrokerSettings  # noqa: E402
 
 from .conftest import Mosquitto  # noqa: E402
-from .test_bridge_e2e import BrokerHandle, ResultReader, repository, request, triton  # noqa: E402, F401
+from .test_bridge_e2e import BrokerHandle, ResultReader, request  # noqa: E402
 
 
 async def test_bridge_with_a_decode_worker_answers_end_to_end(
-    triton: EmbeddedTriton,  # noqa: F811
+    triton: EmbeddedTriton,
     demo: DemoArtifacts,
     mosquitto: Mosquitto,
 ) -> None:

@@ -27,13 +27,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import yaml
 
 pytest.importorskip("pytriton")
@@ -41,7 +40,6 @@ pytest.importorskip("tritonclient.grpc")
 
 from edgewire.cloud_bridge.bridge import Bridge
 from edgewire.cloud_bridge.dispatch import Dispatcher
-from edgewire.cloud_bridge.model_repository import write_python_repository
 from edgewire.cloud_bridge.rules import default_rules
 from edgewire.cloud_bridge.triton_server import EmbeddedTriton
 from edgewire.config import (
@@ -460,19 +458,6 @@ def _bridge_numbers(*bridges: Bridge) -> Bridges:
 
 
 # ---- in-process cloud for the broker and bridge faults ---------------------------------------
-
-
-@pytest.fixture(scope="module")
-def repository(demo: DemoArtifacts, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("triton-faults") / "repo"
-    write_python_repository(repo, [demo.cloud_model])
-    return repo
-
-
-@pytest_asyncio.fixture(loop_scope="function")
-async def triton(repository: Path, tmp_path: Path) -> AsyncIterator[EmbeddedTriton]:
-    async with EmbeddedTriton(repository, workdir=tmp_path) as server:
-        yield server
 
 
 class CloudBridge:
