@@ -198,24 +198,18 @@ def main() -> None:
         size_mib = args.mib
         chunk = args.chunk_kib * 1024
         http_s = http_delivery(work, artefact, work / "fleet.pub", signature)
-        mosq, mport = start_mosquitto(work)
-        try:
-            mosq_s = asyncio.run(
-                mqtt_delivery(
-                    work, mport, artefact, work / "fleet.key", work / "fleet.pub", demo.edge_model, "1", chunk
+        seconds: dict[str, float] = {}
+        for tag, (name, start) in enumerate((("mosquitto", lambda: start_mosquitto(work)), ("amqtt", start_amqtt)), 1):
+            broker, port = start()
+            try:
+                seconds[name] = asyncio.run(
+                    mqtt_delivery(
+                        work, port, artefact, work / "fleet.key", work / "fleet.pub", demo.edge_model, str(tag), chunk
+                    )
                 )
-            )
-        finally:
-            stop(mosq)
-        amqtt, aport = start_amqtt()
-        try:
-            amqtt_s = asyncio.run(
-                mqtt_delivery(
-                    work, aport, artefact, work / "fleet.key", work / "fleet.pub", demo.edge_model, "2", chunk
-                )
-            )
-        finally:
-            stop(amqtt)
+            finally:
+                stop(broker)
+        mosq_s, amqtt_s = seconds["mosquitto"], seconds["amqtt"]
         http_again = http_delivery(work, artefact, work / "fleet.pub", signature)
     http_best = min(http_s, http_again)
     print(

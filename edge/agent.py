@@ -39,7 +39,7 @@ from edgewire.session import MqttSession, NotConnected
 
 from . import remote_config
 from .engines import Engine, create_engine
-from .escalation import Escalator
+from .escalation import Escalator, takes_cloud
 from .forwarder import Forwarder
 from .judge import Judge, Verdict
 from .outbox import Item, Message, Outbox, OutboxFull
@@ -578,15 +578,13 @@ class EdgeAgent:
 
     async def _publish_final(self, session: MqttSession, task: Task) -> None:
         """An escalated task reached COMPLETE or TIMEOUT: publish its final outcome."""
-        self.meter.inc("frames_completed_total")
-        self._last_done = time.monotonic()
         if task.state is TaskState.TIMEOUT and self.outbox is not None:
             settled = await self._settle([(task.trace_id, "expired")])
             if not settled[0]:
-                # Its answer was taken in the same instant and is published as the outcome instead.
-                self.meter.inc("frames_completed_total", -1)
-                return
+                return  # its answer was taken in the same instant and is published as the outcome instead
             self._cloud_failed("timeout")
+        self.meter.inc("frames_completed_total")
+        self._last_done = time.monotonic()
         await self._publish_local(session, [self._local_result(task, None)])
 
     async def _settle(self, outcomes: list[tuple[str, Any]]) -> list[bool]:
@@ -668,9 +666,8 @@ class EdgeAgent:
         if result.status == "ok" and result.prediction is not None:
             cloud = result.prediction
             assert self.config.cloud is not None
-            take = self.config.cloud.merge == "prefer_cloud" or cloud.confidence >= first.prediction.confidence
             update: dict[str, Any] = {"degraded": False}
-            if take:
+            if takes_cloud(self.config.cloud, first.prediction, cloud):
                 update |= {"prediction": cloud, "answered_by": "cloud", "model": result.model or first.model}
                 update["version"] = result.version or first.version
         elif unfinished:

@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 Complete = Callable[[Task], Awaitable[None]]
 
 
+def takes_cloud(settings: CloudSettings, local: env.Prediction, cloud: env.Prediction) -> bool:
+    """The merge policy: whether the cloud's answer replaces the local one."""
+    return settings.merge == "prefer_cloud" or cloud.confidence >= local.confidence
+
+
 @dataclass
 class Pending:
     task: Task
@@ -82,8 +87,7 @@ class Escalator:
         task = entry.task
         if result.status == "ok" and result.prediction is not None:
             cloud = result.prediction
-            take_cloud = self.settings.merge == "prefer_cloud" or cloud.confidence >= entry.local.confidence
-            if take_cloud:
+            if takes_cloud(self.settings, entry.local, cloud):
                 task.prediction = cloud
                 task.answered_by = "cloud"
                 task.model = result.model

@@ -182,12 +182,13 @@ def _dtype(ort_type: str) -> str:
     return {"float": "float32", "double": "float64"}.get(inner, inner)
 
 
-def _chunk(manifest: env.Manifest, index: int, data: bytes) -> env.Chunk:
+def _chunk(manifest: env.Manifest, index: int, data: bytes, sha256: str | None = None) -> env.Chunk:
+    """One chunk; ``sha256`` when its checksum is known already, else it is worked out here."""
     return env.Chunk(
         name=manifest.name,
         version=manifest.version,
         index=index,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256 if sha256 is not None else hashlib.sha256(data).hexdigest(),
         data=data,
     )
 
@@ -214,13 +215,7 @@ def iter_chunks(path: str | Path, manifest: env.Manifest) -> Iterator[env.Chunk]
             _check_same_size(path, f, manifest)
             for index in range(manifest.chunk_count):
                 f.seek(index * manifest.chunk_size)
-                data = f.read(manifest.chunk_size)
-                if known is None:
-                    yield _chunk(manifest, index, data)
-                else:
-                    yield env.Chunk(
-                        name=manifest.name, version=manifest.version, index=index, sha256=known[index], data=data
-                    )
+                yield _chunk(manifest, index, f.read(manifest.chunk_size), known[index] if known else None)
     except OSError as exc:
         raise DeliveryError(f"{path}: cannot read the artefact ({exc.strerror or exc})") from None
 
