@@ -801,7 +801,7 @@ class EdgeAgent:
             await self._apply_desired(desired.revision)
             return
         if self.updater is not None and self.updater.wants(parsed):
-            await self.updater.handle(parsed, bytes(data))
+            await self.updater.handle(parsed, data)
             return
         # An edgewire topic this device never asked for: amqtt hands every new client the retained
         # messages of every filter any client subscribed to. Not an attack, not worth a warning.

@@ -24,6 +24,7 @@ the store's own methods are meant for one thread.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,9 @@ log = logging.getLogger(__name__)
 FORMAT_SUFFIX = {"onnx": ".onnx", "tensorrt-plan": ".plan"}
 
 DIGEST_BYTES = 32
-#: Flush data and sidecar after this many new bytes: bounds what a power cut can cost without an fsync per chunk.
-SYNC_EVERY = 8 * env.MIB
+#: Flush data and sidecar (in the background) after this many new bytes: bounds what a power cut can cost
+#: without an fsync per chunk, and leaves little to flush once the last chunk is in.
+SYNC_EVERY = 4 * env.MIB
 #: A chunk must fit in one Chunk message; a manifest promising bigger ones can never complete.
 MAX_CHUNK_SIZE = 4 * env.MIB
 #: Keeps the sidecar (32 bytes a chunk) and the in-memory map small whatever a manifest claims.
@@ -55,6 +58,8 @@ MAX_CHUNK_COUNT = 1 << 20
 _READ_BLOCK = 4 * env.MIB
 _HISTORY = 16
 _ZERO_DIGEST = bytes(DIGEST_BYTES)
+#: Periodic flushes run here, so the thread writing chunks never waits for the disk.
+_FLUSHER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-flush")
 _PARTIAL = ".partial"
 _STATE = "state.json"
 
@@ -83,8 +88,16 @@ class VerifyFailed(StoreError):
 class Download:
     """One model version arriving chunk by chunk. Its file descriptors stay open until close()."""
 
-    def __init__(self, directory: Path, manifest: env.Manifest, meter: Meter) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        manifest: env.Manifest,
+        meter: Meter,
+        *,
+        before_first_write: Callable[[], None] | None = None,
+    ) -> None:
         self.manifest = manifest
+        self._before_first_write = before_first_write
         self.directory = directory
         self._meter = meter
         self._lock = threading.Lock()
@@ -92,6 +105,7 @@ class Download:
         self._held = bytearray(self._count)
         self._received = 0
         self._unsynced = 0
+        self._flush: concurrent.futures.Future[None] | None = None
         self._closed = False
         # The whole-file hash, fed in chunk order as chunks arrive, so that verifying a complete
         # download is not a second pass over the file after the last chunk (it overlaps the network).
@@ -171,6 +185,9 @@ class Download:
             if self._held[chunk.index]:
                 self._meter.inc("model_chunks_duplicate_total")
                 return False
+            if self._before_first_write is not None:
+                prepare, self._before_first_write = self._before_first_write, None
+                prepare()
             # Data first, then its record: a record without its data is caught by re-hashing on reopen.
             _pwrite_all(self._data, chunk.data, chunk.index * self.manifest.chunk_size)
             _pwrite_all(self._chunks, digest, chunk.index * DIGEST_BYTES)
@@ -178,8 +195,9 @@ class Download:
             self._received += 1
             self._advance_stream(chunk.index, chunk.data)
             self._unsynced += len(chunk.data)
-            if self._unsynced >= SYNC_EVERY:
-                self._sync()
+            if self._unsynced >= SYNC_EVERY and (self._flush is None or self._flush.done()):
+                self._unsynced = 0
+                self._flush = _FLUSHER.submit(self._sync)
             self._meter.inc("model_chunks_received_total")
         return True
 
@@ -209,6 +227,8 @@ class Download:
                 return
             self._closed = True
             try:
+                if self._flush is not None:
+                    self._flush.result()  # a flush that failed fails the close, as an inline one would
                 self._sync()
             finally:
                 os.close(self._data)
@@ -255,7 +275,6 @@ class Download:
     def _sync(self) -> None:
         os.fdatasync(self._data)
         os.fdatasync(self._chunks)
-        self._unsynced = 0
 
     def _load(self) -> int:
         """Take back the chunks the sidecar records, trusting only those whose bytes still hash to the record."""
@@ -350,11 +369,16 @@ class ModelStore:
                 download.invalidated,
             )
         else:
-            download = Download(partial, manifest, self.meter)
-            # The manifest goes last: a partial without one is discarded, never resumed half-made.
-            _atomic_write(partial / "manifest.msgpack", env.encode(manifest))
-            _fsync_dir(partial.parent)
-            _fsync_dir(partial.parent.parent)
+
+            def make_resumable() -> None:
+                # The manifest goes last: a partial without one is discarded, never resumed half-made.
+                _atomic_write(partial / "manifest.msgpack", env.encode(manifest))
+                _fsync_dir(partial.parent)
+                _fsync_dir(partial.parent.parent)
+
+            # Made resumable with its first chunk, on the thread that writes chunks: opening a
+            # download waits for no disk flush, so the chunks already arriving are not held up.
+            download = Download(partial, manifest, self.meter, before_first_write=make_resumable)
         self._open[key] = download
         return download
 

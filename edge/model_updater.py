@@ -121,13 +121,13 @@ class ModelUpdater:
 
     # -- messages ----------------------------------------------------------------------------
 
-    async def handle(self, parsed: topics.ParsedTopic, data: bytes) -> None:
+    async def handle(self, parsed: topics.ParsedTopic, data: bytes | bytearray) -> None:
         if parsed.spec is topics.MODEL_CHUNK:
             await self._on_chunk(data)
         elif data:  # an empty retained announce is a withdrawn model: nothing to do
             await self._on_announce(data)
 
-    async def _on_announce(self, data: bytes) -> None:
+    async def _on_announce(self, data: bytes | bytearray) -> None:
         try:
             manifest = env.decode(env.Manifest, data)
         except DecodeError as exc:
@@ -167,7 +167,7 @@ class ModelUpdater:
         self._last_chunk = time.monotonic()
         self._fetch_wait = self.settings.fetch_after_s
         log.info("%s: downloading %s %s (%d bytes)", self.device_id, self.name, version, manifest.size)
-        await self._status(version, "downloading", progress=self._download.progress)
+        self._status_soon(version, "downloading", progress=self._download.progress)
         if self._download.complete:  # everything was kept from an earlier run
             download, self._download = self._download, None
             self._start(self._finish(download))
@@ -185,7 +185,7 @@ class ModelUpdater:
             return f"precision {manifest.precision} is not one profile {profile.name} runs ({runs})"
         return None
 
-    async def _on_chunk(self, data: bytes) -> None:
+    async def _on_chunk(self, data: bytes | bytearray) -> None:
         chunk = env.decode(env.Chunk, data)
         download = self._download
         if download is None or download.complete or chunk.version != download.manifest.version:
@@ -203,10 +203,7 @@ class ModelUpdater:
         if isinstance(exc, ChunkRejected):
             log.warning("%s: %s", self.device_id, exc)
             # Asked for again by the next fetch; the operator sees why the download slowed.
-            status = self._status(download.manifest.version, "downloading", progress=download.progress, reason=str(exc))
-            job = asyncio.ensure_future(status)
-            self._background.add(job)
-            job.add_done_callback(self._background.discard)
+            self._status_soon(download.manifest.version, "downloading", progress=download.progress, reason=str(exc))
         elif exc is not None:
             log.error("%s: writing a chunk failed: %s", self.device_id, exc)
         elif download.complete and self._download is download:
@@ -223,7 +220,7 @@ class ModelUpdater:
 
     async def _finish(self, download: Download) -> None:
         manifest = download.manifest
-        await self._status(manifest.version, "verifying", progress=1.0)
+        self._status_soon(manifest.version, "verifying", progress=1.0)
         try:
             path = await asyncio.to_thread(self.store.verify_and_install, download)
         except ChunksCorrupt as exc:
@@ -371,6 +368,13 @@ class ModelUpdater:
             log.info("%s: asked for %d missing chunks of %s", self.device_id, len(download.missing()), self.name)
             self._last_chunk = time.monotonic()
             self._fetch_wait = min(self._fetch_wait * 2, 30.0)
+
+    def _status_soon(self, version: str, state: str, *, progress: float = 0.0, reason: str | None = None) -> None:
+        """Publish a status without waiting for the broker's acknowledgement (the work it reports
+        goes on meanwhile); statuses still leave in the order they were made."""
+        job = asyncio.ensure_future(self._status(version, state, progress=progress, reason=reason))
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
 
     async def _status(self, version: str, state: str, *, progress: float = 0.0, reason: str | None = None) -> None:
         self._last_status = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 
 async def cancel_and_wait(*tasks: asyncio.Future[object] | None) -> None:
@@ -22,3 +23,15 @@ async def cancel_and_wait(*tasks: asyncio.Future[object] | None) -> None:
     for task in tasks:
         if task is not None and task.done() and not task.cancelled():
             task.exception()  # retrieved: an error at shutdown is not worth a warning
+
+
+def settle_heap() -> None:
+    """Put every object alive now out of the garbage collector's reach, for good.
+
+    What imports and start-up leave behind (modules, classes, pydantic schemas, loaded models)
+    lives as long as the process. A service that then allocates short-lived objects for every
+    message triggers full collections that walk all of it again and again: measured on a model
+    push, a quarter of the pusher's CPU went to that. Frozen, they are never walked again.
+    """
+    gc.collect()
+    gc.freeze()

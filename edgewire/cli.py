@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from edgewire.aio import settle_heap
 from edgewire.errors import EdgewireError
 from edgewire.ports import free_port
 
@@ -61,6 +62,7 @@ def _run_until_signal(coro_factory: Any, on_signal: Any) -> Any:
             loop.add_signal_handler(sig, on_signal)
         return await coro_factory()
 
+    settle_heap()
     return asyncio.run(main())
 
 
@@ -654,6 +656,7 @@ def model_push(
                 )
 
     try:
+        settle_heap()
         result = asyncio.run(run())
     except EdgewireError as exc:
         raise _fail(exc) from None

@@ -248,7 +248,7 @@ def decode(kind: type[E], data: bytes | bytearray, *, max_bytes: int | None = No
     if len(data) > limit:
         raise PayloadTooLarge(f"{kind.__name__} payload of {len(data)} bytes exceeds the {limit}-byte limit")
     try:
-        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises a zoo of types for garbage input
         raise DecodeError(f"{kind.__name__}: not a msgpack document ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, dict):

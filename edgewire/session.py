@@ -605,17 +605,21 @@ def _buffer_reads(paho: mqtt.Client) -> None:
     its own recv; a burst of small PUBLISHes and PUBACKs costs a system call per few bytes.
     Here one recv takes whatever the socket holds and each whole packet in it goes to paho's
     own packet handling. A packet left in the buffer never waits for the socket to become
-    readable again: loop_read keeps going while the buffer holds a whole one.
+    readable again: loop_read keeps going while the buffer holds a whole one. A body larger
+    than one read (a model chunk) is received straight into its own buffer, as much as the
+    socket holds per call: no copy through the read buffer, and no loop pass per 64 KiB.
     """
     original_recv = paho._sock_recv
     original_loop_read = paho.loop_read
     buf = bytearray()
     chunk = 1 << 16
     codes = mqtt.MQTTErrorCode
+    #: The packet whose body is being received in place: [command, length bytes, body, bytes held].
+    large: list[Any] = []
 
-    def first_packet() -> tuple[int, int]:
-        """(header length, total length) of the first packet in the buffer; (0, 0) while it
-        is incomplete, (-1, -1) when its length field is malformed."""
+    def header() -> tuple[int, int]:
+        """(header length, total length) of the first packet in the buffer, whole or not;
+        (0, 0) while its fixed header is incomplete, (-1, -1) when its length field is malformed."""
         have = len(buf)
         length, mult = 0, 1
         for i in range(1, 5):
@@ -625,39 +629,89 @@ def _buffer_reads(paho: mqtt.Client) -> None:
             length += (byte & 127) * mult
             mult *= 128
             if not byte & 128:
-                total = i + 1 + length
-                return (i + 1, total) if have >= total else (0, 0)
+                return i + 1, i + 1 + length
         return -1, -1
 
+    def whole_packet_held() -> bool:
+        head, total = header()
+        return head < 0 or (head > 0 and len(buf) >= total)
+
+    def start_large(head: int, total: int) -> None:
+        body = bytearray(total - head)
+        held = len(buf) - head
+        body[:held] = memoryview(buf)[head:]
+        large[:] = [buf[0], list(buf[1:head]), body, held]
+        buf.clear()
+
+    def fill_large() -> mqtt.MQTTErrorCode | None:
+        """Receive the large body's rest; None once it is whole, else why not yet."""
+        body, held = large[2], large[3]
+        sock = paho._sock
+        try:
+            with memoryview(body) as view:
+                while held < len(body):
+                    if type(sock) is socket.socket:
+                        with view[held:] as rest:
+                            n = sock.recv_into(rest)
+                    else:  # TLS or websockets: paho's own receive
+                        data = original_recv(min(len(body) - held, 1 << 20))
+                        n = len(data)
+                        view[held : held + n] = data
+                    if n == 0:
+                        return codes.MQTT_ERR_CONN_LOST
+                    held += n
+        except BlockingIOError:
+            return codes.MQTT_ERR_AGAIN
+        except (OSError, AttributeError, ConnectionError) as err:  # TimeoutError included
+            log.debug("mqtt receive failed: %s", err)
+            return codes.MQTT_ERR_CONN_LOST
+        finally:
+            large[3] = held
+        return None
+
     def packet_read() -> mqtt.MQTTErrorCode:
-        head, total = first_packet()
-        if total == 0:
-            try:
-                data = original_recv(chunk)
-            except BlockingIOError:
-                return codes.MQTT_ERR_AGAIN
-            except OSError as err:  # TimeoutError included
-                log.debug("mqtt receive failed: %s", err)
-                return codes.MQTT_ERR_CONN_LOST
-            if not data:
-                return codes.MQTT_ERR_CONN_LOST
-            buf.extend(data)
-            head, total = first_packet()
-            if total == 0:
-                return codes.MQTT_ERR_AGAIN
-        if total < 0:
-            return codes.MQTT_ERR_PROTOCOL
+        if not large:
+            head, total = header()
+            if head == 0 or (head > 0 and len(buf) < total):
+                if head > 0 and total - len(buf) > chunk:
+                    start_large(head, total)
+                else:
+                    try:
+                        data = original_recv(chunk)
+                    except BlockingIOError:
+                        return codes.MQTT_ERR_AGAIN
+                    except OSError as err:  # TimeoutError included
+                        log.debug("mqtt receive failed: %s", err)
+                        return codes.MQTT_ERR_CONN_LOST
+                    if not data:
+                        return codes.MQTT_ERR_CONN_LOST
+                    buf.extend(data)
+                    head, total = header()
+                    if head > 0 and total - len(buf) > chunk:
+                        start_large(head, total)
+                    elif head == 0 or (head > 0 and len(buf) < total):
+                        return codes.MQTT_ERR_AGAIN
+            if head < 0:
+                return codes.MQTT_ERR_PROTOCOL
+        if large:
+            rc = fill_large()
+            if rc is not None:
+                return rc
+            command, remaining, packet, _ = large
+            large.clear()
+        else:
+            command, remaining, packet = buf[0], list(buf[1:head]), _cut(buf, head, total)
+            del buf[:total]
         paho._in_packet = {
-            "command": buf[0],
+            "command": command,
             "have_remaining": 1,
-            "remaining_count": list(buf[1:head]),
+            "remaining_count": remaining,
             "remaining_mult": 1,
-            "remaining_length": total - head,
-            "packet": _cut(buf, head, total),
+            "remaining_length": len(packet),
+            "packet": packet,
             "to_process": 0,
             "pos": 0,
         }
-        del buf[:total]
         try:
             rc = paho._packet_handle()
         except MalformedPacket as exc:
@@ -679,10 +733,11 @@ def _buffer_reads(paho: mqtt.Client) -> None:
 
     def loop_read(max_packets: int = 1) -> mqtt.MQTTErrorCode:
         rc = original_loop_read(max_packets)
-        while rc == codes.MQTT_ERR_SUCCESS and paho._sock is not None and first_packet()[1] != 0:
+        while rc == codes.MQTT_ERR_SUCCESS and paho._sock is not None and whole_packet_held():
             rc = original_loop_read(max_packets)
-        if paho._sock is None:
-            buf.clear()  # a new connection starts from a clean stream
+        if paho._sock is None:  # a new connection starts from a clean stream
+            buf.clear()
+            large.clear()
         return rc
 
     paho._packet_read = packet_read  # type: ignore[method-assign]
@@ -694,6 +749,8 @@ def _buffer_reads(paho: mqtt.Client) -> None:
 _NO_PUBLISH_PROPERTIES = Properties(PacketTypes.PUBLISH)
 _NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK, "Success")
+#: Payloads above this many bytes are handed over as the bytearray they arrived in, not copied.
+_LARGE_PAYLOAD = 64 * 1024
 
 
 def _plain_v5_fast_path(paho: mqtt.Client) -> None:
@@ -727,8 +784,14 @@ def _plain_v5_fast_path(paho: mqtt.Client) -> None:
         message.qos = qos
         message.retain = bool(header & 0x01)
         message.properties = _NO_PUBLISH_PROPERTIES
-        with memoryview(packet) as view:
-            message.payload = bytes(view[pos + 1 :])
+        if len(packet) - pos > _LARGE_PAYLOAD and type(packet) is bytearray:
+            # The packet buffer is this message's alone: drop the header in place (the front of
+            # a bytearray goes without a copy) and hand over the rest, a model chunk uncopied.
+            del packet[: pos + 1]
+            message.payload = packet
+        else:
+            with memoryview(packet) as view:
+                message.payload = bytes(view[pos + 1 :])
         message.timestamp = mqtt.time_func()
         paho._handle_on_message(message)
         if qos == 1 and not paho._manual_ack:
