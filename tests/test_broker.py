@@ -123,13 +123,14 @@ async def test_payloads_of_every_size_arrive_whole_and_in_order(broker) -> None:
         await tx.wait_connected(10)
         await rx.subscribe("sizes/#", qos=1)
         await asyncio.sleep(0.2)
-        for i, payload in enumerate(payloads):  # queued back to back: packets share reads
-            asyncio.ensure_future(tx.publish(f"sizes/{i}", payload, qos=1, timeout=30))
+        # Queued back to back, so packets share reads.
+        sends = [asyncio.ensure_future(tx.publish(f"sizes/{i}", p, qos=1, timeout=30)) for i, p in enumerate(payloads)]
         got = []
         messages = rx.messages()
         while len(got) < len(payloads):
             msg = await asyncio.wait_for(anext(messages), 30)
             got.append((str(msg.topic), bytes(msg.payload)))
+        assert all(await asyncio.gather(*sends))
     assert [t for t, _ in got] == [f"sizes/{i}" for i in range(len(payloads))]
     for (_, body), sent in zip(got, payloads, strict=True):
         assert len(body) == len(sent) and body == sent
