@@ -8,7 +8,7 @@ direct: the same image decoded and preprocessed the same way, sent straight to t
 Both run at 1 request in flight (latency) and at 32 in flight (throughput). The last line is
 one JSON object.
 
-    python bench/roundtrip.py [--requests 400] [--concurrent 32]
+    python bench/roundtrip.py [--requests 3000] [--concurrent 32]
 """
 
 from __future__ import annotations
@@ -285,7 +285,9 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=600, help="requests per measurement")
+    parser.add_argument(
+        "--requests", type=int, default=3000, help="requests per throughput measurement (a third per latency round)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrent", type=int, default=32)
     parser.add_argument("--data", type=Path, default=None, help="reuse a demo folder")

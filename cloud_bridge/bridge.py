@@ -63,6 +63,7 @@ class Bridge:
         self._answered: OrderedDict[str, bytes] = OrderedDict()
         self._inflight: set[str] = set()
         self._jobs: set[asyncio.Task[None]] = set()
+        self._unacked: set[asyncio.Future[None]] = set()  # results sent, not yet acknowledged
         self._stop = asyncio.Event()
         self._telemetry_interval_s = telemetry_interval_s
         self._pre: dict[str, Preprocessor] = {}
@@ -127,6 +128,8 @@ class Bridge:
                 self._take(session, message)
             if self._jobs:
                 await asyncio.gather(*self._jobs, return_exceptions=True)
+            if self._unacked:
+                await asyncio.wait(set(self._unacked), timeout=10)
             await cancel_and_wait(telemetry, watchdog)
             await self._publish_telemetry(session)
 
@@ -186,7 +189,22 @@ class Bridge:
             self._remember(trace_id, payload)
             self._inflight.discard(trace_id)
             self.meter.inc("requests_total", status=result.status)
-            await self._publish(session, self._reply_topic(device_id), payload)
+        topic = self._reply_topic(device_id)
+        try:
+            # Queued now; the broker's acknowledgement is watched, not waited for, so this
+            # request's task ends here (a stopping bridge waits for them all, see _run).
+            acked = session.publish_soon(topic, payload, qos=topics.RESULT.qos)
+        except NotConnected:
+            await self._publish(session, topic, payload)  # waits for the link to come back
+            return
+        self._unacked.add(acked)
+        acked.add_done_callback(self._result_acked)
+
+    def _result_acked(self, acked: asyncio.Future[None]) -> None:
+        self._unacked.discard(acked)
+        if not acked.cancelled() and acked.exception() is not None:
+            self.meter.inc("results_unsent_total")
+            log.warning("%s: a result was not acknowledged by the broker: %s", self.bridge_id, acked.exception())
 
     async def _serve(self, device_id: str, trace_id: str, data: bytes, received: float) -> env.Result:
         try:

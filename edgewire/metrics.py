@@ -7,6 +7,7 @@ so every metric carries a ``client`` label instead of relying on one registry pe
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from prometheus_client import Counter, Gauge, start_http_server
 
@@ -62,15 +63,27 @@ class Meter:
     def __init__(self, client_id: str) -> None:
         self.client_id = client_id
         self._values: dict[str, float] = {}
+        # (name, kind, label items) -> (snapshot key, Prometheus child): a hot counter costs one
+        # dict lookup, not a key built, a family looked up under a lock and a child resolved.
+        self._slots: dict[tuple[Any, ...], tuple[str, Any]] = {}
+
+    def _slot(self, name: str, kind: type[Counter] | type[Gauge], labels: dict[str, str]) -> tuple[str, Any]:
+        ident = (name, kind, *labels.items())
+        slot = self._slots.get(ident)
+        if slot is None:
+            child = _family(name, kind, tuple(sorted(labels))).labels(self.client_id, *_ordered(labels))
+            slot = self._slots[ident] = (_key(name, labels), child)
+        return slot
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = _key(name, labels)
+        key, child = self._slot(name, Counter, labels)
         self._values[key] = self._values.get(key, 0.0) + amount
-        _family(name, Counter, tuple(sorted(labels))).labels(self.client_id, *_ordered(labels)).inc(amount)
+        child.inc(amount)
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        self._values[_key(name, labels)] = float(value)
-        _family(name, Gauge, tuple(sorted(labels))).labels(self.client_id, *_ordered(labels)).set(value)
+        key, child = self._slot(name, Gauge, labels)
+        self._values[key] = float(value)
+        child.set(value)
 
     def get(self, name: str, **labels: str) -> float:
         return self._values.get(_key(name, labels), 0.0)

@@ -224,6 +224,25 @@ class MqttSession:
         self._published += 1
         return True
 
+    def publish_soon(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> asyncio.Future[None]:
+        """Queue one publish on the live connection and return at once; the future settles
+        when the broker has it (for QoS 0, when it is written) and fails if the link drops
+        first. Raises NotConnected, queueing nothing, when the link is down now: a caller that
+        can wait for it uses :meth:`publish`."""
+        client = self._client
+        if client is None or not self._connected.is_set():
+            raise NotConnected(f"publish to {topic}: not connected")
+        acks: _Acks = client._edgewire_acks  # type: ignore[attr-defined]
+        info = client._edgewire_publish(topic, payload, qos, retain)  # type: ignore[attr-defined]
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise NotConnected(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        self._published += 1
+        if info.is_published():
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return acks.register(info.mid)
+
     async def publish_many(self, items: list[tuple[str, bytes]], *, qos: int = 0, retain: bool = False) -> int:
         """Publish a burst at once; returns how many went out.
 
