@@ -38,8 +38,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edgewire import delivery, signing
 from edgewire import envelopes as env
-from edgewire import signing
 from edgewire.errors import DecodeError, EdgewireError
 from edgewire.metrics import Meter
 
@@ -55,7 +55,6 @@ SYNC_EVERY = 4 * env.MIB
 MAX_CHUNK_SIZE = 4 * env.MIB
 #: Keeps the sidecar (32 bytes a chunk) and the in-memory map small whatever a manifest claims.
 MAX_CHUNK_COUNT = 1 << 20
-_READ_BLOCK = 4 * env.MIB
 _HISTORY = 16
 _ZERO_DIGEST = bytes(DIGEST_BYTES)
 #: Periodic flushes run here, so the thread writing chunks never waits for the disk.
@@ -663,24 +662,14 @@ def _read_manifest(path: Path) -> env.Manifest | None:
 
 
 def _hash_file(path: Path, size: int) -> bytes:
-    """SHA-256 of a file in fixed blocks: an artefact larger than memory is hashed like any other."""
-    h = hashlib.sha256()
-    buf = bytearray(_READ_BLOCK)
-    view = memoryview(buf)
-    total = 0
+    """SHA-256 of a downloaded file that must hold ``size`` bytes."""
     try:
-        with open(path, "rb", buffering=0) as f:
-            actual = os.fstat(f.fileno()).st_size
-            if actual != size:
-                raise VerifyFailed(f"size mismatch: the downloaded file has {actual} bytes, the manifest says {size}")
-            while n := f.readinto(buf):
-                h.update(view[:n])
-                total += n
-    except OSError as exc:
+        digest, actual = delivery.sha256_file(path)
+    except delivery.DeliveryError as exc:
         raise VerifyFailed(f"the downloaded file cannot be read: {exc}") from None
-    if total != size:
-        raise VerifyFailed(f"size mismatch: read {total} bytes, the manifest says {size}")
-    return h.digest()
+    if actual != size:
+        raise VerifyFailed(f"size mismatch: the downloaded file has {actual} bytes, the manifest says {size}")
+    return digest
 
 
 def _allocated(directory: Path) -> int:

@@ -144,14 +144,16 @@ def _hash_artefact(path: str | Path, chunk_size: int) -> tuple[bytes, int, list[
 
 
 def sha256_file(path: str | Path) -> tuple[bytes, int]:
-    """The artefact's SHA-256 digest and size, streamed."""
+    """The artefact's SHA-256 digest and size, streamed through one buffer: an artefact larger
+    than memory is hashed like any other."""
     h = hashlib.sha256()
+    buf = bytearray(_READ_BLOCK)
     size = 0
     try:
-        with open(path, "rb") as f:
-            while block := f.read(_READ_BLOCK):
-                h.update(block)
-                size += len(block)
+        with open(path, "rb", buffering=0) as f, memoryview(buf) as view:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+                size += n
     except OSError as exc:
         raise DeliveryError(f"{path}: cannot read the artefact ({exc.strerror or exc})") from None
     return h.digest(), size
