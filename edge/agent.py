@@ -114,7 +114,11 @@ class EdgeAgent:
         *,
         profile: DeviceProfile | None = None,
         on_result: ResultHook | None = None,
+        boot_config: DeviceConfig | None = None,
+        saved_desired: remote_config.SavedDesired | None = None,
     ) -> None:
+        """``boot_config``: the configuration as its file has it, when ``config`` has saved
+        over-the-air documents merged in; ``saved_desired``: where accepted documents are kept."""
         self.config = config
         self.profile = profile or load_profile(config.profile)
         self.meter = Meter(config.device_id)
@@ -175,7 +179,8 @@ class EdgeAgent:
         self._local_topic = topics.LOCAL.build(device_id=did)
         self._input_topic = topics.INPUT.build(device_id=did)
         self._result_topic = topics.RESULT.build(device_id=did)
-        self._boot_config = config
+        self._boot_config = boot_config or config
+        self._saved_desired = saved_desired
         self._desired: dict[str, dict[str, Any]] = {"fleet": {}, "device": {}}
         self._desired_topics = {
             topics.CONFIG_FLEET.build(fleet=config.fleet): "fleet",
@@ -795,6 +800,7 @@ class EdgeAgent:
         if parsed.spec in (topics.CONFIG_DESIRED, topics.CONFIG_FLEET) and topic in self._desired_topics:
             if not data:  # a cleared retained document
                 self._desired[self._desired_topics[topic]] = {}
+                self._save_desired()
                 return
             desired = env.decode(env.DesiredConfig, data)
             self._desired[self._desired_topics[topic]] = desired.config
@@ -808,11 +814,21 @@ class EdgeAgent:
         self.meter.inc("messages_ignored_total", family=parsed.spec.name)
         log.debug("%s: ignored a message on %s", self.config.device_id, topic)
 
+    def _save_desired(self) -> None:
+        """Keep the documents in force for the next boot (what waits for a restart gets one)."""
+        if self._saved_desired is None:
+            return
+        try:
+            self._saved_desired.save(self._desired)
+        except OSError as exc:
+            log.warning("%s: desired config not saved for the next boot: %s", self.config.device_id, exc)
+
     async def _apply_desired(self, revision: int) -> None:
         outcome = remote_config.evaluate(
             self._boot_config, self.config, self._desired["fleet"], self._desired["device"]
         )
         if outcome.status != "rejected":
+            self._save_desired()
             self.config = outcome.config
             self.model = ActiveModel(
                 self.model.engine, self.meta, self.model.pre, Judge(self.config.judge, self.meta.labels)

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
+from pathlib import Path
+
+import pytest
 
 from edgewire.config import BrokerSettings, DeviceConfig, ModelSettings, SourceSettings
 from edgewire.demo_models import DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
+from edgewire.edge.remote_config import SavedDesired
 
 from .conftest import BrokerHandle
 
@@ -37,7 +42,9 @@ async def reported(broker: BrokerHandle, revision: int) -> dict:
     raise AssertionError(f"no report for revision {revision}: {doc}")
 
 
-async def test_desired_config_applied_live_rejected_or_deferred(broker: BrokerHandle, demo: DemoArtifacts) -> None:
+async def test_desired_config_applied_live_rejected_or_deferred(
+    broker: BrokerHandle, demo: DemoArtifacts, tmp_path: Path
+) -> None:
     cfg = DeviceConfig(
         device_id="cam-o",
         fleet="lab",
@@ -45,7 +52,8 @@ async def test_desired_config_applied_live_rejected_or_deferred(broker: BrokerHa
         source=SourceSettings(kind="mqtt"),
         model=ModelSettings(path=demo.edge_model),
     )
-    agent = EdgeAgent(cfg)
+    saved = SavedDesired(tmp_path / "device.yaml.desired.json")
+    agent = EdgeAgent(cfg, boot_config=cfg, saved_desired=saved)
     run = asyncio.create_task(agent.run())
     try:
         await asyncio.sleep(0)
@@ -73,6 +81,10 @@ async def test_desired_config_applied_live_rejected_or_deferred(broker: BrokerHa
         assert doc["reported"]["status"] == "pending_restart"
         assert "pipeline" in doc["reported"]["reason"]
         assert agent.config.judge.min_confidence == 0.6 and agent.config.pipeline.max_batch == 16
+        # Kept for the next boot, where the setting that waited for a restart takes effect.
+        rebooted = saved.boot_config(cfg)
+        assert rebooted.pipeline.max_batch == 4 and rebooted.judge.min_confidence == 0.6
+        assert EdgeAgent(rebooted, boot_config=cfg).config.pipeline.max_batch == 4
 
         await cli("set", "--fleet", "lab", "--broker", broker.url, "judge.min_margin=0.2")
         for _ in range(40):
@@ -84,3 +96,41 @@ async def test_desired_config_applied_live_rejected_or_deferred(broker: BrokerHa
     finally:
         agent.stop()
         await asyncio.wait_for(run, 20)
+
+
+def _file_config(demo: DemoArtifacts) -> DeviceConfig:
+    return DeviceConfig(
+        device_id="cam-s",
+        broker=BrokerSettings(url="mqtt://127.0.0.1:1"),
+        source=SourceSettings(kind="mqtt"),
+        model=ModelSettings(path=demo.edge_model),
+    )
+
+
+def test_saved_documents_boot_over_the_file(demo: DemoArtifacts, tmp_path: Path) -> None:
+    file_cfg = _file_config(demo)
+    saved = SavedDesired.beside(tmp_path / "device.yaml")
+    assert saved.path == tmp_path / "device.yaml.desired.json"
+    assert saved.boot_config(file_cfg) == file_cfg  # nothing saved yet
+    saved.save({"fleet": {"pipeline": {"max_batch": 8}}, "device": {"pipeline": {"max_batch": 2}}})
+    assert saved.boot_config(file_cfg).pipeline.max_batch == 2  # the device's own over the fleet's
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("{not json", "unreadable"),
+        ('["fleet"]', "expected a map"),
+        ('{"device": {"pipeline": {"max_batch": -3}}}', "no longer applies"),
+        ('{"device": {"device_id": "someone-else"}}', "device_id cannot be changed"),
+    ],
+)
+def test_unusable_saved_documents_boot_from_the_file_and_say_why(
+    demo: DemoArtifacts, tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str, why: str
+) -> None:
+    file_cfg = _file_config(demo)
+    saved = SavedDesired(tmp_path / "device.yaml.desired.json")
+    saved.path.write_text(content)
+    with caplog.at_level(logging.WARNING):
+        assert saved.boot_config(file_cfg) == file_cfg
+    assert why in caplog.text and str(saved.path) in caplog.text
