@@ -800,7 +800,7 @@ class EdgeAgent:
         if parsed.spec in (topics.CONFIG_DESIRED, topics.CONFIG_FLEET) and topic in self._desired_topics:
             if not data:  # a cleared retained document
                 self._desired[self._desired_topics[topic]] = {}
-                self._save_desired()
+                await self._save_desired()
                 return
             desired = env.decode(env.DesiredConfig, data)
             self._desired[self._desired_topics[topic]] = desired.config
@@ -814,12 +814,13 @@ class EdgeAgent:
         self.meter.inc("messages_ignored_total", family=parsed.spec.name)
         log.debug("%s: ignored a message on %s", self.config.device_id, topic)
 
-    def _save_desired(self) -> None:
-        """Keep the documents in force for the next boot (what waits for a restart gets one)."""
+    async def _save_desired(self) -> None:
+        """Keep the documents in force for the next boot (what waits for a restart gets one);
+        written and synced off the event loop, which keeps serving frames meanwhile."""
         if self._saved_desired is None:
             return
         try:
-            self._saved_desired.save(self._desired)
+            await asyncio.to_thread(self._saved_desired.save, dict(self._desired))
         except OSError as exc:
             log.warning("%s: desired config not saved for the next boot: %s", self.config.device_id, exc)
 
@@ -828,7 +829,7 @@ class EdgeAgent:
             self._boot_config, self.config, self._desired["fleet"], self._desired["device"]
         )
         if outcome.status != "rejected":
-            self._save_desired()
+            await self._save_desired()
             self.config = outcome.config
             self.model = ActiveModel(
                 self.model.engine, self.meta, self.model.pre, Judge(self.config.judge, self.meta.labels)

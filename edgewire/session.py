@@ -206,16 +206,10 @@ class MqttSession:
             await self.wait_connected(timeout)
         client = self._client
         assert client is not None
-        # Straight to paho, as aiomqtt's publish does, but the wait for the broker's
-        # acknowledgement (or, at QoS 0, for the write) is one future on the client's shared
-        # ack tracker instead of an Event, a wait_for task and a timer per message.
-        acks: _Acks = client._edgewire_acks  # type: ignore[attr-defined]
         try:
-            info = client._edgewire_publish(topic, payload, qos, retain)  # type: ignore[attr-defined]
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                raise MqttCodeError(info.rc, "Could not publish message")
-            if not info.is_published():
-                await acks.register(info.mid)
+            waiter = _queue(client, topic, payload, qos, retain)
+            if waiter is not None:
+                await waiter
         except aiomqtt.MqttError as exc:
             if qos == 0:
                 self.meter.inc("publish_dropped_total")
@@ -232,16 +226,15 @@ class MqttSession:
         client = self._client
         if client is None or not self._connected.is_set():
             raise NotConnected(f"publish to {topic}: not connected")
-        acks: _Acks = client._edgewire_acks  # type: ignore[attr-defined]
-        info = client._edgewire_publish(topic, payload, qos, retain)  # type: ignore[attr-defined]
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise NotConnected(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        try:
+            waiter = _queue(client, topic, payload, qos, retain)
+        except MqttCodeError as exc:
+            raise NotConnected(f"publish to {topic} failed: {exc}") from exc
         self._published += 1
-        if info.is_published():
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            done.set_result(None)
-            return done
-        return acks.register(info.mid)
+        if waiter is None:
+            waiter = asyncio.get_running_loop().create_future()
+            waiter.set_result(None)
+        return waiter
 
     async def publish_many(self, items: list[tuple[str, bytes]], *, qos: int = 0, retain: bool = False) -> int:
         """Publish a burst at once; returns how many went out.
@@ -259,19 +252,19 @@ class MqttSession:
             await self.wait_connected(None)
         client = self._client
         assert client is not None
-        acks: _Acks = client._edgewire_acks  # type: ignore[attr-defined]
-        publish = client._edgewire_publish  # type: ignore[attr-defined]
         waits: list[asyncio.Future[None]] = []
         failures: list[BaseException] = []
         sent = 0
         for topic, payload in items:
-            info = publish(topic, payload, qos, retain)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                failures.append(MqttCodeError(info.rc, "Could not publish message"))
-            elif info.is_published():
+            try:
+                waiter = _queue(client, topic, payload, qos, retain)
+            except MqttCodeError as exc:
+                failures.append(exc)
+                continue
+            if waiter is None:
                 sent += 1
             else:
-                waits.append(acks.register(info.mid))
+                waits.append(waiter)
         if waits:
             # Futures, not coroutines: gathering them costs no task per message.
             for outcome in await asyncio.gather(*waits, return_exceptions=True):
@@ -525,9 +518,6 @@ class _Acks:
             self._timer = self._loop.call_at(waiter.deadline, self._expire)
         return fut
 
-    async def wait(self, mid: int) -> None:
-        await self.register(mid)
-
     def fail_all(self) -> None:
         """End every wait: the connection is gone."""
         order, self._order = self._order, collections.deque()
@@ -555,6 +545,20 @@ class _Acks:
                 del self._pending[mid]
         if order:
             self._timer = self._loop.call_at(order[0][1].deadline, self._expire)
+
+
+def _queue(client: aiomqtt.Client, topic: str, payload: bytes, qos: int, retain: bool) -> asyncio.Future[None] | None:
+    """Hand one message to paho. Straight to paho, as aiomqtt's publish does, but the wait for
+    the broker's acknowledgement (or, at QoS 0, for the write) is one future on the client's
+    shared ack tracker instead of an Event, a wait_for task and a timer per message. None when
+    the message is out already; MqttCodeError when paho refused it."""
+    info = client._edgewire_publish(topic, payload, qos, retain)  # type: ignore[attr-defined]
+    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+        raise MqttCodeError(info.rc, "Could not publish message")
+    if info.is_published():
+        return None
+    acks: _Acks = client._edgewire_acks  # type: ignore[attr-defined]
+    return acks.register(info.mid)
 
 
 #: Packets written by one gather-write (below the kernel's IOV_MAX of 1024).
@@ -907,25 +911,21 @@ def _lean_publish(paho: mqtt.Client) -> Callable[[str, bytes, int, bool], Any]:
         ):
             return paho.publish(topic, payload, qos, retain)
         mid = paho._mid_generate()
-        with paho._out_message_mutex:
-            if mid in paho._out_messages:
-                return paho.publish(topic, payload, qos, retain)
-            sent = _Sent(mid)
-            paho._out_messages[mid] = sent
-            paho._inflight_messages += 1
-        length = 2 + len(topic_bytes) + 2 + v5 + len(payload)
         packet = bytearray((header | bool(retain),))
-        while True:  # the remaining length, 7 bits a byte
-            byte, length = length & 0x7F, length >> 7
-            packet.append(byte | 0x80 if length else byte)
-            if not length:
-                break
+        # paho's own encoder, which also refuses a packet too large for MQTT (before any record).
+        paho._pack_remaining_length(packet, 2 + len(topic_bytes) + 2 + v5 + len(payload))
         packet += len(topic_bytes).to_bytes(2, "big")
         packet += topic_bytes
         packet += mid.to_bytes(2, "big")
         if v5:
             packet.append(0)  # no properties
         packet += payload
+        with paho._out_message_mutex:
+            if mid in paho._out_messages:
+                return paho.publish(topic, payload, qos, retain)
+            sent = _Sent(mid)
+            paho._out_messages[mid] = sent
+            paho._inflight_messages += 1
         sent.rc = paho._packet_queue(mqtt.PUBLISH, packet, mid, 1, sent)  # type: ignore[arg-type]
         return sent
 
