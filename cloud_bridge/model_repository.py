@@ -24,10 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from edgewire.errors import ModelError
-from edgewire.modelmeta import META_KEY, ModelMeta
+from edgewire.modelmeta import META_KEY, ModelMeta, onnx_model_meta, parse_model_meta
 
 if TYPE_CHECKING:
     from tritonclient.grpc.model_config_pb2 import ModelConfig
@@ -101,19 +99,7 @@ class _OnnxModel:
     outputs: tuple[_Tensor, ...]
 
 
-def _parse_meta(path: Path, raw: str | None) -> ModelMeta:
-    if raw is None:
-        raise ModelError(
-            f"{path}: no '{META_KEY}' entry in the ONNX metadata; edgewire serves only models that declare "
-            "their contract (build them with edgewire's exporter or add ModelMeta JSON under that key)"
-        )
-    try:
-        return ModelMeta.model_validate_json(raw)
-    except ValidationError as exc:
-        raise ModelError(f"{path}: the '{META_KEY}' metadata does not validate: {exc}") from exc
-
-
-def _read_with_onnx(path: Path, onnx: Any) -> tuple[str | None, list[_Tensor], list[_Tensor]]:
+def _read_with_onnx(path: Path, onnx: Any) -> tuple[dict[str, str], list[_Tensor], list[_Tensor]]:
     # Weights are not needed, only the graph's signature.
     proto = onnx.load(str(path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
@@ -134,10 +120,10 @@ def _read_with_onnx(path: Path, onnx: Any) -> tuple[str | None, list[_Tensor], l
             out.append(_Tensor(v.name, dtype, dims))
         return out
 
-    return props.get(META_KEY), tensors(proto.graph.input), tensors(proto.graph.output)
+    return props, tensors(proto.graph.input), tensors(proto.graph.output)
 
 
-def _read_with_onnxruntime(path: Path, ort: Any) -> tuple[str | None, list[_Tensor], list[_Tensor]]:
+def _read_with_onnxruntime(path: Path, ort: Any) -> tuple[dict[str, str], list[_Tensor], list[_Tensor]]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     props = session.get_modelmeta().custom_metadata_map
 
@@ -151,7 +137,7 @@ def _read_with_onnxruntime(path: Path, ort: Any) -> tuple[str | None, list[_Tens
             out.append(_Tensor(v.name, dtype, dims))
         return out
 
-    return props.get(META_KEY), tensors(session.get_inputs()), tensors(session.get_outputs())
+    return props, tensors(session.get_inputs()), tensors(session.get_outputs())
 
 
 def _read_onnx(path: Path) -> _OnnxModel:
@@ -165,19 +151,19 @@ def _read_onnx(path: Path) -> _OnnxModel:
         onnx = None
     try:
         if onnx is not None:
-            raw, inputs, outputs = _read_with_onnx(path, onnx)
+            metadata, inputs, outputs = _read_with_onnx(path, onnx)
         else:
             try:
                 import onnxruntime as ort
             except ImportError as exc:
                 raise ModelError("reading ONNX models needs onnx or onnxruntime: pip install 'edgewire[edge]'") from exc
-            raw, inputs, outputs = _read_with_onnxruntime(path, ort)
+            metadata, inputs, outputs = _read_with_onnxruntime(path, ort)
     except ModelError:
         raise
     except Exception as exc:
         raise ModelError(f"{path}: not a readable ONNX model: {exc}") from exc
 
-    meta = _parse_meta(path, raw)
+    meta = onnx_model_meta(metadata, path)
     if not _NAME_RE.match(meta.name):
         raise ModelError(f"{path}: model name {meta.name!r} cannot be a Triton model directory")
     in_names, out_names = [t.name for t in inputs], [t.name for t in outputs]
@@ -382,12 +368,4 @@ def model_meta_from_config(config: dict[str, Any] | ModelConfig) -> ModelMeta:
             raise ModelError(f"not a Triton model config: {type(config).__name__}")
         name = message.name or "?"
         raw = message.parameters[META_KEY].string_value if META_KEY in message.parameters else None
-    if not raw:
-        raise ModelError(
-            f"Triton model '{name}' has no '{META_KEY}' parameter in its config.pbtxt, so its labels and input "
-            "contract are unknown; write its repository with edgewire.cloud_bridge.model_repository"
-        )
-    try:
-        return ModelMeta.model_validate_json(raw)
-    except ValidationError as exc:
-        raise ModelError(f"Triton model '{name}': the '{META_KEY}' parameter does not validate: {exc}") from exc
+    return parse_model_meta(raw, f"config.pbtxt of Triton model '{name}'")

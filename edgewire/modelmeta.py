@@ -3,15 +3,34 @@
 Every ONNX artefact edgewire ships carries one metadata entry, ``edgewire``, whose value is
 the JSON form of :class:`ModelMeta`. Preprocessing, labels and the output's meaning are read
 from it; a model without it is refused with a clear error instead of being guessed at.
+
+The entry is read in three places (the device's engine, the Triton repository writer, and
+the bridge asking Triton for a served model's config), all through :func:`parse_model_meta`
+(:func:`onnx_model_meta` for an ONNX file's metadata),
+so an operator sees one wording for one fault wherever it is found.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgewire.errors import ModelError
 
 META_KEY = "edgewire"
+
+# Every refusal ends with the same remedy: the entry is only ever written by an export step
+# and copied from there, so fixing the export (or regenerating what was copied) is the fix.
+_HOW_TO_FIX = (
+    f"it must hold ModelMeta JSON (see edgewire.modelmeta): store meta.model_dump_json() under "
+    f"'{META_KEY}' in the ONNX file's metadata when exporting (onnx.helper.set_model_props), and "
+    "write Triton repositories with edgewire.cloud_bridge.model_repository, which copies it into config.pbtxt"
+)
+# Enough of pydantic's list to see what is wrong, short enough to read in a log line.
+_MAX_PROBLEMS = 3
 
 
 class InputSpec(BaseModel):
@@ -70,3 +89,38 @@ class ModelMeta(BaseModel):
     input: InputSpec
     output: str = Field(description="output tensor name in the graph")
     output_kind: Literal["probabilities", "logits"] = "probabilities"
+
+
+def parse_model_meta(raw: str | None, source: str) -> ModelMeta:
+    """The model's contract from the text of its ``edgewire`` entry, or a :class:`ModelError`.
+
+    ``source`` says where the entry was looked for, naming the file (``models/a.onnx (ONNX
+    metadata)``, ``config.pbtxt of Triton model 'a'``); it starts every message. An absent or
+    empty entry, text that is not JSON and JSON that is not a ModelMeta each get their own
+    message, all ending in the same remedy.
+    """
+    if not raw:
+        raise ModelError(
+            f"{source}: no '{META_KEY}' entry, so the model's input, labels and output are unknown; {_HOW_TO_FIX}"
+        )
+    try:
+        return ModelMeta.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if errors[0]["type"] == "json_invalid":
+            raise ModelError(
+                f"{source}: the '{META_KEY}' entry is not JSON ({errors[0]['msg']}); {_HOW_TO_FIX}"
+            ) from exc
+        problems = [f"{'.'.join(map(str, e['loc'])) or 'the whole entry'}: {e['msg']}" for e in errors]
+        if len(problems) > _MAX_PROBLEMS:
+            problems[_MAX_PROBLEMS:] = [f"and {len(problems) - _MAX_PROBLEMS} more"]
+        raise ModelError(
+            f"{source}: the '{META_KEY}' entry is not a valid ModelMeta ({'; '.join(problems)}); {_HOW_TO_FIX}"
+        ) from exc
+
+
+def onnx_model_meta(metadata: Mapping[str, str], path: str | Path) -> ModelMeta:
+    """The contract in an ONNX file's metadata, as onnxruntime's ``custom_metadata_map`` or the
+    onnx package's ``metadata_props`` give it, so the device and the repository writer refuse a
+    broken file with the same words."""
+    return parse_model_meta(metadata.get(META_KEY), f"{path} (ONNX metadata)")

@@ -6,26 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import ValidationError
 
 from edgewire.errors import ModelError
-from edgewire.modelmeta import META_KEY, ModelMeta
+from edgewire.modelmeta import onnx_model_meta
 from edgewire.profiles import OnnxRuntimeSettings
 
 from .base import Engine, to_probabilities
-
-
-def read_meta(session: ort.InferenceSession, path: Path) -> ModelMeta:
-    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
-    if raw is None:
-        raise ModelError(
-            f"{path}: the model has no '{META_KEY}' metadata entry, so its input and labels are unknown; "
-            "export it with edgewire (see edgewire.modelmeta)"
-        )
-    try:
-        return ModelMeta.model_validate_json(raw)
-    except ValidationError as exc:
-        raise ModelError(f"{path}: invalid '{META_KEY}' metadata: {exc.errors()[0]['msg']}") from None
 
 
 class OnnxEngine(Engine):
@@ -47,7 +33,7 @@ class OnnxEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise ModelError(f"{path}: not a loadable ONNX model ({type(exc).__name__}: {exc})") from None
         self.path = path
-        self.meta = read_meta(self.session, path)
+        self.meta = onnx_model_meta(self.session.get_modelmeta().custom_metadata_map, path)
         names = {i.name for i in self.session.get_inputs()}
         if self.meta.input.name not in names:
             raise ModelError(f"{path}: metadata names input '{self.meta.input.name}', graph has {sorted(names)}")
