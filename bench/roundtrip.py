@@ -30,10 +30,10 @@ import numpy as np
 
 from edgewire import envelopes as env
 from edgewire import topics
-from edgewire.cloud_bridge.model_repository import write_python_repository
+from edgewire.cloud_bridge.model_repository import model_meta_from_config, write_python_repository
 from edgewire.cloud_bridge.triton_server import EmbeddedTriton
 from edgewire.demo_models import build_demo
-from edgewire.modelmeta import META_KEY, ModelMeta
+from edgewire.modelmeta import ModelMeta
 from edgewire.ports import free_port, wait_port
 from edgewire.preprocess import Preprocessor, decode
 from edgewire.session import MqttSession
@@ -145,7 +145,7 @@ class Direct:
 
     async def start(self) -> None:
         cfg = await self.client.get_model_config(self.model)
-        self.meta = ModelMeta.model_validate_json(cfg.config.parameters[META_KEY].string_value)
+        self.meta = model_meta_from_config(cfg)
         self.pre = Preprocessor(self.meta.input)
 
     async def one(self) -> float:

@@ -125,7 +125,7 @@ class Bridge:
             session.hold_acks()
             await cancel_and_wait(listener)
             for message in session.drain_inbox():  # taken from the broker already: answer them too
-                self._take(session, message)
+                self._on_request(session, message)
             if self._jobs:
                 await asyncio.gather(*self._jobs, return_exceptions=True)
             if self._unacked:
@@ -135,11 +135,11 @@ class Bridge:
 
     async def _listen(self, session: MqttSession) -> None:
         async for message in session.messages():
-            self._take(session, message)
+            self._on_request(session, message)
             # Take the rest of what one read from the broker delivered in the same pass, so the
             # requests of a burst reach the batcher together instead of one loop pass each.
             for more in session.drain_inbox():
-                self._take(session, more)
+                self._on_request(session, more)
 
     def _reply_topic(self, device_id: str) -> str:
         topic = self._reply_topics.get(device_id)
@@ -149,7 +149,7 @@ class Bridge:
             topic = self._reply_topics[device_id] = topics.RESULT.build(device_id=device_id)
         return topic
 
-    def _take(self, session: MqttSession, message: Any) -> None:
+    def _on_request(self, session: MqttSession, message: Any) -> None:
         received = time.time()
         topic = str(message.topic)
         try:
@@ -181,7 +181,7 @@ class Bridge:
     async def _handle(self, session: MqttSession, device_id: str, trace_id: str, data: bytes, received: float) -> None:
         async with self._slots:
             try:
-                result = await self._serve(device_id, trace_id, data, received)
+                result = await self._answer_request(device_id, trace_id, data, received)
             except Exception as exc:  # a bug must cost one answer, not the bridge
                 log.exception("%s: request %s failed", self.bridge_id, trace_id)
                 result = self._result(device_id, trace_id, received, "rejected", reason=f"internal error: {exc!r}")
@@ -206,7 +206,7 @@ class Bridge:
             self.meter.inc("results_unsent_total")
             log.warning("%s: a result was not acknowledged by the broker: %s", self.bridge_id, acked.exception())
 
-    async def _serve(self, device_id: str, trace_id: str, data: bytes, received: float) -> env.Result:
+    async def _answer_request(self, device_id: str, trace_id: str, data: bytes, received: float) -> env.Result:
         try:
             req = env.decode(env.Request, data)
         except DecodeError as exc:

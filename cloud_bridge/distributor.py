@@ -10,10 +10,7 @@ Everything it receives is checked before it is believed: a chunk must agree with
 manifest and its own checksum; a version is served only after the whole artefact hashes to the
 manifest's sha256; a fetch must come from the device its topic names. A bad message is logged
 with its reason and counted (``messages_rejected_total{reason=...}``); it never stops the loop.
-
-Store layout, per model and version: ``<store>/<name>/<version>/`` holding ``artefact`` (written
-chunk by chunk with pwrite), ``manifest.msgpack``, ``held`` (one byte per chunk, so a restart
-resumes a half-received push) and ``complete`` (the verified sha256).
+What is kept, and how, is :mod:`.artefact_store`'s.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import re
 import socket
 import time
@@ -39,6 +35,8 @@ from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
 from edgewire.session import MqttSession, NotConnected, presence_factory
 
+from .artefact_store import StoredArtefact, manifest_problem, same_artefact
+
 log = logging.getLogger(__name__)
 
 SessionFactory = Callable[[], MqttSession]
@@ -48,122 +46,6 @@ def default_client_id() -> str:
     """``distributor-<host>``: stable across restarts, so the broker keeps its persistent session."""
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "host"
     return f"distributor-{host}"[:128]
-
-
-class _Artefact:
-    """One model version in the store: its manifest, its file and which chunks it holds."""
-
-    def __init__(self, folder: Path, manifest: env.Manifest, held: bytearray, complete: bool) -> None:
-        self.folder = folder
-        self.manifest = manifest
-        self.held = held
-        self.complete = complete
-        self.verifying = False
-        self._fd: int | None = None
-        self._held_fd: int | None = None
-
-    @property
-    def path(self) -> Path:
-        return self.folder / "artefact"
-
-    @property
-    def missing(self) -> int:
-        return self.held.count(0)
-
-    @classmethod
-    def create(cls, folder: Path, manifest: env.Manifest) -> _Artefact:
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in ("complete", "held", "artefact"):
-            with contextlib.suppress(FileNotFoundError):
-                (folder / name).unlink()
-        delivery.atomic_write(folder / "manifest.msgpack", env.encode(manifest))
-        held = bytearray(manifest.chunk_count)
-        (folder / "held").write_bytes(held)
-        with open(folder / "artefact", "wb") as f:
-            f.truncate(manifest.size)  # sparse: the space is taken as chunks land
-        return cls(folder, manifest, held, complete=False)
-
-    @classmethod
-    def load(cls, folder: Path) -> _Artefact:
-        manifest = env.decode(env.Manifest, (folder / "manifest.msgpack").read_bytes())
-        if (folder.parent.name, folder.name) != (manifest.name, manifest.version):
-            raise DecodeError(f"manifest is for {manifest.name} {manifest.version}")
-        try:
-            marker = (folder / "complete").read_text().strip()
-        except FileNotFoundError:
-            marker = ""
-        size = (folder / "artefact").stat().st_size
-        if size != manifest.size:
-            raise DecodeError(f"artefact is {size} bytes, manifest says {manifest.size}")
-        if marker == manifest.sha256:
-            return cls(folder, manifest, bytearray(b"\x01" * manifest.chunk_count), complete=True)
-        try:
-            held = bytearray((folder / "held").read_bytes())
-        except FileNotFoundError:
-            held = bytearray()
-        if len(held) != manifest.chunk_count:
-            held = bytearray(manifest.chunk_count)
-        return cls(folder, manifest, held, complete=False)
-
-    def _handle(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR)
-        return self._fd
-
-    def write(self, index: int, data: bytes) -> None:
-        """The chunk's bytes first, then its mark in ``held``: a crash between the two costs a
-        resend of that chunk, never a chunk marked held whose bytes are missing."""
-        os.pwrite(self._handle(), data, index * self.manifest.chunk_size)
-        if self._held_fd is None:
-            self._held_fd = os.open(self.folder / "held", os.O_WRONLY)
-        os.pwrite(self._held_fd, b"\x01", index)
-        self.held[index] = 1
-
-    def read(self, index: int) -> bytes:
-        length = delivery.expected_chunk_length(self.manifest, index)
-        return os.pread(self._handle(), length, index * self.manifest.chunk_size)
-
-    def update_manifest(self, manifest: env.Manifest) -> None:
-        """Same artefact, new announce (other targets, say): keep the bytes, remember the manifest."""
-        if manifest != self.manifest:
-            delivery.atomic_write(self.folder / "manifest.msgpack", env.encode(manifest))
-            self.manifest = manifest
-
-    def mark_complete(self) -> None:
-        fd = self._handle()
-        os.fsync(fd)
-        delivery.atomic_write(self.folder / "complete", self.manifest.sha256.encode())
-        self.complete = True
-
-    def reset(self) -> None:
-        self.held = bytearray(self.manifest.chunk_count)
-        if self._held_fd is None:
-            self._held_fd = os.open(self.folder / "held", os.O_WRONLY)
-        os.pwrite(self._held_fd, bytes(self.held), 0)
-
-    def close(self) -> None:
-        for fd in (self._fd, self._held_fd):
-            if fd is not None:
-                os.close(fd)
-        self._fd = self._held_fd = None
-
-
-def _same_artefact(a: env.Manifest, b: env.Manifest) -> bool:
-    return (a.sha256, a.size, a.chunk_size) == (b.sha256, b.size, b.chunk_size)
-
-
-def _manifest_problem(manifest: env.Manifest) -> str | None:
-    try:
-        delivery.check_model_ids(manifest.name, manifest.version)
-    except delivery.DeliveryError as exc:
-        return str(exc)
-    if not 0 < manifest.chunk_size <= delivery.MAX_CHUNK_SIZE:
-        return f"chunk_size {manifest.chunk_size} out of range"
-    if manifest.size <= 0 or manifest.chunk_count != -(-manifest.size // manifest.chunk_size):
-        return f"size {manifest.size}, chunk_size {manifest.chunk_size} and chunk_count {manifest.chunk_count} disagree"
-    if not re.fullmatch(r"[0-9a-f]{64}", manifest.sha256):
-        return "sha256 is not 64 lowercase hex digits"
-    return None
 
 
 @dataclass(frozen=True)
@@ -200,7 +82,7 @@ class Distributor:
         self._session_factory = session_factory
         self._pending_limit = pending_limit_bytes
         self._telemetry_interval_s = telemetry_interval_s
-        self._artefacts: dict[tuple[str, str], _Artefact] = {}
+        self._artefacts: dict[tuple[str, str], StoredArtefact] = {}
         # Chunks that arrived before their manifest (another client's order is not guaranteed
         # across topics); bounded, because an unannounced stream must not fill the memory.
         self._pending: dict[tuple[str, str], dict[int, env.Chunk]] = {}
@@ -274,9 +156,9 @@ class Distributor:
                 await self._stop.wait()
             finally:
                 await cancel_and_wait(listener)
-                for message in session.drain_inbox():  # acknowledged to the broker already: take them too
+                for message in session.drain_inbox():  # acknowledged to the broker already: handle them too
                     with contextlib.suppress(Exception):
-                        self._take(str(message.topic), bytes(message.payload))
+                        self._on_message(str(message.topic), bytes(message.payload))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._drain_sends(), 10)
                 if self._jobs:  # a verification under way is worth finishing: it saves a whole resend
@@ -296,7 +178,7 @@ class Distributor:
             if not (folder / "manifest.msgpack").exists():
                 continue
             try:
-                art = _Artefact.load(folder)
+                art = StoredArtefact.load(folder)
             except (OSError, EdgewireError) as exc:
                 log.warning("%s: ignoring %s in the store: %s", self.client_id, folder, exc)
                 continue
@@ -311,7 +193,7 @@ class Distributor:
     async def _listen(self, session: MqttSession) -> None:
         async for message in session.messages():
             try:
-                self._take(str(message.topic), bytes(message.payload))
+                self._on_message(str(message.topic), bytes(message.payload))
             except Exception:  # a bug must cost one message, not the distributor
                 self._reject("internal", f"{message.topic}: handling failed", exc_info=True)
 
@@ -319,7 +201,15 @@ class Distributor:
         self.meter.inc("messages_rejected_total", reason=reason)
         log.warning("%s: rejected (%s): %s", self.client_id, reason, why, exc_info=exc_info)
 
-    def _take(self, topic: str, payload: bytes) -> None:
+    def _decoded(self, kind: type[env.E], payload: bytes, what: str) -> env.E | None:
+        """The payload as ``kind``, or None once it is rejected as a bad ``what``."""
+        try:
+            return env.decode(kind, payload)
+        except DecodeError as exc:
+            self._reject("payload", f"{what}: {exc}")
+            return None
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
         try:
             parsed = topics.parse(topic)
         except TopicError as exc:
@@ -339,21 +229,19 @@ class Distributor:
     def _on_announce(self, model: str, payload: bytes) -> None:
         if not payload:  # the retained announce was withdrawn; what is stored stays servable
             return
-        try:
-            manifest = env.decode(env.Manifest, payload)
-        except DecodeError as exc:
-            self._reject("payload", f"announce of {model}: {exc}")
+        manifest = self._decoded(env.Manifest, payload, f"announce of {model}")
+        if manifest is None:
             return
         if manifest.name != model:
             self._reject("manifest", f"announce on {model} names {manifest.name}")
             return
-        problem = _manifest_problem(manifest)
+        problem = manifest_problem(manifest)
         if problem is not None:
             self._reject("manifest", f"{model} {manifest.version}: {problem}")
             return
         key = (manifest.name, manifest.version)
         art = self._artefacts.get(key)
-        if art is not None and _same_artefact(art.manifest, manifest):
+        if art is not None and same_artefact(art.manifest, manifest):
             art.update_manifest(manifest)
         else:
             if art is not None:
@@ -366,10 +254,10 @@ class Distributor:
                 )
                 art.close()
                 self._unqueue(*key)
-            self._artefacts[key] = _Artefact.create(self.store_dir / manifest.name / manifest.version, manifest)
+            self._artefacts[key] = StoredArtefact.create(self.store_dir / manifest.name / manifest.version, manifest)
             self.meter.inc("distributor_versions_announced_total")
             log.info("%s: storing %s %s (%d chunks)", self.client_id, *key, manifest.chunk_count)
-        for chunk in self._pending_take(key).values():
+        for chunk in self._pending_pop(key).values():
             self._store_chunk(self._artefacts[key], chunk)
         self._gauge()
 
@@ -380,10 +268,8 @@ class Distributor:
             # Our own fetch answers come back to us (MQTT 3.1.1 has no no-local): nothing to do.
             self.meter.inc("distributor_chunks_ignored_total")
             return
-        try:
-            chunk = env.decode(env.Chunk, payload)
-        except DecodeError as exc:
-            self._reject("payload", f"chunk {'/'.join(key)}/{parsed['index']}: {exc}")
+        chunk = self._decoded(env.Chunk, payload, f"chunk {'/'.join(key)}/{parsed['index']}")
+        if chunk is None:
             return
         if (chunk.name, chunk.version, str(chunk.index)) != (*key, parsed["index"]):
             self._reject(
@@ -405,12 +291,12 @@ class Distributor:
         self._pending_bytes += len(chunk.data) - (len(old.data) if old else 0)
         held[chunk.index] = chunk
 
-    def _pending_take(self, key: tuple[str, str]) -> dict[int, env.Chunk]:
+    def _pending_pop(self, key: tuple[str, str]) -> dict[int, env.Chunk]:
         held = self._pending.pop(key, {})
         self._pending_bytes -= sum(len(c.data) for c in held.values())
         return held
 
-    def _store_chunk(self, art: _Artefact, chunk: env.Chunk) -> None:
+    def _store_chunk(self, art: StoredArtefact, chunk: env.Chunk) -> None:
         m = art.manifest
         where = f"chunk {chunk.index} of {m.name} {m.version}"
         if not 0 <= chunk.index < m.chunk_count:
@@ -429,7 +315,7 @@ class Distributor:
             art.verifying = True
             self._spawn(self._verify(art))
 
-    async def _verify(self, art: _Artefact) -> None:
+    async def _verify(self, art: StoredArtefact) -> None:
         """Hash the whole artefact off the event loop; only a match makes the version servable."""
         m = art.manifest
         try:
@@ -459,10 +345,8 @@ class Distributor:
 
     def _on_fetch(self, parsed: topics.ParsedTopic, payload: bytes) -> None:
         device, model = parsed["device_id"], parsed["model"]
-        try:
-            req = env.decode(env.FetchRequest, payload)
-        except DecodeError as exc:
-            self._reject("payload", f"fetch from {device} for {model}: {exc}")
+        req = self._decoded(env.FetchRequest, payload, f"fetch from {device} for {model}")
+        if req is None:
             return
         if req.device_id != device:
             self._reject("fetch_device_mismatch", f"fetch on {device}'s topic says it is from {req.device_id}")

@@ -300,24 +300,24 @@ async def test_distributor_intake_checks_everything_and_takes_chunks_before_thei
         return topics.MODEL_CHUNK.build(model=c.name, version=c.version, index=c.index)
 
     for c in chunks[:2]:  # another client's order across topics is not guaranteed
-        d._take(chunk_topic(c), env.encode(c))
-    d._take(topics.MODEL_ANNOUNCE.build(model="m"), env.encode(m))
+        d._on_message(chunk_topic(c), env.encode(c))
+    d._on_message(topics.MODEL_ANNOUNCE.build(model="m"), env.encode(m))
     for c in chunks[2:]:
-        d._take(chunk_topic(c), env.encode(c))
+        d._on_message(chunk_topic(c), env.encode(c))
     await until(lambda: d.holds("m", "1"))
     assert d.artefact_path("m", "1").read_bytes() == await asyncio.to_thread(artefact.read_bytes)
 
     broken = m.model_copy(update={"version": "2", "chunk_count": 3})
-    d._take(topics.MODEL_ANNOUNCE.build(model="m"), env.encode(broken))
-    d._take(topics.MODEL_ANNOUNCE.build(model="other"), env.encode(m.model_copy(update={"version": "3"})))
+    d._on_message(topics.MODEL_ANNOUNCE.build(model="m"), env.encode(broken))
+    d._on_message(topics.MODEL_ANNOUNCE.build(model="other"), env.encode(m.model_copy(update={"version": "3"})))
     assert d.rejected("manifest") == 2 and d.manifest("m", "2") is None
     m4 = m.model_copy(update={"version": "4"})
-    d._take(topics.MODEL_ANNOUNCE.build(model="m"), env.encode(m4))
+    d._on_message(topics.MODEL_ANNOUNCE.build(model="m"), env.encode(m4))
     c0 = chunks[0].model_copy(update={"version": "4"})
-    d._take(chunk_topic(c0.model_copy(update={"index": 1})), env.encode(c0))  # topic and payload disagree
-    d._take(chunk_topic(c0), env.encode(c0.model_copy(update={"data": c0.data[:-1]})))  # short
-    d._take(chunk_topic(c0), b"garbage")
-    d._take("model/chunk/m/4/x", env.encode(c0))
+    d._on_message(chunk_topic(c0.model_copy(update={"index": 1})), env.encode(c0))  # topic and payload disagree
+    d._on_message(chunk_topic(c0), env.encode(c0.model_copy(update={"data": c0.data[:-1]})))  # short
+    d._on_message(chunk_topic(c0), b"garbage")
+    d._on_message("model/chunk/m/4/x", env.encode(c0))
     assert [d.rejected(r) for r in ("chunk_topic", "chunk_size", "payload", "topic")] == [1, 1, 1, 1]
     assert d.manifest("m", "4") == m4 and not d.holds("m", "4")
 

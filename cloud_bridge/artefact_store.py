@@ -1,0 +1,137 @@
+"""The distributor's store on disk: one folder per model version, written chunk by chunk.
+
+Store layout, per model and version: ``<store>/<name>/<version>/`` holding ``artefact`` (written
+chunk by chunk with pwrite), ``manifest.msgpack``, ``held`` (one byte per chunk, so a restart
+resumes a half-received push) and ``complete`` (the verified sha256).
+
+A push arrives in any order and may be cut off by a restart, so what is held is recorded per
+chunk beside the bytes, and a version counts as complete only once its verified sha256 is
+written down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+from edgewire import delivery
+from edgewire import envelopes as env
+from edgewire.errors import DecodeError
+
+
+class StoredArtefact:
+    """One model version in the store: its manifest, its file and which chunks it holds."""
+
+    def __init__(self, folder: Path, manifest: env.Manifest, held: bytearray, complete: bool) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self.held = held
+        self.complete = complete
+        self.verifying = False
+        self._fd: int | None = None
+        self._held_fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "artefact"
+
+    @property
+    def missing(self) -> int:
+        return self.held.count(0)
+
+    @classmethod
+    def create(cls, folder: Path, manifest: env.Manifest) -> StoredArtefact:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("complete", "held", "artefact"):
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
+        delivery.atomic_write(folder / "manifest.msgpack", env.encode(manifest))
+        held = bytearray(manifest.chunk_count)
+        (folder / "held").write_bytes(held)
+        with open(folder / "artefact", "wb") as f:
+            f.truncate(manifest.size)  # sparse: the space is taken as chunks land
+        return cls(folder, manifest, held, complete=False)
+
+    @classmethod
+    def load(cls, folder: Path) -> StoredArtefact:
+        manifest = env.decode(env.Manifest, (folder / "manifest.msgpack").read_bytes())
+        if (folder.parent.name, folder.name) != (manifest.name, manifest.version):
+            raise DecodeError(f"manifest is for {manifest.name} {manifest.version}")
+        try:
+            marker = (folder / "complete").read_text().strip()
+        except FileNotFoundError:
+            marker = ""
+        size = (folder / "artefact").stat().st_size
+        if size != manifest.size:
+            raise DecodeError(f"artefact is {size} bytes, manifest says {manifest.size}")
+        if marker == manifest.sha256:
+            return cls(folder, manifest, bytearray(b"\x01" * manifest.chunk_count), complete=True)
+        try:
+            held = bytearray((folder / "held").read_bytes())
+        except FileNotFoundError:
+            held = bytearray()
+        if len(held) != manifest.chunk_count:
+            held = bytearray(manifest.chunk_count)
+        return cls(folder, manifest, held, complete=False)
+
+    def _handle(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR)
+        return self._fd
+
+    def write(self, index: int, data: bytes) -> None:
+        """The chunk's bytes first, then its mark in ``held``: a crash between the two costs a
+        resend of that chunk, never a chunk marked held whose bytes are missing."""
+        os.pwrite(self._handle(), data, index * self.manifest.chunk_size)
+        if self._held_fd is None:
+            self._held_fd = os.open(self.folder / "held", os.O_WRONLY)
+        os.pwrite(self._held_fd, b"\x01", index)
+        self.held[index] = 1
+
+    def read(self, index: int) -> bytes:
+        length = delivery.expected_chunk_length(self.manifest, index)
+        return os.pread(self._handle(), length, index * self.manifest.chunk_size)
+
+    def update_manifest(self, manifest: env.Manifest) -> None:
+        """Same artefact, new announce (other targets, say): keep the bytes, remember the manifest."""
+        if manifest != self.manifest:
+            delivery.atomic_write(self.folder / "manifest.msgpack", env.encode(manifest))
+            self.manifest = manifest
+
+    def mark_complete(self) -> None:
+        fd = self._handle()
+        os.fsync(fd)
+        delivery.atomic_write(self.folder / "complete", self.manifest.sha256.encode())
+        self.complete = True
+
+    def reset(self) -> None:
+        self.held = bytearray(self.manifest.chunk_count)
+        if self._held_fd is None:
+            self._held_fd = os.open(self.folder / "held", os.O_WRONLY)
+        os.pwrite(self._held_fd, bytes(self.held), 0)
+
+    def close(self) -> None:
+        for fd in (self._fd, self._held_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._held_fd = None
+
+
+def same_artefact(a: env.Manifest, b: env.Manifest) -> bool:
+    return (a.sha256, a.size, a.chunk_size) == (b.sha256, b.size, b.chunk_size)
+
+
+def manifest_problem(manifest: env.Manifest) -> str | None:
+    try:
+        delivery.check_model_ids(manifest.name, manifest.version)
+    except delivery.DeliveryError as exc:
+        return str(exc)
+    if not 0 < manifest.chunk_size <= delivery.MAX_CHUNK_SIZE:
+        return f"chunk_size {manifest.chunk_size} out of range"
+    if manifest.size <= 0 or manifest.chunk_count != -(-manifest.size // manifest.chunk_size):
+        return f"size {manifest.size}, chunk_size {manifest.chunk_size} and chunk_count {manifest.chunk_count} disagree"
+    if not re.fullmatch(r"[0-9a-f]{64}", manifest.sha256):
+        return "sha256 is not 64 lowercase hex digits"
+    return None
