@@ -21,6 +21,19 @@ from edgewire import envelopes as env
 from edgewire.errors import DecodeError
 
 
+def version_folder(store_dir: Path, name: str, version: str) -> Path:
+    return store_dir / name / version
+
+
+def artefact_file(store_dir: Path, name: str, version: str) -> Path:
+    return version_folder(store_dir, name, version) / "artefact"
+
+
+def stored_folders(store_dir: Path) -> list[Path]:
+    """The version folders a previous run left, whole or half-received, in a stable order."""
+    return sorted(f for f in store_dir.glob("*/*") if (f / "manifest.msgpack").exists())
+
+
 class StoredArtefact:
     """One model version in the store: its manifest, its file and which chunks it holds."""
 
@@ -42,7 +55,9 @@ class StoredArtefact:
         return self.held.count(0)
 
     @classmethod
-    def create(cls, folder: Path, manifest: env.Manifest) -> StoredArtefact:
+    def create(cls, store_dir: Path, manifest: env.Manifest) -> StoredArtefact:
+        """An empty copy of ``manifest``'s artefact, replacing whatever that version held."""
+        folder = version_folder(store_dir, manifest.name, manifest.version)
         folder.mkdir(parents=True, exist_ok=True)
         for name in ("complete", "held", "artefact"):
             with contextlib.suppress(FileNotFoundError):

@@ -35,7 +35,7 @@ from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
 from edgewire.session import MqttSession, NotConnected, presence_factory
 
-from .artefact_store import StoredArtefact, manifest_problem, same_artefact
+from .artefact_store import StoredArtefact, artefact_file, manifest_problem, same_artefact, stored_folders
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class Distributor:
         return art.manifest if art is not None else None
 
     def artefact_path(self, name: str, version: str) -> Path:
-        return self.store_dir / name / version / "artefact"
+        return artefact_file(self.store_dir, name, version)
 
     @property
     def chunks_served(self) -> int:
@@ -174,9 +174,7 @@ class Distributor:
 
     def _load_store(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        for folder in sorted(self.store_dir.glob("*/*")):
-            if not (folder / "manifest.msgpack").exists():
-                continue
+        for folder in stored_folders(self.store_dir):
             try:
                 art = StoredArtefact.load(folder)
             except (OSError, EdgewireError) as exc:
@@ -254,7 +252,7 @@ class Distributor:
                 )
                 art.close()
                 self._unqueue(*key)
-            self._artefacts[key] = StoredArtefact.create(self.store_dir / manifest.name / manifest.version, manifest)
+            self._artefacts[key] = StoredArtefact.create(self.store_dir, manifest)
             self.meter.inc("distributor_versions_announced_total")
             log.info("%s: storing %s %s (%d chunks)", self.client_id, *key, manifest.chunk_count)
         for chunk in self._pending_pop(key).values():
