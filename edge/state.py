@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tinydb import Query, TinyDB
+from tinydb.queries import QueryLike
 from tinydb.storages import MemoryStorage, Storage
+from tinydb.table import Table
 
 from . import durable
 
@@ -117,12 +119,7 @@ class DeviceState:
     def save_desired(self, documents: dict[str, dict[str, Any]]) -> None:
         data = {"fleet": documents.get("fleet", {}), "device": documents.get("device", {})}
 
-        def save() -> None:
-            table = self._db.table(_DESIRED)
-            table.truncate()
-            table.insert(data)
-
-        self._locked(save)
+        self._locked(lambda: _replace(self._db.table(_DESIRED), None, data))
 
     # -- models ------------------------------------------------------------------------------
 
@@ -136,7 +133,7 @@ class DeviceState:
         return record
 
     def save_model(self, name: str, record: dict[str, Any]) -> None:
-        self._locked(lambda: self._db.table(_MODELS).upsert({**record, "name": name}, Query().name == name))
+        self._locked(lambda: _replace(self._db.table(_MODELS), Query().name == name, {**record, "name": name}))
 
     def forget_model(self, name: str) -> None:
         self._locked(lambda: self._db.table(_MODELS).remove(Query().name == name))
@@ -163,3 +160,18 @@ class DeviceState:
                 return
         legacy.unlink(missing_ok=True)
         log.info("desired documents of %s now kept in %s", legacy, self.where)
+
+
+def _replace(table: Table, cond: QueryLike | None, data: dict[str, Any]) -> None:
+    """Replace the document ``cond`` finds (the table's only one, without ``cond``) by ``data``,
+    in one write of the file: a crash never leaves it removed and not yet put back."""
+    found = table.get(cond) if cond is not None else next(iter(table.all()), None)
+    if found is None or isinstance(found, list):
+        table.insert(data)
+        return
+
+    def replace(doc: dict[str, Any]) -> None:
+        doc.clear()
+        doc.update(data)
+
+    table.update(replace, doc_ids=[found.doc_id])
