@@ -14,7 +14,6 @@ result. It leaves degraded mode when the link returns and the cloud answers agai
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -38,6 +37,7 @@ from edgewire.profiles import DeviceProfile, load_profile
 from edgewire.session import MqttSession, NotConnected
 
 from .active_model import ActiveModel, load_model
+from .connection import advertisement, device_session
 from .escalation import Escalations
 from .judge import Judge, Verdict
 from .mode import DEGRADED, DeviceMode
@@ -46,34 +46,11 @@ from .remote_config import RemoteConfig
 from .sources import Frame, QueueSource, open_source
 from .state import DeviceState
 from .tasks import Task, TaskState
+from .telemetry import AgentSummary, publish_telemetry, report_every
 
 log = logging.getLogger(__name__)
 
 ResultHook = Callable[[env.LocalResult], None]
-
-
-@dataclass
-class AgentSummary:
-    device_id: str
-    model: str
-    version: str
-    mode: str
-    frames: int
-    completed: int
-    hard: int
-    escalated: int
-    timeouts: int
-    failed: int
-    rejected: int
-    elapsed_s: float
-    # From the first frame read to the last result out: the pipeline's own time, without
-    # connecting and saying goodbye.
-    busy_s: float
-    late: int = 0
-
-    @property
-    def fps(self) -> float:
-        return self.completed / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
 @dataclass
@@ -212,51 +189,16 @@ class EdgeAgent:
     async def run(self) -> AgentSummary:
         cfg = self.config
         self._stop = asyncio.Event()
-        resolver = None
-        if cfg.broker.uses_mdns:
-            from edgewire.discovery import find_broker
-
-            async def resolver() -> tuple[str, int]:
-                return await find_broker(cfg.broker)
-
-        session = MqttSession.from_settings(
-            cfg.device_id,
-            cfg.broker,
-            host=cfg.broker.host if cfg.broker.url != "auto" else "",
-            resolver=resolver,
-            presence=self._presence,
-            meter=self.meter,
-            persistent=cfg.broker.persistent_session,
-            session_expiry_s=cfg.broker.session_expiry_s,
-        )
+        session = device_session(cfg, self._presence, self.meter)
         self.session = session
         if self.escalations is not None:
             self.escalations.attach(session)
         else:
             log.info("%s: no cloud configured: running local-only, hard cases are answered locally", cfg.device_id)
         started = time.monotonic()
+        models = f"{self.meta.name}={self.meta.version}"
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                if cfg.advertise is not None:
-                    from edgewire.mdns import EDGEWIRE_SERVICE, Advertiser
-
-                    txt = {
-                        "device_id": cfg.device_id,
-                        "fleet": cfg.fleet,
-                        "profile": self.profile.name,
-                        "models": f"{self.meta.name}={self.meta.version}",
-                        "state": self.mode,
-                    }
-                    await stack.enter_async_context(
-                        Advertiser(
-                            EDGEWIRE_SERVICE,
-                            cfg.device_id,
-                            cfg.advertise.port,
-                            addresses=[cfg.advertise.address],
-                            properties=txt,
-                        )
-                    )
-                await stack.enter_async_context(session)
+            async with advertisement(cfg, profile=self.profile.name, models=models, mode=self.mode), session:
                 elapsed = await self._run_session(session, started)
         finally:
             self._executor.shutdown(wait=True)
@@ -265,22 +207,9 @@ class EdgeAgent:
             if self.updater is not None:
                 self.updater.close()
             self.model.engine.close()
-        m = self.meter
-        return AgentSummary(
-            device_id=cfg.device_id,
-            model=self.meta.name,
-            version=self.meta.version,
-            mode=self.mode,
-            frames=int(m.total("frames_total")),
-            completed=int(m.total("frames_completed_total")),
-            hard=int(m.total("frames_hard_total")),
-            escalated=int(m.total("frames_escalated_total")),
-            timeouts=int(m.total("escalations_timed_out_total")),
-            failed=int(m.total("frames_failed_total")),
-            rejected=int(m.total("messages_rejected_total")),
-            elapsed_s=elapsed,
-            busy_s=(self._last_done - self._first_frame) if self._first_frame and self._last_done else 0.0,
-            late=int(m.total("late_results_total")),
+        busy = (self._last_done - self._first_frame) if self._first_frame and self._last_done else 0.0
+        return AgentSummary.of(
+            self.meter, model=self.meta.name, version=self.meta.version, mode=self.mode, elapsed_s=elapsed, busy_s=busy
         )
 
     async def _run_session(self, session: MqttSession, started: float) -> float:
@@ -305,7 +234,7 @@ class EdgeAgent:
         sdnotify.notify(f"READY=1\nSTATUS={self.mode}, broker {'up' if session.connected else 'down'}")
         helpers = [
             asyncio.create_task(self._listen(session), name="listen"),
-            asyncio.create_task(self._telemetry(session), name="telemetry"),
+            asyncio.create_task(self._report_telemetry(session), name="telemetry"),
             asyncio.create_task(sdnotify.watchdog(), name="watchdog"),
         ]
         if esc is not None:
@@ -322,7 +251,7 @@ class EdgeAgent:
         finally:
             await cancel_and_wait(*helpers)
             elapsed = time.monotonic() - started
-            await self._publish_telemetry(session, elapsed)
+            await publish_telemetry(session, self.meter, elapsed)
         return elapsed
 
     # -- pipeline ------------------------------------------------------------------------
@@ -542,28 +471,12 @@ class EdgeAgent:
         self.meter.inc("messages_ignored_total", family=parsed.spec.name)
         log.debug("%s: ignored a message on %s", self.config.device_id, topic)
 
+    async def _report_telemetry(self, session: MqttSession) -> None:
+        await report_every(session, self.meter, lambda: self.config.publish.telemetry_interval_s)
+
     def _reconfigure(self, config: DeviceConfig) -> None:
         """Take settings that apply at once (judge, escalation, publishing)."""
         self.config = config
         self.model = self.model.judged_by(config.judge)
         if self.escalations is not None and config.cloud is not None:
             self.escalations.cloud = config.cloud
-
-    async def _telemetry(self, session: MqttSession) -> None:
-        started = time.monotonic()
-        last_count, last_t = 0.0, started
-        while True:
-            await asyncio.sleep(self.config.publish.telemetry_interval_s)
-            now = time.monotonic()
-            count = self.meter.total("frames_completed_total")
-            self.meter.set("pipeline_fps", (count - last_count) / max(now - last_t, 1e-9))
-            last_count, last_t = count, now
-            await self._publish_telemetry(session, now - started)
-
-    async def _publish_telemetry(self, session: MqttSession, elapsed: float) -> None:
-        metrics = self.meter.snapshot()
-        metrics["uptime_s"] = elapsed
-        payload = env.encode(env.Telemetry(client_id=self.config.device_id, ts=time.time(), metrics=metrics))
-        await session.publish(
-            topics.TELEMETRY.build(client_id=self.config.device_id), payload, qos=topics.TELEMETRY.qos
-        )
