@@ -263,3 +263,30 @@ def _owed_keys(db: Path) -> set[str]:
 
 def _owed(db: Path) -> int:
     return len(_owed_keys(db))
+
+
+async def test_degraded_without_answers_and_back_when_they_come(demo: DemoArtifacts, mqtt_port: int) -> None:
+    """Timeouts degrade the device; hard frames are still queued, and once a peer answers they
+    come back late (answered by the cloud) and the device is joint again. One final per frame."""
+    results: list[env.LocalResult] = []
+    cfg = _config(demo, mqtt_port, deadline_ms=400, degraded_after=2)
+    cfg = cfg.model_copy(update={"source": SourceSettings(kind="folder", path=demo.frames_dir, fps=20, loop=True)})
+    agent = EdgeAgent(cfg, on_result=results.append)
+    run = asyncio.create_task(agent.run())
+    try:
+        assert await until(lambda: agent.mode == "degraded", 20)
+        async with answering_peer(mqtt_port, lambda req: [_result(req)]):
+            assert await until(lambda: agent.mode == "joint", 30)
+            await asyncio.sleep(1.0)
+            agent.stop()
+            await asyncio.wait_for(run, 30)
+    finally:
+        agent.stop()
+        await asyncio.gather(run, return_exceptions=True)
+    assert agent.meter.get("mode_transitions_total", to="degraded", reason="timeout") == 1
+    late = [r for r in results if r.late]
+    assert late and all(r.answered_by == "cloud" for r in late)  # queued while degraded, answered later
+    finals = [r for r in results if r.state != "PENDING_CLOUD" and not r.late]
+    assert len({r.trace_id for r in finals}) == len(finals)
+    waited = {r.trace_id for r in results if r.state == "PENDING_CLOUD"}
+    assert waited <= {r.trace_id for r in finals}  # every frame that waited has its outcome
