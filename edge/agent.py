@@ -111,9 +111,7 @@ class EdgeAgent:
         self._run_id = secrets.token_hex(4)
         self.escalations: Escalations | None = None
         if config.cloud is not None:
-            self.escalations = Escalations(
-                config, run_id=self._run_id, meter=self.meter, mode=self.link_mode, publish=self._publish_later
-            )
+            self.escalations = Escalations(config, meter=self.meter, mode=self.link_mode, publish=self._publish_later)
         self._stop: asyncio.Event | None = None
         self._first_frame: float | None = None
         self._last_done: float | None = None

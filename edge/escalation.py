@@ -98,14 +98,13 @@ class _Escalation:
 
 
 class Escalations:
-    def __init__(self, config: DeviceConfig, *, run_id: str, meter: Meter, mode: DeviceMode, publish: Publish) -> None:
+    def __init__(self, config: DeviceConfig, *, meter: Meter, mode: DeviceMode, publish: Publish) -> None:
         assert config.cloud is not None
         self.cloud = config.cloud
         self.device_id = config.device_id
         self.fleet = config.fleet
         self.meter = meter
         self.mode = mode
-        self._run_id = run_id
         self._publish = publish
         box = config.cloud.outbox
         if box.path is not None:
@@ -290,7 +289,10 @@ class Escalations:
             burst = [await self._answers.get()]
             while not self._answers.empty():
                 burst.append(self._answers.get_nowait())
-            await self._answered(burst)
+            try:
+                await self._answered(burst)
+            except Exception:  # a bug or a failing disk must not end the taking of answers for good
+                log.exception("%s: %d answers could not be taken", self.device_id, len(burst))
 
     async def _answered(self, burst: list[env.Result]) -> None:
         """Only an answer that flipped its owed row is used; a duplicate, even across restarts, is dropped."""
@@ -376,7 +378,11 @@ class Escalations:
         if so configured."""
         finals: list[env.LocalResult] = []
         async with self._deciding:
-            expired = await self._settle_expired(trace_ids)
+            try:
+                expired = await self._settle_expired(trace_ids)
+            except Exception:  # the frames waiting here still end at their deadline
+                log.exception("%s: %d overdue escalations could not be settled", self.device_id, len(trace_ids))
+                expired = [False] * len(trace_ids)
             for key, mine in zip(trace_ids, expired, strict=True):
                 # Not mine but still waiting here: the bounded outbox dropped its request (and
                 # settled its row), so no answer can come; its deadline ends it all the same.

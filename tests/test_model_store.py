@@ -4,6 +4,7 @@ signatures, installed versions, activation with rollback target and pruning, fai
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -452,6 +453,23 @@ def test_activate_sets_active_and_previous_and_survives_a_restart(tmp_path: Path
         again.activate("digits", "9")
     again.activate("digits", "1")  # roll back
     assert (again.active("digits"), again.previous("digits")) == ("1", "2")
+
+
+def test_records_live_in_the_device_state_and_an_earlier_release_s_file_is_taken_in(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    install(store, "1")
+    install(store, "2")
+    store.activate("digits", "2")
+    assert (tmp_path / "state.json").is_file() and not (tmp_path / "digits" / "state.json").exists()
+    # A store an earlier release left: the record in its own file beside the versions.
+    store.state.forget_model("digits")
+    legacy = {"active": "1", "history": ["2"], "installed": ["1", "2"], "failed": {"3": "validation: bad"}}
+    (tmp_path / "digits" / "state.json").write_text(json.dumps(legacy))
+    again = store_at(tmp_path)
+    assert (again.active("digits"), again.previous("digits")) == ("1", "2")
+    assert again.failed_reason("digits", "3") == "validation: bad"
+    assert not (tmp_path / "digits" / "state.json").exists()  # taken in once, then gone
+    assert store_at(tmp_path).active("digits") == "1"
 
 
 def test_activating_in_turn_keeps_the_newest_versions(tmp_path: Path) -> None:
