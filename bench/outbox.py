@@ -26,7 +26,7 @@ from pathlib import Path
 from edgewire.aio import cancel_and_wait
 from edgewire.config import OutboxSettings
 from edgewire.edge.forwarder import Forwarder
-from edgewire.edge.outbox import Message, Outbox
+from edgewire.edge.outbox import Outbox, OutboxEntry
 from edgewire.ports import free_port, wait_port
 from edgewire.session import MqttSession
 
@@ -36,7 +36,9 @@ def enqueue_rate(box: Outbox, n: int, batch: int, payload: bytes) -> float:
     deadline = time.time() + 3600
     for start in range(0, n, batch):
         box.put_many(
-            Message(topic=f"req/bench/t{start + k}", payload=payload, deadline=deadline, key=f"t{start + k}", note=b"n")
+            OutboxEntry(
+                topic=f"req/bench/t{start + k}", payload=payload, deadline=deadline, key=f"t{start + k}", note=b"n"
+            )
             for k in range(min(batch, n - start))
         )
     return n / (time.perf_counter() - t0)

@@ -1,8 +1,22 @@
-"""Hard frames on their way to the cloud: one request per trace_id, one answer, or a timeout.
+"""A hard frame's trip to the cloud and back, from its request to its one final outcome.
 
-Each escalated task waits in a table keyed by trace_id with a timer at its deadline. The first
-of (answer, deadline) completes it; anything that arrives later -- a duplicate answer, a late
-one, an answer for a trace this device never sent -- finds no task and is only counted.
+A hard frame the device may wait for (joint mode, link up, room) is recorded PENDING_CLOUD and
+waits here for its answer or its deadline; one answered at once (degraded) may still be queued,
+so the cloud's answer comes back later as a late result. Either way its request and the
+escalation owed an answer are made durable in one outbox transaction (group commit), and the
+forwarder sends it.
+
+Every escalation ends through one of two doors, both here and both serialised:
+
+* :meth:`Escalations._answered` -- an answer arrived; it counts only if it flips the owed row
+  from waiting (a duplicate, even across restarts, finds nothing to flip);
+* :meth:`Escalations._time_out` -- the deadline passed: the frame's own timer, the forwarder
+  dropping a request at its deadline, or the overdue sweep after a restart all come here.
+
+The final outcome is made by one rule, :func:`final_outcome`, from the frame's first result
+(kept in the outbox as the escalation's note, so it survives a restart) and the answer, if any.
+Cloud outcomes also move the device's mode: timeouts and unavailable answers count against the
+cloud, an ok answer restores joint mode.
 """
 
 from __future__ import annotations
@@ -10,118 +24,400 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from edgewire import envelopes as env
-from edgewire.config import CloudSettings
+from edgewire import topics
+from edgewire.config import CloudSettings, DeviceConfig
+from edgewire.errors import DecodeError
 from edgewire.metrics import Meter
+from edgewire.session import MqttSession
 
+from .forwarder import Forwarder
+from .mode import JOINT, DeviceMode
+from .outbox import Outbox, OutboxEntry, OutboxFull, OwedState, QueuedEntry
 from .tasks import Task, TaskState
 
 log = logging.getLogger(__name__)
 
-Complete = Callable[[Task], Awaitable[None]]
+T = TypeVar("T")
+#: Hands finished outcomes to the device's local-results path.
+Publish = Callable[[list[env.LocalResult]], Awaitable[None]]
+#: Settled answers are kept this long to recognise a duplicate of them.
+SETTLED_KEEP_S = 3600.0
+#: How often owed answers past their deadline and on no timer here are looked for.
+SWEEP_EVERY_S = 1.0
 
 
-def takes_cloud(settings: CloudSettings, local: env.Prediction, cloud: env.Prediction) -> bool:
-    """The merge policy: whether the cloud's answer replaces the local one."""
-    return settings.merge == "prefer_cloud" or cloud.confidence >= local.confidence
+def final_outcome(
+    cloud: CloudSettings, first: env.LocalResult, answer: env.Result | None, *, late: bool
+) -> env.LocalResult | None:
+    """The frame's final outcome from its first result and the cloud's answer (None: the
+    deadline passed). The one merge rule: ``prefer_cloud`` takes the cloud's prediction,
+    ``max_confidence`` the surer of the two. None when the answer adds nothing to a frame that
+    was answered already (one queued while degraded)."""
+    unfinished = first.state == TaskState.PENDING_CLOUD.value
+    update: dict[str, Any]
+    if answer is not None and answer.status == "ok" and answer.prediction is not None:
+        cloud_pred = answer.prediction
+        update = {"degraded": False, "state": TaskState.COMPLETE.value}
+        if cloud.merge == "prefer_cloud" or cloud_pred.confidence >= first.prediction.confidence:
+            update |= {
+                "prediction": cloud_pred,
+                "answered_by": "cloud",
+                "model": answer.model or first.model,
+                "version": answer.version or first.version,
+            }
+    elif unfinished:
+        # unavailable / rejected / expired, or no answer in time: the local answer stands, flagged.
+        state = TaskState.COMPLETE if answer is not None else TaskState.TIMEOUT
+        update = {"degraded": True, "state": state.value}
+    else:
+        return None
+    latency = (time.time() - first.ts) * 1000.0
+    return first.model_copy(update={**update, "late": late, "latency_ms": latency})
 
 
 @dataclass
-class Pending:
+class _Waiting:
+    """A frame of this run waiting for its answer; its timer is armed once its request is durable."""
+
     task: Task
-    local: env.Prediction
-    timer: asyncio.TimerHandle
+    first: env.LocalResult
+    timer: asyncio.TimerHandle | None = None
 
 
-class Escalator:
-    def __init__(self, settings: CloudSettings, meter: Meter, on_complete: Complete) -> None:
-        self.settings = settings
+@dataclass
+class _Escalation:
+    task: Task
+    first: env.LocalResult
+    entry: OutboxEntry
+
+
+class Escalations:
+    def __init__(self, config: DeviceConfig, *, meter: Meter, mode: DeviceMode, publish: Publish) -> None:
+        assert config.cloud is not None
+        self.cloud = config.cloud
+        self.device_id = config.device_id
+        self.fleet = config.fleet
         self.meter = meter
-        self._on_complete = on_complete
-        self._pending: dict[str, Pending] = {}
+        self.mode = mode
+        self._publish = publish
+        box = config.cloud.outbox
+        if box.path is not None:
+            box.path.parent.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(
+            box.path if box.path is not None else ":memory:",
+            max_count=box.max_messages,
+            max_bytes=box.max_bytes,
+            max_age_s=box.max_age_s,
+            policy=box.when_full,
+            durable=box.path is not None,
+            meter=meter,
+        )
+        # The outbox's one thread: SQLite is used from it alone, and the event loop never waits on fsync.
+        self._io = ThreadPoolExecutor(1, thread_name_prefix=f"outbox-{config.device_id}")
+        self.result_topic = topics.RESULT.build(device_id=config.device_id)
+        self.session: MqttSession | None = None
+        self.forwarder: Forwarder | None = None
+        self._waiting: dict[str, _Waiting] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        self._background: set[asyncio.Task[None]] = set()
+        self._answers: asyncio.Queue[env.Result] = asyncio.Queue()
+        self._unrecorded: list[_Escalation] = []
+        # Answers and timeouts end escalations one decision at a time: an owed row flipped and
+        # its waiting frame taken are one step, so no frame ends twice.
+        self._deciding = asyncio.Lock()
+        self._jobs: set[asyncio.Future[Any]] = set()
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def attach(self, session: MqttSession) -> None:
+        self.session = session
+        self.forwarder = Forwarder(
+            self.outbox, session, self.cloud.outbox, self.meter, on_expired=self._requests_expired, io=self._io
+        )
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        return [(self.result_topic, topics.RESULT.qos)]
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        """What runs beside the pipeline: the forwarder, the answers, the overdue sweep."""
+        assert self.forwarder is not None
+        return [self.forwarder.run(), self._receive_answers(), self._sweep_overdue_often()]
+
+    async def link_back(self) -> None:
+        assert self.forwarder is not None
+        await self.forwarder.link_back()
+
+    async def recover(self) -> None:
+        """After a restart: finish what a crash left owed (answers whose deadline passed while
+        the device was down are recorded TIMEOUT), and forget answers old enough."""
+        await self._db(self.outbox.forget_settled, SETTLED_KEEP_S)
+        pending = await self._db(self.outbox.waiting)
+        queued = len(self.outbox)
+        if pending or queued:
+            log.info("%s: resuming with %d queued requests, %d answers owed", self.device_id, queued, pending)
+        self.meter.set("outbox_depth", queued)
+        await self._sweep_overdue()
+
+    async def finish(self) -> None:
+        """Wait until every escalation of this run has its outcome (each has a deadline), then
+        hand what is queued to the broker; what is left stays durable for the next start."""
+        while self._jobs or not self._idle.is_set():
+            await asyncio.gather(*self._jobs, return_exceptions=True)
+            await self._idle.wait()
+        if self.forwarder is not None and self.session is not None and self.session.connected:
+            await self.forwarder.wait_empty(2.0)
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
+        self.outbox.close()
+
+    # -- out: requests -----------------------------------------------------------------------
 
     @property
-    def pending(self) -> int:
-        return len(self._pending)
+    def queues_offline(self) -> bool:
+        """Whether a hard frame answered at once still has its request queued for a late answer."""
+        return self.cloud.offline_deadline_s > 0
 
-    def is_pending(self, trace_id: str) -> bool:
-        return trace_id in self._pending
+    def may_wait(self) -> bool:
+        """Whether a hard frame may wait for the cloud's answer (else it is answered now)."""
+        if self.mode.state != JOINT or self.session is None or not self.session.connected:
+            self.meter.inc("escalations_skipped_total", reason="degraded")
+            return False
+        if len(self._waiting) >= self.cloud.max_pending:
+            self.meter.inc("escalations_skipped_total", reason="backlog")
+            return False
+        return True
 
-    def has_room(self) -> bool:
-        return len(self._pending) < self.settings.max_pending
+    def escalate(self, task: Task, first: env.LocalResult, payload: bytes, content_type: str) -> None:
+        """Send ``task``'s frame to the cloud. A PENDING_CLOUD task waits for its answer from now
+        on; the requests escalated in one turn of the event loop share one durable commit."""
+        waits = task.state is TaskState.PENDING_CLOUD
+        if waits:
+            self._waiting[task.trace_id] = _Waiting(task, first)
+            self._idle.clear()
+            self.meter.set("escalations_pending", len(self._waiting))
+        deadline = (
+            task.created + self.cloud.deadline_ms / 1000.0 if waits else time.time() + self.cloud.offline_deadline_s
+        )
+        entry = self._request(task, first, payload, content_type, deadline)
+        if not self._unrecorded:
+            self._spawn(self._record())
+        self._unrecorded.append(_Escalation(task, first, entry))
 
-    def deadline_for(self, task: Task) -> float:
-        return task.created + self.settings.deadline_ms / 1000.0
-
-    def track(self, task: Task) -> None:
-        """Start waiting for ``task``'s answer; it must already be PENDING_CLOUD."""
+    def _request(
+        self, task: Task, first: env.LocalResult, payload: bytes, content_type: str, deadline: float
+    ) -> OutboxEntry:
         assert task.prediction is not None
+        request = env.Request(
+            trace_id=task.trace_id,
+            device_id=self.device_id,
+            fleet=self.fleet,
+            created=task.created,
+            deadline=deadline,
+            model_hint=self.cloud.model_hint,
+            local=task.prediction,
+            reasons=list(task.reasons),
+            payload=payload,
+            content_type=content_type,
+            reply_to=self.result_topic,
+        )
+        return OutboxEntry(
+            topic=topics.REQUEST.build(device_id=self.device_id, trace_id=task.trace_id),
+            payload=env.encode(request),
+            qos=topics.REQUEST.qos,
+            deadline=deadline,
+            key=task.trace_id,
+            # What finishes the frame when its answer arrives, even after a restart.
+            note=env.encode(env.LocalResults(device_id=self.device_id, results=[first])),
+        )
+
+    async def _record(self) -> None:
+        """Make the requests durable (one group commit), arm the deadlines of those waiting, then
+        let the forwarder send them. A request the full outbox refused is answered locally."""
+        batch, self._unrecorded = self._unrecorded, []
+        accepted = batch
+        refused: list[_Escalation] = []
+        try:
+            await self._db(self.outbox.put_many, [e.entry for e in batch])
+        except OutboxFull as exc:
+            accepted, refused = batch[: len(exc.accepted)], batch[len(exc.accepted) :]
+            log.warning("%s: %s", self.device_id, exc)
+            self.meter.inc("escalations_skipped_total", len(refused), reason="outbox_full")
+        except Exception:
+            log.exception("%s: %d escalations could not be recorded", self.device_id, len(batch))
+            accepted, refused = [], batch
         loop = asyncio.get_running_loop()
-        delay = max(0.0, self.deadline_for(task) - time.time())
-        timer = loop.call_later(delay, self._expire, task.trace_id)
-        self._pending[task.trace_id] = Pending(task, task.prediction, timer)
-        self._idle.clear()
-        self.meter.set("escalations_pending", len(self._pending))
+        for e in accepted:
+            waiting = self._waiting.get(e.task.trace_id)
+            if waiting is not None:
+                delay = max(0.0, (e.entry.deadline or 0.0) - time.time())
+                waiting.timer = loop.call_later(delay, self._deadline_passed, e.task.trace_id)
+        finals = []
+        for e in refused:
+            waiting = self._waiting.pop(e.task.trace_id, None)
+            if waiting is not None:
+                waiting.task.degraded = True
+                waiting.task.to(TaskState.COMPLETE)
+                latency = (time.time() - e.first.ts) * 1000.0
+                update = {"state": TaskState.COMPLETE.value, "degraded": True, "latency_ms": latency}
+                finals.append(e.first.model_copy(update=update))
+                self.meter.inc("frames_completed_total")
+        self._waiting_changed()
+        if accepted:
+            self.meter.inc("frames_escalated_total", len(accepted))
+            self.meter.inc("bytes_escalated_total", sum(len(e.entry.payload) for e in accepted))
+            if self.forwarder is not None:
+                self.forwarder.wake()
+        await self._finished(finals)
 
-    def cancel(self, trace_id: str) -> Task | None:
-        """Forget a task whose request could not be sent; the caller answers it locally."""
-        entry = self._pending.pop(trace_id, None)
-        if entry is None:
-            return None
-        entry.timer.cancel()
-        self._settle()
-        return entry.task
+    # -- in: answers -------------------------------------------------------------------------
 
-    async def resolve(self, result: env.Result) -> None:
-        entry = self._pending.pop(result.trace_id, None)
-        if entry is None:
-            self.meter.inc("results_ignored_total", reason="unknown_or_late")
-            return
-        entry.timer.cancel()
-        task = entry.task
-        if result.status == "ok" and result.prediction is not None:
-            cloud = result.prediction
-            if takes_cloud(self.settings, entry.local, cloud):
-                task.prediction = cloud
-                task.answered_by = "cloud"
-                task.model = result.model
-                task.version = result.version
-            task.degraded = False
-            self.meter.inc("results_total", status="ok")
+    def receive(self, result: env.Result, topic: str) -> None:
+        if result.device_id != self.device_id:
+            raise DecodeError(f"Result for device {result.device_id!r} arrived on {topic}")
+        self._answers.put_nowait(result)
+
+    async def _receive_answers(self) -> None:
+        """Take answers a burst at a time: one transaction settles them all."""
+        while True:
+            burst = [await self._answers.get()]
+            while not self._answers.empty():
+                burst.append(self._answers.get_nowait())
+            try:
+                await self._answered(burst)
+            except Exception:  # a bug or a failing disk must not end the taking of answers for good
+                log.exception("%s: %d answers could not be taken", self.device_id, len(burst))
+
+    async def _answered(self, burst: list[env.Result]) -> None:
+        """Only an answer that flipped its owed row is used; a duplicate, even across restarts, is dropped."""
+        finals: list[env.LocalResult] = []
+        async with self._deciding:
+            fresh = await self._db(self.outbox.settle_many, [(r.trace_id, "answered") for r in burst])
+            for result, new in zip(burst, fresh, strict=True):
+                if not new:
+                    self.meter.inc("results_ignored_total", reason="duplicate_or_late")
+                    continue
+                if result.status == "ok":
+                    self.mode.cloud_answered(self.session is not None and self.session.connected)
+                elif result.status == "unavailable":
+                    self.mode.cloud_failed("unavailable", self.cloud.degraded_after)
+                final = await self._outcome_of(result.trace_id, result)
+                if final is not None:
+                    finals.append(final)
+        await self._finished(finals)
+
+    async def _outcome_of(self, trace_id: str, answer: env.Result | None) -> env.LocalResult | None:
+        """The final outcome of an escalation whose owed row this run just settled: a frame
+        waiting here ends on time; any other (queued while degraded, or left unfinished by a
+        restart) ends late, from the note its request was recorded with."""
+        waiting = self._waiting.pop(trace_id, None)
+        if waiting is not None:
+            if waiting.timer is not None:
+                waiting.timer.cancel()
+            self._waiting_changed()
+            first, late = waiting.first, False
         else:
-            # unavailable / rejected / expired: keep the local answer, flagged.
-            task.degraded = True
-            self.meter.inc("results_total", status=result.status)
-            log.info("trace %s answered %s: %s", task.trace_id, result.status, result.reason)
-        task.to(TaskState.COMPLETE)
-        self._settle()
-        await self._on_complete(task)
+            note = await self._db(self.outbox.note_of, trace_id)
+            if note is None:
+                self.meter.inc("results_ignored_total", reason="unknown")
+                return None
+            first, late = env.decode(env.LocalResults, note).results[0], True
+        final = final_outcome(self.cloud, first, answer, late=late)
+        if first.state == TaskState.PENDING_CLOUD.value:
+            self.meter.inc("frames_completed_total")
+        if answer is not None:
+            if late:
+                self.meter.inc("late_results_total", status=answer.status)
+            else:
+                self.meter.inc("results_total", status=answer.status)
+                if answer.status != "ok":
+                    log.info("trace %s answered %s: %s", trace_id, answer.status, answer.reason)
+        if waiting is not None:
+            waiting.task.degraded = final is not None and final.degraded
+            waiting.task.to(TaskState.TIMEOUT if answer is None else TaskState.COMPLETE)
+        if final is None:
+            return None
+        if final.state == TaskState.TIMEOUT.value:
+            self.meter.inc("escalations_timed_out_total")
+            if not late:
+                self.mode.cloud_failed("timeout", self.cloud.degraded_after)
+        return final
 
-    def _expire(self, trace_id: str) -> None:
-        entry = self._pending.pop(trace_id, None)
-        if entry is None:
-            return
-        entry.task.degraded = True
-        entry.task.to(TaskState.TIMEOUT)
-        self.meter.inc("escalations_timed_out_total")
-        self._settle()
-        job = asyncio.ensure_future(self._on_complete(entry.task))
-        self._background.add(job)
-        job.add_done_callback(self._background.discard)
+    # -- deadlines ---------------------------------------------------------------------------
 
-    def _settle(self) -> None:
-        self.meter.set("escalations_pending", len(self._pending))
-        if not self._pending:
-            self._idle.set()
+    def _deadline_passed(self, trace_id: str) -> None:
+        self._spawn(self._time_out([trace_id]))
 
-    async def drain(self) -> None:
-        """Wait until every escalation is answered or timed out (each has a deadline)."""
-        await self._idle.wait()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+    async def _requests_expired(self, entries: list[QueuedEntry]) -> None:
+        """Requests the forwarder dropped at their deadline."""
+        keys = [topics.REQUEST.match(e.topic) for e in entries]
+        await self._time_out([k["trace_id"] for k in keys if k is not None])
+
+    async def _sweep_overdue(self) -> None:
+        """Answers owed past their deadline (a previous run's, or the device was down when it
+        passed) are timed out, so every escalated frame ends with exactly one outcome."""
+        overdue = await self._db(self.outbox.overdue)
+        if overdue:
+            await self._time_out([o.key for o in overdue])
+
+    async def _sweep_overdue_often(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_EVERY_S)
+            await self._sweep_overdue()
+
+    async def _time_out(self, trace_ids: list[str]) -> None:
+        """The one timeout decision: an escalation still owed an answer past its deadline ends
+        TIMEOUT if its frame was waiting (here, or in a run a restart cut short); one answered
+        locally already just stops waiting. A request given up on is still forwarded for audit
+        if so configured."""
+        finals: list[env.LocalResult] = []
+        async with self._deciding:
+            try:
+                expired = await self._settle_expired(trace_ids)
+            except Exception:  # the frames waiting here still end at their deadline
+                log.exception("%s: %d overdue escalations could not be settled", self.device_id, len(trace_ids))
+                expired = [False] * len(trace_ids)
+            for key, mine in zip(trace_ids, expired, strict=True):
+                # Not mine but still waiting here: the bounded outbox dropped its request (and
+                # settled its row), so no answer can come; its deadline ends it all the same.
+                if mine or key in self._waiting:
+                    final = await self._outcome_of(key, None)
+                    if final is not None:
+                        finals.append(final)
+        await self._finished(finals)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    async def _finished(self, finals: list[env.LocalResult]) -> None:
+        """Publish final outcomes; the run may end once none is waiting and these are out."""
+        try:
+            if finals:
+                await self._publish(finals)
+        finally:
+            if not self._waiting:
+                self._idle.set()
+
+    async def _settle_expired(self, trace_ids: list[str]) -> list[bool]:
+        """Flip owed rows to expired (one transaction); True where this call did it. A request
+        given up on stays queued, if it never left, when late requests are forwarded for audit."""
+        keep = self.cloud.outbox.late == "forward"
+        outcomes: list[tuple[str, OwedState]] = [(k, "expired") for k in trace_ids]
+        return await self._db(lambda: self.outbox.settle_many(outcomes, keep_unsent=keep))
+
+    def _waiting_changed(self) -> None:
+        self.meter.set("escalations_pending", len(self._waiting))
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Outbox calls run on the one I/O thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        job = asyncio.ensure_future(coro)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)

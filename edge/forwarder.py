@@ -22,12 +22,12 @@ from edgewire.config import OutboxSettings
 from edgewire.metrics import Meter
 from edgewire.session import MqttSession, NotConnected
 
-from .outbox import Item, Outbox
+from .outbox import Outbox, QueuedEntry
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-OnExpired = Callable[[list[Item]], Awaitable[None]]
+OnExpired = Callable[[list[QueuedEntry]], Awaitable[None]]
 
 
 class TokenBucket:

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,12 +27,14 @@ from edgewire import signing, topics
 from edgewire.config import DeliverySettings
 from edgewire.delivery import targets_match
 from edgewire.errors import DecodeError, EdgewireError
+from edgewire.metrics import Meter
+from edgewire.profiles import DeviceProfile
 from edgewire.session import MqttSession
 
-from .model_store import ChunkRejected, ChunksCorrupt, Download, ModelStore, StoreError, VerifyFailed
-
-if TYPE_CHECKING:
-    from .agent import ActiveModel, EdgeAgent
+from .active_model import ActiveModel
+from .download import ChunkRejected, ChunksCorrupt, Download, StoreError, VerifyFailed
+from .model_store import ModelStore
+from .state import DeviceState
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +69,44 @@ class _Probation:
     usage: _Usage
 
 
+class ModelHost(Protocol):
+    """What the updater needs of the device it updates, and nothing more."""
+
+    @property
+    def device_id(self) -> str: ...
+
+    @property
+    def fleet(self) -> str: ...
+
+    @property
+    def profile(self) -> DeviceProfile: ...
+
+    @property
+    def meter(self) -> Meter: ...
+
+    @property
+    def state(self) -> DeviceState: ...
+
+    @property
+    def session(self) -> MqttSession | None: ...
+
+    @property
+    def model(self) -> ActiveModel:
+        """The model serving now."""
+        ...
+
+    def load_model(self, path: str | Path) -> ActiveModel:
+        """Load a model ready to serve (blocking)."""
+        ...
+
+    def swap_model(self, new: ActiveModel) -> ActiveModel:
+        """Serve ``new`` from the next batch on; returns the model it replaced."""
+        ...
+
+
 class ModelUpdater:
-    def __init__(self, agent: EdgeAgent, settings: DeliverySettings) -> None:
-        self.agent = agent
+    def __init__(self, device: ModelHost, settings: DeliverySettings) -> None:
+        self.device = device
         self.settings = settings
         key = None
         if settings.public_key is not None:
@@ -82,10 +119,11 @@ class ModelUpdater:
             public_key=key,
             allow_unsigned=settings.allow_unsigned,
             keep_versions=settings.keep_versions,
-            meter=agent.meter,
+            meter=device.meter,
+            state=device.state,
         )
-        self.meter = agent.meter
-        self.device_id = agent.config.device_id
+        self.meter = device.meter
+        self.device_id = device.device_id
         self._session: MqttSession | None = None
         self._download: Download | None = None
         self._last_chunk = 0.0
@@ -94,14 +132,14 @@ class ModelUpdater:
         self._reported = -1.0
         self._busy: asyncio.Task[None] | None = None
         self._probation: _Probation | None = None
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"chunks-{agent.config.device_id}")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"chunks-{device.device_id}")
         self._background: set[asyncio.Future[None]] = set()
         # Per-frame inference time of the serving version, the baseline a new one is judged by.
         self._usage: dict[str, _Usage] = {}
 
     @property
     def name(self) -> str:
-        return self.agent.model.meta.name
+        return self.device.model.meta.name
 
     def installed_path(self, name: str) -> Path | None:
         """The model to boot with: the store's active version, unless it was marked failed."""
@@ -133,15 +171,14 @@ class ModelUpdater:
         except DecodeError as exc:
             await self._status("unknown", "failed", reason=f"unreadable announce: {exc}")
             raise
-        cfg = self.agent.config
         if manifest.name != self.name:
             await self._status(manifest.version, "failed", reason=f"announce names model {manifest.name!r}")
             return
-        if not targets_match(manifest.targets, self.device_id, self.agent.profile.name, cfg.fleet):
+        if not targets_match(manifest.targets, self.device_id, self.device.profile.name, self.device.fleet):
             self.meter.inc("model_announces_ignored_total", reason="not_targeted")
             return
         version = manifest.version
-        if version == self.agent.model.meta.version or (self._download and self._download.manifest == manifest):
+        if version == self.device.model.meta.version or (self._download and self._download.manifest == manifest):
             return
         if self.store.failed_reason(self.name, version) is not None:
             self.meter.inc("model_announces_ignored_total", reason="failed_before")
@@ -174,7 +211,7 @@ class ModelUpdater:
 
     def _refusal(self, manifest: env.Manifest) -> str | None:
         """Why this device cannot run the announced artefact, checked before a byte is fetched."""
-        profile = self.agent.profile
+        profile = self.device.profile
         backend = {"onnx": "onnxruntime", "tensorrt-plan": "tensorrt"}.get(manifest.format)
         if backend is None:
             return f"unknown format {manifest.format!r} (known: onnx, tensorrt-plan)"
@@ -246,9 +283,9 @@ class ModelUpdater:
         except EdgewireError as exc:
             await self._fail(version, str(exc))
             return
-        current = self.agent.model
+        current = self.device.model
         await asyncio.to_thread(self.store.activate, self.name, version)
-        self.agent.swap_model(new)
+        self.device.swap_model(new)
         baseline = self._usage.get(current.meta.version)
         self._probation = _Probation(
             version=version,
@@ -265,7 +302,7 @@ class ModelUpdater:
     def _validate(self, path: Path, manifest: env.Manifest) -> ActiveModel:
         """Runs on a thread, beside the serving model: the new one must load, answer a golden
         input in the right shape, and fit the profile's latency budget before it serves."""
-        model = self.agent.load_model(path)
+        model = self.device.load_model(path)
         meta = model.meta
         if meta.name != manifest.name:
             raise StoreError(f"the artefact's metadata names model {meta.name!r}, the manifest {manifest.name!r}")
@@ -287,7 +324,7 @@ class ModelUpdater:
             raise StoreError(f"golden input gave output shape {got}, expected {expected}")
         if not np.all(np.isfinite(out)):
             raise StoreError("golden input gave non-finite output")
-        budget = self.agent.profile.limits.latency_budget_ms
+        budget = self.device.profile.limits.latency_budget_ms
         latency = statistics.median(timings)
         if latency > budget:
             raise StoreError(f"golden input took {latency:.1f} ms, over the profile's {budget:.0f} ms budget")
@@ -334,7 +371,7 @@ class ModelUpdater:
 
     async def _roll_back(self, p: _Probation, reason: str) -> None:
         self._probation = None
-        self.agent.swap_model(p.previous)
+        self.device.swap_model(p.previous)
         await asyncio.to_thread(self.store.mark_failed, self.name, p.version, reason)
         previous = p.previous_version
         if previous is not None and self.store.path_of(self.name, previous) is not None:
@@ -379,7 +416,7 @@ class ModelUpdater:
     async def _status(self, version: str, state: str, *, progress: float = 0.0, reason: str | None = None) -> None:
         self._last_status = time.monotonic()
         self._reported = progress if state == "downloading" else -1.0
-        session = self._session or self.agent.session
+        session = self._session or self.device.session
         if session is None:
             return
         status = env.ModelStatus(

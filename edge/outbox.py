@@ -75,7 +75,9 @@ class OutboxFull(EdgewireError):
 
 
 @dataclass(frozen=True)
-class Item:
+class QueuedEntry:
+    """An entry as the outbox holds it: with its row id, to acknowledge it by."""
+
     id: int
     topic: str
     payload: bytes
@@ -86,7 +88,9 @@ class Item:
 
 
 @dataclass(frozen=True)
-class Message:
+class OutboxEntry:
+    """What is handed to :meth:`Outbox.put_many`: a message to deliver, perhaps owed an answer."""
+
     topic: str
     payload: bytes
     qos: int = 1
@@ -156,10 +160,10 @@ class Outbox:
     def bytes(self) -> int:
         return self._bytes
 
-    def put(self, message: Message) -> int:
+    def put(self, message: OutboxEntry) -> int:
         return self.put_many([message])[0]
 
-    def put_many(self, messages: Iterable[Message]) -> list[int]:
+    def put_many(self, messages: Iterable[OutboxEntry]) -> list[int]:
         """Append in one transaction (one fsync); returns their ids in order.
 
         Under the refuse policy the messages that fit are kept and OutboxFull names them."""
@@ -217,14 +221,14 @@ class Outbox:
             self._bytes -= int(victim[1])
             self.meter.inc("outbox_dropped_total", reason=self.policy)
 
-    def peek(self, limit: int) -> list[Item]:
+    def peek(self, limit: int) -> list[QueuedEntry]:
         """The oldest ``limit`` messages not yet handed to the broker, in the order they were put."""
         rows = self._db.execute(
             "SELECT id, topic, payload, qos, priority, created, deadline FROM outbox WHERE sent IS NULL "
             "ORDER BY id LIMIT ?",
             (limit,),
         ).fetchall()
-        return [Item(int(r[0]), r[1], bytes(r[2]), int(r[3]), int(r[4]), float(r[5]), r[6]) for r in rows]
+        return [QueuedEntry(int(r[0]), r[1], bytes(r[2]), int(r[3]), int(r[4]), float(r[5]), r[6]) for r in rows]
 
     def ack(self, ids: Iterable[int]) -> None:
         """Forget messages the broker has acknowledged."""
@@ -270,7 +274,7 @@ class Outbox:
             self.meter.inc("outbox_resent_total", cur.rowcount)
         return cur.rowcount
 
-    def expire(self, now: float | None = None, *, deadlines: bool = True) -> list[Item]:
+    def expire(self, now: float | None = None, *, deadlines: bool = True) -> list[QueuedEntry]:
         """Remove and return messages older than max_age_s and, with ``deadlines``, those past
         their deadline (without it, late messages stay to be forwarded for audit)."""
         now = time.time() if now is None else now
@@ -279,7 +283,7 @@ class Outbox:
             "WHERE (? AND deadline IS NOT NULL AND deadline < ?) OR created < ? ORDER BY id",
             (int(deadlines), now, now - self.max_age_s),
         ).fetchall()
-        items = [Item(int(r[0]), r[1], bytes(r[2]), int(r[3]), int(r[4]), float(r[5]), r[6]) for r in rows]
+        items = [QueuedEntry(int(r[0]), r[1], bytes(r[2]), int(r[3]), int(r[4]), float(r[5]), r[6]) for r in rows]
         if items:
             self.ack(i.id for i in items)
             self.meter.inc("outbox_dropped_total", len(items), reason="expired")

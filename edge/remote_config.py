@@ -7,23 +7,28 @@ the running configuration stays exactly as it was. Judge thresholds, escalation 
 publishing apply at once; anything else (broker, source, model, pipeline) is reported as
 waiting for a restart.
 
-A device started from a file (``edgewire edge run``) keeps the last desired documents it accepted
-beside that file (:class:`SavedDesired`) and boots with them over the file, so what waited for a
-restart takes effect at the restart. Documents that no longer validate against the file are set
-aside with a warning and the device boots from the file alone.
+A device keeps the last desired documents it accepted in its state (:mod:`.state`; beside its
+configuration file when started from one, ``edgewire edge run``) and boots with them over the file
+(:func:`boot_config`), so what waited for a restart takes effect at the restart. Documents that no
+longer validate against the file are set aside with a warning and the device boots from the file alone.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-from pathlib import Path
+import time
 from typing import Any
 
 from pydantic import ValidationError
 
+from edgewire import envelopes as env
+from edgewire import topics
 from edgewire.config import DeviceConfig, deep_merge
-from edgewire.delivery import atomic_write
+from edgewire.metrics import Meter
+from edgewire.session import MqttSession
+
+from .state import DeviceState
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,8 @@ class Outcome:
         self.status = status
         self.config = config
         self.reason = reason
+        #: The desired document's revision, once it is known which one this answers.
+        self.revision = 0
 
 
 def merged(boot: DeviceConfig, fleet: dict[str, Any], device: dict[str, Any]) -> DeviceConfig | str:
@@ -65,46 +72,85 @@ def evaluate(boot: DeviceConfig, current: DeviceConfig, fleet: dict[str, Any], d
     return Outcome("applied", applied)
 
 
-class SavedDesired:
-    """The last desired documents a device accepted, kept in one JSON file beside its config."""
+def boot_config(file_config: DeviceConfig, state: DeviceState) -> DeviceConfig:
+    """The configuration to boot with: the file's, with the saved desired documents over it."""
+    try:
+        documents = state.desired()
+    except ValueError as exc:
+        log.warning("%s; booting from the config file alone", exc)
+        return file_config
+    if not documents["fleet"] and not documents["device"]:
+        return file_config
+    wanted = merged(file_config, documents["fleet"], documents["device"])
+    if isinstance(wanted, str):
+        log.warning(
+            "the desired documents saved in %s no longer apply to the config file (%s); booting from the file alone",
+            state.where,
+            wanted,
+        )
+        return file_config
+    return wanted
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
 
-    @classmethod
-    def beside(cls, config_path: Path) -> SavedDesired:
-        return cls(config_path.with_name(config_path.name + ".desired.json"))
+class RemoteConfig:
+    """The desired documents a running device follows: kept, evaluated, saved, reported."""
 
-    def load(self) -> dict[str, dict[str, Any]]:
-        """{"fleet": ..., "device": ...}; empty documents when nothing was saved."""
+    def __init__(self, boot: DeviceConfig, state: DeviceState, meter: Meter) -> None:
+        self.boot = boot
+        self.state = state
+        self.meter = meter
+        self.device_id = boot.device_id
+        self.documents: dict[str, dict[str, Any]] = {"fleet": {}, "device": {}}
+        self._topics = {
+            topics.CONFIG_FLEET.build(fleet=boot.fleet): "fleet",
+            topics.CONFIG_DESIRED.build(device_id=boot.device_id): "device",
+        }
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        return [(topic, topics.CONFIG_DESIRED.qos) for topic in self._topics]
+
+    def wants(self, topic: str) -> bool:
+        return topic in self._topics
+
+    async def receive(self, topic: str, data: bytes | bytearray, current: DeviceConfig) -> Outcome | None:
+        """What a desired document means for a device running ``current``; None for a cleared one."""
+        which = self._topics[topic]
+        if not data:  # a cleared retained document
+            self.documents[which] = {}
+            await self._save()
+            return None
+        desired = env.decode(env.DesiredConfig, data)
+        self.documents[which] = desired.config
+        outcome = evaluate(self.boot, current, self.documents["fleet"], self.documents["device"])
+        outcome.revision = desired.revision
+        if outcome.status != "rejected":
+            await self._save()
+        self.meter.inc("config_updates_total", status=outcome.status)
+        log.info("%s: desired config r%d %s %s", self.device_id, desired.revision, outcome.status, outcome.reason or "")
+        return outcome
+
+    async def report(self, session: MqttSession, outcome: Outcome) -> None:
+        """Say what was done with a desired document, with the configuration now running."""
+        report = env.ReportedConfig(
+            device_id=self.device_id,
+            revision=outcome.revision,
+            status=outcome.status,
+            config=outcome.config.model_dump(mode="json", exclude={"broker": {"password"}}),
+            reason=outcome.reason,
+            ts=time.time(),
+        )
+        await session.publish(
+            topics.CONFIG_REPORTED.build(device_id=self.device_id),
+            env.encode(report),
+            qos=topics.CONFIG_REPORTED.qos,
+            retain=True,
+            timeout=10,
+        )
+
+    async def _save(self) -> None:
+        """Keep the documents in force for the next boot (what waits for a restart gets one);
+        written and synced off the event loop, which keeps serving frames meanwhile."""
         try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {"fleet": {}, "device": {}}
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{self.path}: unreadable ({exc}); delete it to boot from the config file alone") from None
-        if not isinstance(raw, dict) or not all(isinstance(raw.get(k, {}), dict) for k in ("fleet", "device")):
-            raise ValueError(
-                f"{self.path}: expected a map with 'fleet' and 'device' maps; "
-                "delete it to boot from the config file alone"
-            )
-        return {"fleet": raw.get("fleet", {}), "device": raw.get("device", {})}
-
-    def save(self, documents: dict[str, dict[str, Any]]) -> None:
-        data = {"fleet": documents.get("fleet", {}), "device": documents.get("device", {})}
-        atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True).encode())
-
-    def boot_config(self, file_config: DeviceConfig) -> DeviceConfig:
-        """The configuration to boot with: the file's, with the saved documents over it."""
-        try:
-            documents = self.load()
-        except ValueError as exc:
-            log.warning("%s; booting from the config file alone", exc)
-            return file_config
-        if not documents["fleet"] and not documents["device"]:
-            return file_config
-        wanted = merged(file_config, documents["fleet"], documents["device"])
-        if isinstance(wanted, str):
-            log.warning("%s no longer applies to the config file (%s); booting from the file alone", self.path, wanted)
-            return file_config
-        return wanted
+            await asyncio.to_thread(self.state.save_desired, dict(self.documents))
+        except OSError as exc:
+            log.warning("%s: desired config not saved for the next boot: %s", self.device_id, exc)

@@ -118,15 +118,16 @@ def edge_run(
     """Run a device agent from its configuration until its source ends or it is interrupted."""
     from edgewire.config import load_device_config
     from edgewire.edge.agent import EdgeAgent
-    from edgewire.edge.remote_config import SavedDesired
+    from edgewire.edge.remote_config import boot_config
+    from edgewire.edge.state import DeviceState
     from edgewire.metrics import serve
 
     try:
         file_cfg = load_device_config(config)
-        saved = SavedDesired.beside(config)
-        cfg = saved.boot_config(file_cfg)  # over-the-air settings accepted before, restart ones included
+        state = DeviceState.beside(config)
+        cfg = boot_config(file_cfg, state)  # over-the-air settings accepted before, restart ones included
         hook = (lambda r: out.print(_result_line(r), highlight=False)) if print_results else None
-        agent = EdgeAgent(cfg, on_result=hook, boot_config=file_cfg, saved_desired=saved)
+        agent = EdgeAgent(cfg, on_result=hook, boot_config=file_cfg, state=state)
     except EdgewireError as exc:
         raise _fail(exc) from None
     if cfg.metrics_port is not None:

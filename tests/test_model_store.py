@@ -4,6 +4,7 @@ signatures, installed versions, activation with rollback target and pruning, fai
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -18,7 +19,8 @@ import pytest
 from edgewire import envelopes as env
 from edgewire import signing
 from edgewire.edge import model_store
-from edgewire.edge.model_store import ChunkRejected, ChunksCorrupt, Download, ModelStore, StoreError, VerifyFailed
+from edgewire.edge.download import ChunkRejected, ChunksCorrupt, Download, StoreError, VerifyFailed
+from edgewire.edge.model_store import ModelStore
 from edgewire.metrics import Meter
 
 KEY_PEM, PUBLIC_LINE = signing.generate()
@@ -453,6 +455,23 @@ def test_activate_sets_active_and_previous_and_survives_a_restart(tmp_path: Path
     assert (again.active("digits"), again.previous("digits")) == ("1", "2")
 
 
+def test_records_live_in_the_device_state_and_an_earlier_release_s_file_is_taken_in(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    install(store, "1")
+    install(store, "2")
+    store.activate("digits", "2")
+    assert (tmp_path / "state.json").is_file() and not (tmp_path / "digits" / "state.json").exists()
+    # A store an earlier release left: the record in its own file beside the versions.
+    store.state.forget_model("digits")
+    legacy = {"active": "1", "history": ["2"], "installed": ["1", "2"], "failed": {"3": "validation: bad"}}
+    (tmp_path / "digits" / "state.json").write_text(json.dumps(legacy))
+    again = store_at(tmp_path)
+    assert (again.active("digits"), again.previous("digits")) == ("1", "2")
+    assert again.failed_reason("digits", "3") == "validation: bad"
+    assert not (tmp_path / "digits" / "state.json").exists()  # taken in once, then gone
+    assert store_at(tmp_path).active("digits") == "1"
+
+
 def test_activating_in_turn_keeps_the_newest_versions(tmp_path: Path) -> None:
     store = store_at(tmp_path, keep_versions=3)
     for v in "12345":
@@ -499,11 +518,11 @@ def test_failures_persist_across_instances_until_cleared(tmp_path: Path) -> None
     assert store_at(tmp_path).failed_reason("digits", "3") is None
 
 
-def test_installed_version_missing_from_the_state_file_still_counts(tmp_path: Path) -> None:
+def test_installed_version_missing_from_the_state_still_counts(tmp_path: Path) -> None:
     store = store_at(tmp_path)
     install(store, "1")
     install(store, "2")
-    (tmp_path / "digits" / "state.json").unlink()  # a crash between the rename and the state write
+    store.state.forget_model("digits")  # a crash between the rename and the state write
     assert store_at(tmp_path).installed("digits") == ["1", "2"]
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from edgewire.edge.outbox import Message, Outbox, OutboxFull
+from edgewire.edge.outbox import Outbox, OutboxEntry, OutboxFull
 
 
-def msg(i: int, priority: int = 0, deadline: float | None = None) -> Message:
-    return Message(topic=f"req/cam/{i}", payload=b"x" * 100, priority=priority, deadline=deadline)
+def msg(i: int, priority: int = 0, deadline: float | None = None) -> OutboxEntry:
+    return OutboxEntry(topic=f"req/cam/{i}", payload=b"x" * 100, priority=priority, deadline=deadline)
 
 
 def test_fifo_ack_and_reopen(tmp_path: Path) -> None:
@@ -63,11 +63,11 @@ def test_expire_removes_past_deadline(tmp_path: Path) -> None:
 
 WRITER = """
 import sys
-from edgewire.edge.outbox import Message, Outbox
+from edgewire.edge.outbox import OutboxEntry, Outbox
 box = Outbox(sys.argv[1])
 n = 0
 while True:
-    box.put_many(Message(topic=f"req/cam/{n + k}", payload=b"y" * 200) for k in range(10))
+    box.put_many(OutboxEntry(topic=f"req/cam/{n + k}", payload=b"y" * 200) for k in range(10))
     n += 10
     print(n, flush=True)
 """
@@ -89,8 +89,8 @@ def test_committed_messages_survive_kill_9(tmp_path: Path) -> None:
     assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def owed(i: int, deadline: float) -> Message:
-    return Message(topic=f"req/cam/t{i}", payload=b"r" * 50, deadline=deadline, key=f"t{i}", note=b"n")
+def owed(i: int, deadline: float) -> OutboxEntry:
+    return OutboxEntry(topic=f"req/cam/t{i}", payload=b"r" * 50, deadline=deadline, key=f"t{i}", note=b"n")
 
 
 def test_owed_messages_stay_until_answered_and_go_again_when_overdue(tmp_path: Path) -> None:

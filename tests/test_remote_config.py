@@ -13,7 +13,8 @@ import pytest
 from edgewire.config import BrokerSettings, DeviceConfig, ModelSettings, SourceSettings
 from edgewire.demo_models import DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
-from edgewire.edge.remote_config import SavedDesired
+from edgewire.edge.remote_config import boot_config
+from edgewire.edge.state import DeviceState
 
 from .conftest import BrokerHandle
 
@@ -52,8 +53,8 @@ async def test_desired_config_applied_live_rejected_or_deferred(
         source=SourceSettings(kind="mqtt"),
         model=ModelSettings(path=demo.edge_model),
     )
-    saved = SavedDesired(tmp_path / "device.yaml.desired.json")
-    agent = EdgeAgent(cfg, boot_config=cfg, saved_desired=saved)
+    saved = DeviceState(tmp_path / "device.yaml.state.json")
+    agent = EdgeAgent(cfg, boot_config=cfg, state=saved)
     run = asyncio.create_task(agent.run())
     try:
         await asyncio.sleep(0)
@@ -82,7 +83,7 @@ async def test_desired_config_applied_live_rejected_or_deferred(
         assert "pipeline" in doc["reported"]["reason"]
         assert agent.config.judge.min_confidence == 0.6 and agent.config.pipeline.max_batch == 16
         # Kept for the next boot, where the setting that waited for a restart takes effect.
-        rebooted = saved.boot_config(cfg)
+        rebooted = boot_config(cfg, DeviceState(saved.path))
         assert rebooted.pipeline.max_batch == 4 and rebooted.judge.min_confidence == 0.6
         assert EdgeAgent(rebooted, boot_config=cfg).config.pipeline.max_batch == 4
 
@@ -109,28 +110,41 @@ def _file_config(demo: DemoArtifacts) -> DeviceConfig:
 
 def test_saved_documents_boot_over_the_file(demo: DemoArtifacts, tmp_path: Path) -> None:
     file_cfg = _file_config(demo)
-    saved = SavedDesired.beside(tmp_path / "device.yaml")
-    assert saved.path == tmp_path / "device.yaml.desired.json"
-    assert saved.boot_config(file_cfg) == file_cfg  # nothing saved yet
-    saved.save({"fleet": {"pipeline": {"max_batch": 8}}, "device": {"pipeline": {"max_batch": 2}}})
-    assert saved.boot_config(file_cfg).pipeline.max_batch == 2  # the device's own over the fleet's
+    state = DeviceState.beside(tmp_path / "device.yaml")
+    assert state.path == tmp_path / "device.yaml.state.json"
+    assert boot_config(file_cfg, state) == file_cfg  # nothing saved yet
+    state.save_desired({"fleet": {"pipeline": {"max_batch": 8}}, "device": {"pipeline": {"max_batch": 2}}})
+    again = DeviceState.beside(tmp_path / "device.yaml")
+    assert boot_config(file_cfg, again).pipeline.max_batch == 2  # the device's own over the fleet's
+
+
+def test_documents_an_earlier_release_kept_beside_the_config_are_taken_in(demo: DemoArtifacts, tmp_path: Path) -> None:
+    legacy = tmp_path / "device.yaml.desired.json"
+    legacy.write_text('{"fleet": {}, "device": {"pipeline": {"max_batch": 3}}}')
+    state = DeviceState.beside(tmp_path / "device.yaml")
+    assert not legacy.exists()
+    assert boot_config(_file_config(demo), state).pipeline.max_batch == 3
+    assert boot_config(_file_config(demo), DeviceState(state.path)).pipeline.max_batch == 3
 
 
 @pytest.mark.parametrize(
     ("content", "why"),
     [
         ("{not json", "unreadable"),
-        ('["fleet"]', "expected a map"),
-        ('{"device": {"pipeline": {"max_batch": -3}}}', "no longer applies"),
-        ('{"device": {"device_id": "someone-else"}}', "device_id cannot be changed"),
+        ('["fleet"]', "unreadable"),
+        ('{"desired": {"1": {"fleet": ["x"]}}}', "expected a map"),
+        ('{"desired": {"1": {"device": {"pipeline": {"max_batch": -3}}}}}', "no longer apply"),
+        ('{"desired": {"1": {"device": {"device_id": "someone-else"}}}}', "device_id cannot be changed"),
     ],
 )
 def test_unusable_saved_documents_boot_from_the_file_and_say_why(
     demo: DemoArtifacts, tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str, why: str
 ) -> None:
     file_cfg = _file_config(demo)
-    saved = SavedDesired(tmp_path / "device.yaml.desired.json")
-    saved.path.write_text(content)
+    path = tmp_path / "device.yaml.state.json"
+    path.write_text(content)
     with caplog.at_level(logging.WARNING):
-        assert saved.boot_config(file_cfg) == file_cfg
-    assert why in caplog.text and str(saved.path) in caplog.text
+        assert boot_config(file_cfg, DeviceState(path)) == file_cfg
+    assert why in caplog.text and str(path) in caplog.text
+    if why == "unreadable":  # set aside beside itself, not lost and not in the way
+        assert not path.exists() and any(p.name.startswith(path.name + ".unreadable-") for p in tmp_path.iterdir())
