@@ -20,8 +20,8 @@ pytest.importorskip("pytriton")
 from edgewire import envelopes as env
 from edgewire import topics
 from edgewire.cli import app
-from edgewire.demo_models import DemoArtifacts
-from edgewire.demo_run import run_demo
+from edgewire.demo.models import DemoArtifacts
+from edgewire.demo.run import run_demo
 
 from .conftest import BrokerHandle, free_port
 

@@ -13,7 +13,7 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 cv2 = pytest.importorskip("cv2")
 
-from edgewire.demo_models import DemoArtifacts, build_demo, label_of  # noqa: E402
+from edgewire.demo.models import DemoArtifacts, build_demo, label_of  # noqa: E402
 from edgewire.modelmeta import META_KEY, ModelMeta  # noqa: E402
 
 HELD_OUT = 540  # 30% of the 1797 load_digits samples

@@ -26,11 +26,13 @@ from edgewire.config import (
     PublishSettings,
     SourceSettings,
 )
-from edgewire.delivery import History, announce, build_manifest, publish_chunks, push, read_chunk
-from edgewire.demo_models import DemoArtifacts
+from edgewire.delivery import build_manifest, read_chunk
+from edgewire.demo.models import DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
+from edgewire.fleet.history import History
+from edgewire.fleet.push import announce, publish_chunks, push
+from edgewire.fleet.rollout import push_model
 from edgewire.modelmeta import META_KEY
-from edgewire.rollout import push_model
 from edgewire.session import MqttSession
 
 from .conftest import BrokerHandle, until

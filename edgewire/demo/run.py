@@ -26,7 +26,7 @@ from edgewire import envelopes as env
 from edgewire import topics
 from edgewire.aio import cancel_and_wait
 from edgewire.config import BrokerSettings, CloudSettings, DeviceConfig, ModelSettings, SourceSettings
-from edgewire.demo_models import DemoArtifacts, build_demo, label_of
+from edgewire.demo.models import DemoArtifacts, build_demo, label_of
 from edgewire.ports import free_port
 from edgewire.session import MqttSession
 
@@ -94,7 +94,7 @@ class Scoreboard:
 
 def cloud_only_accuracy(arts: DemoArtifacts, refs: list[str]) -> float:
     """Accuracy had every frame gone to the cloud model (scored locally, same preprocessing)."""
-    from edgewire.evaluate import predict_files
+    from edgewire.demo.evaluate import predict_files
 
     names = sorted(set(refs))
     probs = predict_files(arts.cloud_model, [arts.frames_dir / n for n in names])
