@@ -9,8 +9,10 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from rich.console import Console
 
 from edgewire.cli.common import console, fail, out
+from edgewire.demo.run import DEFAULT_CLOUD_DEADLINE_MS
 from edgewire.errors import EdgewireError
 
 models_app = typer.Typer(help="Build the demo's model artefacts.", no_args_is_help=True)
@@ -36,14 +38,28 @@ def demo(
     seconds: Annotated[float, typer.Option(help="run this long, looping the frames (0: play them once)")] = 0.0,
     fps: Annotated[float, typer.Option(help="frames per second each camera plays")] = 30.0,
     cloud: Annotated[bool, typer.Option("--cloud/--no-cloud", help="start Triton and the bridge")] = True,
+    cloud_deadline_ms: Annotated[
+        int, typer.Option(min=1, help="how long a device waits for the cloud before its own answer stands")
+    ] = DEFAULT_CLOUD_DEADLINE_MS,
     as_json: Annotated[bool, typer.Option("--json", help="no live view; end with one JSON summary line")] = False,
 ) -> None:
     """Embedded broker, embedded cloud (Triton + bridge) and N devices playing the demo digits."""
     from edgewire.demo.run import run_demo
 
+    # Piped or logged output has no terminal to fit: give the table room rather than 80 columns.
+    view = out if out.is_terminal else Console(width=160, soft_wrap=True)
     try:
         summary = asyncio.run(
-            run_demo(out_dir, devices=devices, seconds=seconds, fps=fps, cloud=cloud, console=out, quiet=as_json)
+            run_demo(
+                out_dir,
+                devices=devices,
+                seconds=seconds,
+                fps=fps,
+                cloud=cloud,
+                cloud_deadline_ms=cloud_deadline_ms,
+                console=view,
+                quiet=as_json,
+            )
         )
     except EdgewireError as exc:
         raise fail(exc) from None

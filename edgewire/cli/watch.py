@@ -39,7 +39,10 @@ def watch(
             async for msg in s.messages():
                 name, doc = _describe(str(msg.topic), bytes(msg.payload), envelopes, topics)
                 if as_json:
-                    out.print_json(json.dumps({"topic": str(msg.topic), "kind": name, "payload": doc}, default=str))
+                    # One compact object a line, flushed, so `watch --json | jq -c` or a log reader
+                    # gets each message as it arrives.
+                    line = json.dumps({"topic": str(msg.topic), "kind": name, "payload": doc}, default=str)
+                    print(line, flush=True)
                 else:
                     out.print(f"[bold]{msg.topic}[/] {name} {doc}", highlight=False)
                 seen += 1
