@@ -46,8 +46,8 @@ def demo(
     """Embedded broker, embedded cloud (Triton + bridge) and N devices playing the demo digits."""
     from edgewire.demo.run import run_demo
 
-    # Piped or logged output has no terminal to fit: give the table room rather than 80 columns.
-    view = out if out.is_terminal else Console(width=160, soft_wrap=True)
+    # Piped or logged output has no terminal to fit: give it room rather than wrap at 80 columns.
+    view = out if out.is_terminal else Console(width=160)
     try:
         summary = asyncio.run(
             run_demo(

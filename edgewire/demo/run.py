@@ -106,8 +106,9 @@ class Scoreboard:
         t = Table(
             title=title,
             caption=(
-                "escalated: hard frames sent to the cloud · timeouts: escalations not answered within the "
-                "deadline (the device's own answer stands) · accuracy: the final answers against the true labels"
+                "escalated: sent to the cloud\n"
+                "timeouts: no cloud answer in time\n"
+                "accuracy: final answers vs true labels"
             ),
         )
         for col in ("device", "frames", "escalated", "timeouts", "accuracy"):
@@ -193,7 +194,7 @@ async def run_demo(
                     a.stop()
 
         stop_task = asyncio.create_task(stopper())
-        if quiet:
+        if quiet or not console.is_terminal:  # a live view only where a terminal redraws it
             summaries = await asyncio.gather(*runs)
         else:
             with Live(board.table("edgewire demo"), console=console, refresh_per_second=4) as live:
@@ -247,7 +248,8 @@ def summary_text(result: dict[str, Any], device_config: Path) -> str:
             f"  joint       {result['accuracy_joint']:6.1%}  what the devices reported: their own answer, or the "
             "cloud's for the frames they escalated",
             f"escalated {result['escalated']} of {result['frames']} frames ({result['escalation_rate']:.1%}), "
-            f"{result['timeouts']} not answered in time, {result['bytes_sent_up'] / 1024:.0f} KiB sent up",
+            f"{result['timeouts']} not answered in time (the device's own answer stood), "
+            f"{result['bytes_sent_up'] / 1024:.0f} KiB sent up",
             "latency per frame, from capture to final answer (p50 / p99):",
             f"  answered on the device  {result['p50_ms_local']} / {result['p99_ms_local']} ms",
             f"  escalated to the cloud  {result['p50_ms_escalated']} / {result['p99_ms_escalated']} ms",
