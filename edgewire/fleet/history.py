@@ -20,7 +20,6 @@ def default_history_root() -> Path:
     return Path(data) / "edgewire" / "models"
 
 
-
 class History:
     """The manifests this operator pushed, so a rollback can re-announce an earlier version
     exactly as it was (same hash, same signature) without the artefact at hand.

@@ -117,5 +117,3 @@ async def push(
     before a chunk is of any use to it, and the distributor stores chunks only for known versions."""
     await announce(session, manifest)
     return await publish_chunks(session, path, manifest, progress=progress, window=window)
-
-

@@ -173,5 +173,3 @@ def format_status_table(
     return "\n".join(
         "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table
     )
-
-
