@@ -9,19 +9,17 @@ from typing import Annotated, Any
 
 import typer
 
-from edgewire.cli.common import broker_settings, fail, out
+from edgewire.cli.common import broker_settings, fail, operator_session, out
+from edgewire.config import BrokerSettings
 from edgewire.errors import EdgewireError
-from edgewire.ports import free_port
 
 config_app = typer.Typer(help="Desired configuration over the air, and what devices report.", no_args_is_help=True)
 
 
-async def _retained(broker: Any, topic_names: list[str], wait_s: float = 1.5) -> dict[str, bytes]:
+async def _retained(broker: BrokerSettings, topic_names: list[str], wait_s: float = 1.5) -> dict[str, bytes]:
     """The retained message on each topic (absent when none arrives within ``wait_s``)."""
-    from edgewire.session import MqttSession
-
     found: dict[str, bytes] = {}
-    async with MqttSession(f"operator-{free_port()}", broker.host, broker.port) as s:
+    async with operator_session(broker) as s:
         await s.wait_connected(10)
         for name in topic_names:
             await s.subscribe(name, qos=1)
@@ -77,13 +75,11 @@ def config_set(
         node[leaf] = yaml.safe_load(raw)
 
     async def run() -> Any:
-        from edgewire.session import MqttSession
-
         current = (await _retained(broker, [desired_topic])).get(desired_topic)
         doc = envelopes.decode(envelopes.DesiredConfig, current) if current else None
         config = deep_merge(doc.config if doc else {}, updates)
         new = envelopes.DesiredConfig(revision=(doc.revision if doc else 0) + 1, config=config, ts=time.time())
-        async with MqttSession(f"operator-{free_port()}", broker.host, broker.port) as s:
+        async with operator_session(broker) as s:
             await s.wait_connected(10)
             await s.publish(desired_topic, envelopes.encode(new), qos=1, retain=True, timeout=10)
         return new
