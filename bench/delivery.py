@@ -38,7 +38,7 @@ import yaml
 
 from edgewire import envelopes as env
 from edgewire import signing, topics
-from edgewire.demo_models import build_demo
+from edgewire.demo.models import build_demo
 from edgewire.ports import free_port, wait_port
 from edgewire.session import MqttSession
 

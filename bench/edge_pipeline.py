@@ -39,7 +39,7 @@ from edgewire.config import (
     PublishSettings,
     SourceSettings,
 )
-from edgewire.demo_models import build_demo
+from edgewire.demo.models import build_demo
 from edgewire.edge.agent import EdgeAgent
 from edgewire.modelmeta import META_KEY, ModelMeta
 from edgewire.ports import free_port, wait_port

@@ -32,7 +32,7 @@ from edgewire import envelopes as env
 from edgewire import topics
 from edgewire.cloud_bridge.model_repository import model_meta_from_config, write_python_repository
 from edgewire.cloud_bridge.triton_server import EmbeddedTriton
-from edgewire.demo_models import build_demo
+from edgewire.demo.models import build_demo
 from edgewire.modelmeta import ModelMeta
 from edgewire.ports import free_port, wait_port
 from edgewire.preprocess import Preprocessor, decode

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 import pytest_asyncio
 
-from edgewire.demo_models import DemoArtifacts, build_demo
+from edgewire.demo.models import DemoArtifacts, build_demo
 
 if TYPE_CHECKING:
     from edgewire.cloud_bridge.triton_server import EmbeddedTriton

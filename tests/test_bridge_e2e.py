@@ -21,7 +21,7 @@ from edgewire.cloud_bridge.dispatch import Dispatcher
 from edgewire.cloud_bridge.rules import RuleSet, default_rules, load_rules
 from edgewire.cloud_bridge.triton_server import EmbeddedTriton
 from edgewire.config import BrokerSettings, CloudSettings, DeviceConfig, JudgeSettings, ModelSettings, SourceSettings
-from edgewire.demo_models import DemoArtifacts, label_of
+from edgewire.demo.models import DemoArtifacts, label_of
 from edgewire.edge.agent import EdgeAgent
 
 from .conftest import BrokerHandle, Mosquitto

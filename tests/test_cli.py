@@ -1,15 +1,21 @@
-"""The ``edgewire`` command: its help, and clean exit-2 errors for bad device configurations."""
+"""The ``edgewire`` command: its help, clean exit-2 errors for bad device configurations, and watch."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 import typer.main
 from typer.testing import CliRunner, Result
 
+from edgewire import envelopes, topics
 from edgewire.cli import app
 
 runner = CliRunner()
@@ -160,3 +166,39 @@ def test_watch_with_a_bad_broker_url_exits_2() -> None:
     result = invoke("watch", "--broker", "http://127.0.0.1:1883", "--count", "1")
     assert result.exit_code == 2, result.output
     assert_says(result, "error:", "expected mqtt://HOST[:PORT]")
+
+
+def test_group_help_says_only_what_the_group_does() -> None:
+    # `models` builds the demo's artefacts; it has nothing to inspect them with.
+    result = invoke("models", "--help")
+    assert result.exit_code == 0, result.output
+    assert "Build" in result.output and "inspect" not in result.output
+    assert set(COMMAND_PATHS) >= {("models", "demo")}
+    assert not [p for p in COMMAND_PATHS if p[:1] == ("models",) and p[1:] not in ((), ("demo",))]
+
+
+# ---- watch ----------------------------------------------------------------------------------
+
+
+async def test_watch_json_prints_one_compact_object_a_line(mosquitto: Any) -> None:
+    desired = envelopes.DesiredConfig(revision=7, config={"judge": {"min_confidence": 0.6}}, ts=time.time())
+    # Retained, so all three are there when watch subscribes, whenever that is.
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="publisher") as c:
+        await c.publish(topics.CONFIG_DESIRED.build(device_id="cam-1"), envelopes.encode(desired), qos=1, retain=True)
+        await c.publish(topics.CONFIG_DESIRED.build(device_id="cam-2"), b"\x00garbage", qos=1, retain=True)
+        await c.publish("not/edgewire", b"12345", qos=1, retain=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgewire.cli", "watch", "--broker", f"mqtt://127.0.0.1:{mosquitto.port}",
+        "--json", "--count", "3",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    lines = stdout.decode().splitlines()
+    assert len(lines) == 3, stdout.decode()
+    docs = {doc["topic"]: doc for doc in map(json.loads, lines)}
+    assert all(isinstance(doc, dict) and set(doc) == {"topic", "kind", "payload"} for doc in docs.values())
+    good = docs[topics.CONFIG_DESIRED.build(device_id="cam-1")]
+    assert good["kind"] == "DesiredConfig" and good["payload"]["revision"] == 7
+    assert docs[topics.CONFIG_DESIRED.build(device_id="cam-2")]["kind"] == "DesiredConfig (rejected)"
+    assert docs["not/edgewire"] == {"topic": "not/edgewire", "kind": "unknown-topic", "payload": "5 bytes"}

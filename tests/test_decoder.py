@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgewire.cloud_bridge.decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
-from edgewire.demo_models import DemoArtifacts
+from edgewire.demo.models import DemoArtifacts
 from edgewire.modelmeta import InputSpec
 from edgewire.preprocess import Preprocessor, decode
 

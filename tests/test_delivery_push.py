@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from edgewire import delivery, rollout, signing, topics
+from edgewire import delivery, signing, topics
 from edgewire import envelopes as env
 from edgewire.cloud_bridge.distributor import Distributor
 from edgewire.config import BrokerSettings
-from edgewire.delivery import DeliveryError, History
-from edgewire.demo_models import DemoArtifacts
+from edgewire.delivery import DeliveryError
+from edgewire.demo.models import DemoArtifacts
+from edgewire.fleet import push, rollout, status
+from edgewire.fleet.history import History
 from edgewire.session import MqttSession, presence_factory
 
 from .conftest import BrokerHandle
@@ -56,7 +58,7 @@ async def messages_until_quiet(
     got: list[tuple[str, bytes]] = []
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        msg = await delivery.next_message(s, quiet_s)
+        msg = await status.next_message(s, quiet_s)
         if msg is None:
             break
         if any(spec.match(str(msg.topic)) for spec in families):
@@ -190,7 +192,7 @@ async def test_push_announces_first_then_every_chunk(broker: BrokerHandle, artef
     async with session(broker, "sub-1") as sub, session(broker, "op-1") as op:
         await sub.subscribe(topics.MODEL_ANNOUNCE.filter(), qos=1)
         await sub.subscribe(topics.MODEL_CHUNK.filter(), qos=1)
-        sent = await delivery.push(op, artefact, m, progress=lambda d, t: seen.append((d, t)), window=2)
+        sent = await push.push(op, artefact, m, progress=lambda d, t: seen.append((d, t)), window=2)
         got = await messages_until_quiet(sub, topics.MODEL_ANNOUNCE, topics.MODEL_CHUNK)
     assert sent == m.chunk_count == 6
     assert seen[0] == (0, 6) and seen[-1] == (6, 6)
@@ -201,7 +203,7 @@ async def test_push_announces_first_then_every_chunk(broker: BrokerHandle, artef
         artefact.read_bytes
     )
     async with session(broker, "late") as late:  # a device that connects later sees the manifest
-        assert await delivery.current_manifest(late, "m") == m
+        assert await status.current_manifest(late, "m") == m
 
 
 # ---- the distributor ------------------------------------------------------------------------
@@ -237,7 +239,7 @@ async def test_distributor_stores_a_push_and_serves_exactly_the_fetched_chunks(
     async with running(d):
         async with session(broker, "op-2") as op:
             await rollout.require_distributor(op)  # its presence is what `model push` looks for
-            await delivery.push(op, artefact, m)
+            await push.push(op, artefact, m)
         await until(lambda: d.holds("m", "1"))
         assert (store / "m" / "1" / "artefact").read_bytes() == data
         assert env.decode(env.Manifest, (store / "m" / "1" / "manifest.msgpack").read_bytes()) == m
@@ -267,7 +269,7 @@ async def test_distributor_stores_a_push_and_serves_exactly_the_fetched_chunks(
             # A corrupt chunk of a new version is refused; the distributor still serves afterwards.
             m2 = manifest_of(artefact, "2")
             async with session(broker, "op-3") as op:
-                await delivery.announce(op, m2)
+                await push.announce(op, m2)
                 bad = env.Chunk(name="m", version="2", index=0, sha256="0" * 64, data=data[:CHUNK])
                 await op.publish(topics.MODEL_CHUNK.build(model="m", version="2", index=0), env.encode(bad), qos=1)
             await until(lambda: d.rejected("chunk_checksum") == 1)
@@ -339,7 +341,7 @@ async def test_distributor_command_stops_cleanly_on_sigterm(broker: BrokerHandle
     try:
         async with session(broker, "op-4") as op:
             for _ in range(40):
-                presences = await delivery.collect_presence(op, quiet_s=0.2)
+                presences = await status.collect_presence(op, quiet_s=0.2)
                 if presences.get("distributor-cli") and presences["distributor-cli"].online:
                     break
             else:
@@ -347,7 +349,7 @@ async def test_distributor_command_stops_cleanly_on_sigterm(broker: BrokerHandle
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
         async with session(broker, "op-5") as op:
-            presence = (await delivery.collect_presence(op))["distributor-cli"]
+            presence = (await status.collect_presence(op))["distributor-cli"]
         assert presence.kind == "distributor" and not presence.online
     finally:
         if proc.returncode is None:
@@ -368,7 +370,7 @@ async def test_model_push_refuses_when_no_distributor_is_online(
     assert rc == 2, err
     assert "no distributor is online" in " ".join(err.split())
     async with session(broker, "op-6") as op:
-        assert await delivery.current_manifest(op, "m") is None
+        assert await status.current_manifest(op, "m") is None
     assert History(tmp_path / "h").latest("m") is None
 
 
@@ -439,12 +441,12 @@ async def test_model_rollback_republishes_the_previous_manifest(
     history.save(v1)
     history.save(v2)
     async with session(broker, "op-7") as op:
-        await delivery.announce(op, v2)
+        await push.announce(op, v2)
     rc, out, err = await cli("model", "rollback", "m", "--broker", broker.url, "--history", str(history.root))
     assert rc == 0, err
     assert "announced 1 (was 2)" in out
     async with session(broker, "op-8") as op:
-        assert await delivery.current_manifest(op, "m") == v1
+        assert await status.current_manifest(op, "m") == v1
     assert history.failed("m", "2") is not None and history.latest("m") == v1
 
     rc, _, err = await cli(
@@ -496,7 +498,7 @@ class FakeDevice:
         await self.session.close()
 
     async def _status(self, version: str, state: str, reason: str | None = None) -> None:
-        status = env.ModelStatus(
+        report = env.ModelStatus(
             device_id=self.device_id,
             name="m",
             version=version,
@@ -506,7 +508,7 @@ class FakeDevice:
             ts=time.time(),
         )
         topic = topics.MODEL_STATUS.build(device_id=self.device_id, model="m")
-        await self.session.publish(topic, env.encode(status), qos=1, retain=True)
+        await self.session.publish(topic, env.encode(report), qos=1, retain=True)
 
     async def _run(self) -> None:
         async for msg in self.session.messages():
@@ -546,7 +548,7 @@ async def test_canary_passes_then_everyone_follows(broker: BrokerHandle, artefac
         assert result.outcome == "promoted", result.reason
         assert result.canaries == ["dev-a"]
         await until(lambda: all(d.active == "5" for d in devices))
-        assert await delivery.current_manifest(op, "m") == m  # full selector retained
+        assert await status.current_manifest(op, "m") == m  # full selector retained
     assert devices[0].installed == ["5"]
     assert any("dev-a" in line for line in lines)
     assert history.latest("m") == m
@@ -575,7 +577,7 @@ async def test_failed_canary_stops_the_rollout_and_restores_the_previous_version
         assert "rollout stopped: canary dev-a reported rolled_back: latency regression" in err
         assert "announce restored to 1" in err
         assert any(line.split()[:4] == ["dev-a", "m", "2", "rolled_back"] for line in out.splitlines()), out
-        assert await delivery.current_manifest(op, "m") == v1
+        assert await status.current_manifest(op, "m") == v1
         await asyncio.sleep(0.3)
     assert devices[0].installed == ["1", "2"] and devices[0].active == "1"
     assert all(d.installed == ["1"] for d in devices[1:])  # nobody else ever got the bad version

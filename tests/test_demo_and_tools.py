@@ -20,23 +20,31 @@ pytest.importorskip("pytriton")
 from edgewire import envelopes as env
 from edgewire import topics
 from edgewire.cli import app
-from edgewire.demo_models import DemoArtifacts
-from edgewire.demo_run import run_demo
+from edgewire.config import load_device_config
+from edgewire.demo.models import DemoArtifacts
+from edgewire.demo.run import run_demo
 
 from .conftest import BrokerHandle, free_port
 
 
 async def test_demo_runs_the_whole_system(demo: DemoArtifacts, tmp_path: Path) -> None:
     out = demo.frames_dir.parent
-    summary = await run_demo(out, devices=2, fps=200, console=Console(file=io.StringIO()), quiet=True)
+    # A deadline no loaded machine reaches: what is checked is that every escalation is answered
+    # and the answers are right, not how fast (the demo's own 2 s deadline is about speed).
+    summary = await run_demo(
+        out, devices=2, fps=200, cloud_deadline_ms=120_000, console=Console(file=io.StringIO()), quiet=True
+    )
     assert summary["frames"] == 2 * 540 == summary["frames_scored"]
     assert summary["mode"] == "joint"
     assert 0.2 < summary["escalation_rate"] < 0.6
-    assert summary["timeouts"] <= summary["escalated"] * 0.05
+    assert summary["timeouts"] == 0
     assert summary["accuracy_joint"] > summary["accuracy_edge"] + 0.05
     assert summary["accuracy_cloud_only"] > 0.95
     assert summary["p99_ms_escalated"] >= summary["p50_ms_escalated"] > summary["p50_ms_local"] > 0
     assert summary["bytes_sent_up"] > summary["escalated"] * 1000
+    # The configuration it leaves behind loads from anywhere and finds its model and frames.
+    cfg = load_device_config(out / "device.yaml")
+    assert cfg.model.path.is_file() and cfg.source.path is not None and cfg.source.path.is_dir()
 
 
 def test_eval_picks_a_threshold_within_budget(demo: DemoArtifacts) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgewire.demo_models import DemoArtifacts
+from edgewire.demo.models import DemoArtifacts
 
 from .conftest import NETNS_SETUP, netns_available
 

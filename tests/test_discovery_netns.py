@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgewire.demo_models import DemoArtifacts
+from edgewire.demo.models import DemoArtifacts
 
 HOSTS = {"broker": "10.77.0.1", "broker2": "10.77.0.2", "dev1": "10.77.0.11", "dev2": "10.77.0.12"}
 

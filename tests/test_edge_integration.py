@@ -18,7 +18,7 @@ import yaml
 from edgewire import envelopes as env
 from edgewire import topics
 from edgewire.config import BrokerSettings, DeviceConfig, ModelSettings, SourceSettings
-from edgewire.demo_models import DemoArtifacts, label_of
+from edgewire.demo.models import DemoArtifacts, label_of
 from edgewire.edge.agent import EdgeAgent
 
 from .conftest import BrokerHandle, free_port

@@ -9,7 +9,7 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 
-from edgewire.demo_models import DemoArtifacts, build_demo, label_of  # noqa: E402
+from edgewire.demo.models import DemoArtifacts, build_demo, label_of  # noqa: E402
 from edgewire.edge.engines import Engine, create_engine  # noqa: E402
 from edgewire.edge.engines.onnx import OnnxEngine  # noqa: E402
 from edgewire.errors import ModelError  # noqa: E402

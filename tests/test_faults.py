@@ -51,7 +51,7 @@ from edgewire.config import (
     OutboxSettings,
     SourceSettings,
 )
-from edgewire.demo_models import LABELS, DemoArtifacts
+from edgewire.demo.models import LABELS, DemoArtifacts
 from edgewire.ports import free_port, wait_port
 from edgewire.session import MqttSession, NotConnected
 

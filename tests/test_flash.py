@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from edgewire.cli import app
 from edgewire.config import load_device_config
 from edgewire.errors import ConfigError
-from edgewire.flash import DEVICE_CONFIG, SIGNING_KEY, UNIT, plan, render, write
+from edgewire.fleet.flash import DEVICE_CONFIG, SIGNING_KEY, UNIT, plan, render, write
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "firmware_configs" / "fleet.example.yaml"

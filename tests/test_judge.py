@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgewire.config import JudgeSettings
-from edgewire.demo_models import DemoArtifacts, build_demo, label_of
+from edgewire.demo.models import DemoArtifacts, build_demo, label_of
 from edgewire.edge.judge import BLURRY, LOW_CONFIDENCE, LOW_MARGIN, UNKNOWN_CLASS, Judge
 from edgewire.preprocess import sharpness
 

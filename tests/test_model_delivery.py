@@ -26,11 +26,13 @@ from edgewire.config import (
     PublishSettings,
     SourceSettings,
 )
-from edgewire.delivery import History, announce, build_manifest, publish_chunks, push, read_chunk
-from edgewire.demo_models import DemoArtifacts
+from edgewire.delivery import build_manifest, read_chunk
+from edgewire.demo.models import DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
+from edgewire.fleet.history import History
+from edgewire.fleet.push import announce, publish_chunks, push
+from edgewire.fleet.rollout import push_model
 from edgewire.modelmeta import META_KEY
-from edgewire.rollout import push_model
 from edgewire.session import MqttSession
 
 from .conftest import BrokerHandle, until
@@ -53,20 +55,23 @@ def variant(src: Path, dst: Path, version: str, *, slow: int = 0) -> Path:
         rng = np.random.default_rng(0)
         softmax = next(n for n in g.node if n.op_type == "Softmax")
         logits = softmax.input[0]
-        current, width = "flat", 64
+        current, width = next(n for n in g.node if n.op_type == "Flatten").output[0], 64
+        dead = []
         for i in range(slow):
             w = numpy_helper.from_array(rng.standard_normal((width, 1024)).astype(np.float32) * 0.01, f"dead{i}.w")
             g.initializer.append(w)
-            g.node.append(helper.make_node("MatMul", [current, f"dead{i}.w"], [f"dead{i}"]))
+            dead.append(helper.make_node("MatMul", [current, f"dead{i}.w"], [f"dead{i}"]))
             current, width = f"dead{i}", 1024
         g.initializer.append(numpy_helper.from_array(np.zeros((1,), np.float32), "zero"))
-        g.node.append(helper.make_node("ReduceSum", [current], ["dead_sum"], keepdims=1))
-        g.node.append(helper.make_node("Mul", ["dead_sum", "zero"], ["dead_zero"]))
-        g.node.append(helper.make_node("Add", [logits, "dead_zero"], ["logits_live"]))
+        dead.append(helper.make_node("ReduceSum", [current], ["dead_sum"], keepdims=1))
+        dead.append(helper.make_node("Mul", ["dead_sum", "zero"], ["dead_zero"]))
+        dead.append(helper.make_node("Add", [logits, "dead_zero"], ["logits_live"]))
+        # The dead layers go just before the softmax, which then reads their sum.
+        at = next(i for i, n in enumerate(g.node) if n.op_type == "Softmax")
+        for offset, node in enumerate(dead):
+            g.node.insert(at + offset, node)
+        softmax = g.node[at + len(dead)]
         softmax.input[0] = "logits_live"
-        # Softmax must come after the new nodes: move it to the end.
-        g.node.remove(softmax)
-        g.node.append(softmax)
     onnx.save(model, str(dst))
     return dst
 

@@ -28,7 +28,7 @@ from edgewire.config import (
     PipelineSettings,
     SourceSettings,
 )
-from edgewire.demo_models import LABELS, DemoArtifacts
+from edgewire.demo.models import LABELS, DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
 from edgewire.modelmeta import META_KEY
 from edgewire.ports import free_port

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgewire.config import BrokerSettings, DeviceConfig, ModelSettings, SourceSettings
-from edgewire.demo_models import DemoArtifacts
+from edgewire.demo.models import DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
 from edgewire.edge.remote_config import boot_config
 from edgewire.edge.state import DeviceState

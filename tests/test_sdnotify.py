@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from edgewire.config import BrokerSettings, DeviceConfig, ModelSettings, SourceSettings
-from edgewire.demo_models import DemoArtifacts
+from edgewire.demo.models import DemoArtifacts
 
 
 def test_ready_after_connect_then_watchdog_pings(mosquitto, demo: DemoArtifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -29,7 +29,7 @@ from edgewire.cloud_bridge.model_repository import (  # noqa: E402
     write_python_repository,
 )
 from edgewire.cloud_bridge.triton_server import EmbeddedTriton, TritonError, prepare_tritonserver  # noqa: E402
-from edgewire.demo_models import CLOUD_NAME, EDGE_NAME, DemoArtifacts  # noqa: E402
+from edgewire.demo.models import CLOUD_NAME, EDGE_NAME, DemoArtifacts  # noqa: E402
 from edgewire.errors import ModelError  # noqa: E402
 from edgewire.modelmeta import META_KEY, ModelMeta  # noqa: E402
 from edgewire.preprocess import Preprocessor, read  # noqa: E402

@@ -21,8 +21,11 @@ from typing import Literal
 
 from edgewire import delivery, topics
 from edgewire import envelopes as env
-from edgewire.delivery import DeliveryError, History
+from edgewire.delivery import DeliveryError
 from edgewire.errors import DecodeError
+from edgewire.fleet.history import History
+from edgewire.fleet.push import ProgressFn, announce, push, withdraw
+from edgewire.fleet.status import collect_presence, collect_status, current_manifest, next_message
 from edgewire.session import MqttSession
 
 Say = Callable[[str], None]
@@ -72,7 +75,7 @@ def pick_canaries(devices: list[str], percent: float) -> list[str]:
 
 async def require_distributor(session: MqttSession, *, quiet_s: float = 0.5, timeout_s: float = 3.0) -> list[str]:
     """Ids of the online distributors; NoDistributor when there is none."""
-    presences = await delivery.collect_presence(session, quiet_s=quiet_s, timeout_s=timeout_s)
+    presences = await collect_presence(session, quiet_s=quiet_s, timeout_s=timeout_s)
     return _distributors(session, presences)
 
 
@@ -112,7 +115,7 @@ async def push_model(
     timeout_s: float = 300.0,
     require_distributor_online: bool = True,
     window: int = 16,
-    progress: delivery.ProgressFn | None = None,
+    progress: ProgressFn | None = None,
     say: Say = lambda _: None,
     quiet_s: float = 0.5,
 ) -> RolloutResult:
@@ -126,12 +129,12 @@ async def push_model(
         check_percent(canary_percent)
     presences: dict[str, env.Presence] = {}
     if require_distributor_online or canary_percent is not None:
-        presences = await delivery.collect_presence(session, quiet_s=quiet_s)
+        presences = await collect_presence(session, quiet_s=quiet_s)
     if require_distributor_online:
         say(f"distributor online: {', '.join(_distributors(session, presences))}")
     if canary_percent is None:
         history.save(manifest)
-        await delivery.push(session, path, manifest, progress=progress, window=window)
+        await push(session, path, manifest, progress=progress, window=window)
         return RolloutResult(manifest, "pushed")
 
     devices = matching_devices(presences, manifest.targets)
@@ -142,15 +145,15 @@ async def push_model(
     canaries = pick_canaries(devices, canary_percent)
     say(f"canary: {', '.join(canaries)} ({len(canaries)} of {len(devices)} matching device(s))")
     # What to put back if a canary fails: the announce as it is now, else the history's previous.
-    before = await delivery.current_manifest(session, manifest.name, quiet_s=quiet_s)
+    before = await current_manifest(session, manifest.name, quiet_s=quiet_s)
     if before is not None and before.version == manifest.version:
         before = None
     history.save(manifest)
     # Watch before announcing, so no status the canaries publish is missed; what is retained
     # already is the baseline, and is not taken for an answer to this push.
-    baseline = await delivery.collect_status(session, manifest.name, quiet_s=quiet_s)
+    baseline = await collect_status(session, manifest.name, quiet_s=quiet_s)
     trial = manifest.model_copy(update={"targets": manifest.targets.model_copy(update={"devices": canaries})})
-    await delivery.push(session, path, trial, progress=progress, window=window)
+    await push(session, path, trial, progress=progress, window=window)
     say(f"waiting for {len(canaries)} canary(ies) to run {manifest.version} for {probation_s:g} s")
     reason = await watch_canaries(
         session, manifest, canaries, baseline=baseline, probation_s=probation_s, timeout_s=timeout_s, say=say
@@ -159,13 +162,13 @@ async def push_model(
         history.mark_failed(manifest.name, manifest.version, reason)
         restored = before or history.previous(manifest.name, manifest.version)
         if restored is not None:
-            await delivery.announce(session, restored)
+            await announce(session, restored)
         else:
-            await delivery.withdraw(session, manifest.name)
-        statuses = await delivery.collect_status(session, manifest.name, quiet_s=quiet_s)
+            await withdraw(session, manifest.name)
+        statuses = await collect_status(session, manifest.name, quiet_s=quiet_s)
         return RolloutResult(manifest, "aborted", canaries, reason, restored, statuses)
-    await delivery.announce(session, manifest)
-    statuses = await delivery.collect_status(session, manifest.name, quiet_s=quiet_s)
+    await announce(session, manifest)
+    statuses = await collect_status(session, manifest.name, quiet_s=quiet_s)
     return RolloutResult(manifest, "promoted", canaries, statuses=statuses)
 
 
@@ -205,7 +208,7 @@ async def watch_canaries(
             waiting = ", ".join(f"{d} ({last[d]})" for d in canaries if d not in proven)
             return f"timed out after {timeout_s:g} s waiting for {waiting}"
         wake = min([deadline] + [active_since[d] + probation_s for d in active_since if d not in proven])
-        message = await delivery.next_message(session, max(0.01, wake - now))
+        message = await next_message(session, max(0.01, wake - now))
         if message is None:
             continue
         levels = spec.match(str(message.topic))
@@ -251,7 +254,7 @@ async def rollback(
     delivery.check_model_ids(name, to or "0")
     if not history.versions(name, include_failed=True):
         raise DeliveryError(f"no push history for {name} in {history.root} (push it with `edgewire model push` first)")
-    current = await delivery.current_manifest(session, name, quiet_s=quiet_s)
+    current = await current_manifest(session, name, quiet_s=quiet_s)
     if current is None:
         latest = history.latest(name)
         current_version = latest.version if latest is not None else None
@@ -268,7 +271,7 @@ async def rollback(
         target = found
     if target.version == current_version:
         raise DeliveryError(f"{name} {target.version} is already the announced version")
-    await delivery.announce(session, target)
+    await announce(session, target)
     if current_version is not None:
         try:
             history.get(name, current_version)

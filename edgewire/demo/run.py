@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,9 +27,14 @@ from edgewire import envelopes as env
 from edgewire import topics
 from edgewire.aio import cancel_and_wait
 from edgewire.config import BrokerSettings, CloudSettings, DeviceConfig, ModelSettings, SourceSettings
-from edgewire.demo_models import DemoArtifacts, build_demo, label_of
+from edgewire.demo.models import DemoArtifacts, build_demo, label_of
 from edgewire.ports import free_port
 from edgewire.session import MqttSession
+
+#: How long a device waits for the cloud's answer before its own answer stands.
+DEFAULT_CLOUD_DEADLINE_MS = 2000
+#: Where the configuration the demo leaves behind looks for a broker: ``edgewire broker``'s default.
+STANDALONE_BROKER = "mqtt://127.0.0.1:1883"
 
 
 def demo_device_config(
@@ -40,6 +46,7 @@ def demo_device_config(
     frames: int | None = None,
     loop: bool = False,
     cloud: bool = True,
+    cloud_deadline_ms: int = DEFAULT_CLOUD_DEADLINE_MS,
 ) -> DeviceConfig:
     return DeviceConfig(
         device_id=device_id,
@@ -47,12 +54,25 @@ def demo_device_config(
         broker=BrokerSettings(url=broker_url),
         source=SourceSettings(kind="folder", path=arts.frames_dir, fps=fps, max_frames=frames, loop=loop),
         model=ModelSettings(path=arts.edge_model),
-        cloud=CloudSettings(deadline_ms=2000, model_hint="digits") if cloud else None,
+        cloud=CloudSettings(deadline_ms=cloud_deadline_ms, model_hint="digits") if cloud else None,
     )
 
 
-def write_config(cfg: DeviceConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
+def write_standalone_config(arts: DemoArtifacts, path: Path) -> None:
+    """A device configuration that runs after the demo has stopped: the broker is the default
+    one (``edgewire broker`` on 127.0.0.1:1883, not the demo's, which is gone), the frames play
+    once, and paths are relative to the file's own folder, as the device loader reads them."""
+    folder = path.absolute().parent
+    cfg = demo_device_config(arts, STANDALONE_BROKER, fps=30.0)
+    doc = cfg.model_dump(mode="json", exclude_defaults=True)
+    doc["model"]["path"] = os.path.relpath(arts.edge_model.absolute(), folder)
+    doc["source"]["path"] = os.path.relpath(arts.frames_dir.absolute(), folder)
+    path.write_text(
+        f"# The demo's first device, for a broker on {STANDALONE_BROKER} (start one with `edgewire broker`)\n"
+        "# and, for escalations, the demo cloud (`edgewire cloud --data <this folder>`). Paths are relative\n"
+        "# to this file. Run it with: edgewire edge run --config <this file> --print\n"
+        + yaml.safe_dump(doc, sort_keys=False)
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -83,7 +103,14 @@ class Scoreboard:
         dev["right"] += right
 
     def table(self, title: str) -> Table:
-        t = Table(title=title)
+        t = Table(
+            title=title,
+            caption=(
+                "escalated: sent to the cloud\n"
+                "timeouts: no cloud answer in time\n"
+                "accuracy: final answers vs true labels"
+            ),
+        )
         for col in ("device", "frames", "escalated", "timeouts", "accuracy"):
             t.add_column(col, justify="right")
         for device, d in sorted(self.per_device.items()):
@@ -94,7 +121,7 @@ class Scoreboard:
 
 def cloud_only_accuracy(arts: DemoArtifacts, refs: list[str]) -> float:
     """Accuracy had every frame gone to the cloud model (scored locally, same preprocessing)."""
-    from edgewire.evaluate import predict_files
+    from edgewire.demo.evaluate import predict_files
 
     names = sorted(set(refs))
     probs = predict_files(arts.cloud_model, [arts.frames_dir / n for n in names])
@@ -109,6 +136,7 @@ async def run_demo(
     seconds: float = 0.0,
     fps: float = 30.0,
     cloud: bool = True,
+    cloud_deadline_ms: int = DEFAULT_CLOUD_DEADLINE_MS,
     console: Console,
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -150,10 +178,11 @@ async def run_demo(
                 fps=fps,
                 loop=seconds > 0,
                 cloud=cloud,
+                cloud_deadline_ms=cloud_deadline_ms,
             )
             for k in range(devices)
         ]
-        write_config(configs[0], out_dir / "device.yaml")
+        write_standalone_config(arts, out_dir / "device.yaml")
         agents = [EdgeAgent(cfg) for cfg in configs]
         runs = [asyncio.create_task(a.run()) for a in agents]
         say(f"{devices} device(s) playing {len(list(arts.frames_dir.glob('*.jpg')))} frames at {fps:g} fps each")
@@ -165,7 +194,7 @@ async def run_demo(
                     a.stop()
 
         stop_task = asyncio.create_task(stopper())
-        if quiet:
+        if quiet or not console.is_terminal:  # a live view only where a terminal redraws it
             summaries = await asyncio.gather(*runs)
         else:
             with Live(board.table("edgewire demo"), console=console, refresh_per_second=4) as live:
@@ -204,14 +233,28 @@ async def run_demo(
     }
     if not quiet:
         console.print(board.table("edgewire demo · final"))
-        console.print(
-            f"accuracy: edge only {result['accuracy_edge']:.1%} · cloud only {result['accuracy_cloud_only']:.1%} · "
-            f"joint {result['accuracy_joint']:.1%}   escalated {result['escalated']} of {result['frames']} "
-            f"({result['escalation_rate']:.1%}), {result['timeouts']} timeouts, "
-            f"{result['bytes_sent_up'] / 1024:.0f} KiB sent up\n"
-            f"latency p50/p99: local {result['p50_ms_local']}/{result['p99_ms_local']} ms · "
-            f"escalated {result['p50_ms_escalated']}/{result['p99_ms_escalated']} ms\n"
-            f"a device config is in {out_dir / 'device.yaml'}",
-            highlight=False,
-        )
+        console.print(summary_text(result, out_dir / "device.yaml"), highlight=False, soft_wrap=True)
     return result
+
+
+def summary_text(result: dict[str, Any], device_config: Path) -> str:
+    """The closing summary, saying what each figure is, one figure a line (so it reads the same in
+    a terminal, a log or a pipe)."""
+    return "\n".join(
+        [
+            f"accuracy of the final answers on {result['frames']} frames, against the true labels:",
+            f"  edge only   {result['accuracy_edge']:6.1%}  the device's model alone, on every frame",
+            f"  cloud only  {result['accuracy_cloud_only']:6.1%}  the cloud's model alone, had every frame been sent",
+            f"  joint       {result['accuracy_joint']:6.1%}  what the devices reported: their own answer, or the "
+            "cloud's for the frames they escalated",
+            f"escalated {result['escalated']} of {result['frames']} frames ({result['escalation_rate']:.1%}), "
+            f"{result['timeouts']} not answered in time (the device's own answer stood), "
+            f"{result['bytes_sent_up'] / 1024:.0f} KiB sent up",
+            "latency per frame, from capture to final answer (p50 / p99):",
+            f"  answered on the device  {result['p50_ms_local']} / {result['p99_ms_local']} ms",
+            f"  escalated to the cloud  {result['p50_ms_escalated']} / {result['p99_ms_escalated']} ms",
+            f"one device on its own: start a broker (`edgewire broker`), optionally the cloud "
+            f"(`edgewire cloud --data {device_config.parent}`), then "
+            f"`edgewire edge run --config {device_config} --print`",
+        ]
+    )

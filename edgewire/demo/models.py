@@ -6,15 +6,16 @@ model that the edge escalates those cases to. Both are trained here on the handw
 bundled with scikit-learn (``sklearn.datasets.load_digits``), so nothing is downloaded: the
 demo works offline, on a fresh checkout, and always produces the same artefacts.
 
-Each model is exported to ONNX by hand with ``onnx.helper`` (a Flatten, Gemm/Relu layers and a
-Softmax), at opset 13 / IR version 8 so the older onnxruntime builds found on Jetsons load it,
-and carries its :class:`~edgewire.modelmeta.ModelMeta` under the ``edgewire`` metadata key.
+Each model is converted to ONNX by skl2onnx at opset 13 / IR version 8, so the older
+onnxruntime builds found on Jetsons load it; a Flatten in front lets it take the device's NCHW
+tensor, and it carries its :class:`~edgewire.modelmeta.ModelMeta` under the ``edgewire``
+metadata key.
 The held-out digits are rendered as colour camera frames (upscaled, centred on a black canvas,
 with a little sensor noise, JPEG-encoded) so the device pipeline does real decoding and
 preprocessing: grayscale, centre crop, area resize to 8x8, ``pixel / 255``.
 
 Everything is deterministic: the same arguments give byte-identical models and frames.
-Training needs the optional ``models`` extra (scikit-learn, onnx); measuring accuracy and
+Training needs the optional ``models`` extra (scikit-learn, onnx, skl2onnx); measuring accuracy and
 rendering frames use onnxruntime and OpenCV from the ``edge`` extra.
 """
 
@@ -154,49 +155,48 @@ def _train(x: np.ndarray, y: np.ndarray, hidden: Sequence[int], max_iter: int) -
 
 
 def _to_onnx(clf: Any, name: str) -> bytes:
-    """Serialise a fitted ReLU/softmax MLPClassifier as a plain ONNX graph."""
-    onnx = _require("onnx", "models")
-    helper, numpy_helper, tp = onnx.helper, onnx.numpy_helper, onnx.TensorProto
+    """A fitted MLPClassifier as ONNX, converted by skl2onnx, taking the device's NCHW tensor.
 
-    if getattr(clf, "activation", None) != "relu" or getattr(clf, "out_activation_", None) != "softmax":
-        raise ValueError("only ReLU MLPClassifiers with a softmax output can be exported")
+    skl2onnx converts the classifier for a flat (N, 64) input and adds a label output; the
+    device feeds (N, 1, 8, 8) and reads probabilities only. So the converted graph gets a
+    Flatten in front of it, keeps just the probability path (onnx's own extractor), and carries
+    the model's metadata.
+    """
+    onnx = _require("onnx", "models")
+    convert = _require("skl2onnx", "models")
+    data_types = _require("skl2onnx.common.data_types", "models")
     if [int(c) for c in clf.classes_] != list(range(len(LABELS))):
         raise ValueError(f"unexpected classes {list(clf.classes_)}")
 
-    nodes = [helper.make_node("Flatten", [INPUT_NAME], ["flat"], name="flatten", axis=1)]
-    initializers = []
-    current = "flat"
-    layers = list(zip(clf.coefs_, clf.intercepts_, strict=True))
-    for i, (weight, bias) in enumerate(layers):
-        w_name, b_name = f"fc{i}.weight", f"fc{i}.bias"
-        initializers.append(numpy_helper.from_array(np.asarray(weight, dtype=np.float32), w_name))
-        initializers.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), b_name))
-        last = i == len(layers) - 1
-        gemm_out = "logits" if last else f"fc{i}"
-        nodes.append(helper.make_node("Gemm", [current, w_name, b_name], [gemm_out], name=f"fc{i}"))
-        current = gemm_out
-        if not last:
-            nodes.append(helper.make_node("Relu", [current], [f"relu{i}"], name=f"relu{i}"))
-            current = f"relu{i}"
-    nodes.append(helper.make_node("Softmax", [current], [OUTPUT_NAME], name="softmax", axis=1))
-
-    graph = helper.make_graph(
-        nodes,
+    flat = "flat_image"
+    converted = convert.convert_sklearn(
+        clf,
         name,
-        inputs=[helper.make_tensor_value_info(INPUT_NAME, tp.FLOAT, ["N", 1, 8, 8])],
-        outputs=[helper.make_tensor_value_info(OUTPUT_NAME, tp.FLOAT, ["N", len(LABELS)])],
-        initializer=initializers,
+        initial_types=[(flat, data_types.FloatTensorType([None, 8 * 8]))],
+        final_types=[
+            ("label", data_types.Int64TensorType([None])),
+            (OUTPUT_NAME, data_types.FloatTensorType([None, len(LABELS)])),
+        ],
+        options={id(clf): {"zipmap": False}},
+        target_opset=OPSET,
     )
-    model = helper.make_model(
-        graph,
-        producer_name="edgewire",
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        ir_version=IR_VERSION,
-        doc_string=f"{name}: edgewire demo classifier for 8x8 handwritten digits (load_digits)",
-    )
-    helper.set_model_props(model, {META_KEY: _meta(name).model_dump_json()})
-    onnx.checker.check_model(model)
-    return model.SerializeToString(deterministic=True)
+    graph = converted.graph
+    graph.node.insert(0, onnx.helper.make_node("Flatten", [INPUT_NAME], [flat], name="flatten", axis=1))
+    del graph.input[:]
+    graph.input.append(onnx.helper.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT, ["N", 1, 8, 8]))
+    probabilities = onnx.utils.Extractor(converted).extract_model([INPUT_NAME], [OUTPUT_NAME])
+    probabilities.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    # The extracted graph no longer uses the ai.onnx.ml operators of the label path.
+    used = {node.domain for node in probabilities.graph.node}
+    kept = [o for o in probabilities.opset_import if o.domain in used or o.domain == ""]
+    del probabilities.opset_import[:]
+    probabilities.opset_import.extend(kept)
+    probabilities.ir_version = IR_VERSION
+    probabilities.producer_name = "edgewire"
+    probabilities.doc_string = f"{name}: edgewire demo classifier for 8x8 handwritten digits (load_digits)"
+    onnx.helper.set_model_props(probabilities, {META_KEY: _meta(name).model_dump_json()})
+    onnx.checker.check_model(probabilities)
+    return probabilities.SerializeToString(deterministic=True)
 
 
 def _onnx_accuracy(model_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:

@@ -1,0 +1,88 @@
+"""``edgewire bridge`` and ``edgewire cloud``: serving escalations with Triton."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgewire.cli.common import broker_settings, console, fail, run_until_signal
+from edgewire.errors import EdgewireError
+
+
+def bridge(
+    triton: Annotated[list[str], typer.Option("--triton", help="Triton endpoint(s), grpc://HOST:PORT or http://")],
+    broker_url: Annotated[str, typer.Option("--broker", help="mqtt://HOST:PORT")] = "mqtt://127.0.0.1:1883",
+    rules_file: Annotated[Path | None, typer.Option("--rules", help="routing rules (YAML)")] = None,
+    model: Annotated[str, typer.Option(help="Triton model for every request when no --rules")] = "digits-cloud",
+    bridge_id: Annotated[str, typer.Option("--id", help="client id; keep it stable across restarts")] = "bridge-1",
+    group: Annotated[str, typer.Option(help="shared-subscription group (MQTT 5 brokers)")] = "bridges",
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    decode_workers: Annotated[
+        int, typer.Option(min=0, help="processes decoding request images beside the event loop; 0: decode on it")
+    ] = 1,
+) -> None:
+    """Serve escalations: subscribe to requests, dispatch to Triton, publish results."""
+    from edgewire.cloud_bridge.bridge import Bridge
+    from edgewire.cloud_bridge.dispatch import Dispatcher
+    from edgewire.cloud_bridge.rules import default_rules, load_rules
+    from edgewire.metrics import serve
+
+    settings = broker_settings(broker_url)
+    try:
+        rules = load_rules(rules_file) if rules_file else default_rules(model)
+        dispatcher = Dispatcher(triton)
+    except (EdgewireError, ValueError) as exc:
+        raise fail(exc) from None
+    if metrics_port is not None:
+        serve(metrics_port)
+    b = Bridge(bridge_id, settings, dispatcher, rules, group=group, decode_workers=decode_workers)
+    console.print(f"bridge {bridge_id}: {broker_url} → {', '.join(triton)}")
+
+    async def run() -> None:
+        try:
+            await b.run()
+        finally:
+            await dispatcher.close()
+
+    run_until_signal(run, b.stop)
+
+
+def cloud(
+    broker_url: Annotated[str, typer.Option("--broker", help="mqtt://HOST:PORT")] = "mqtt://127.0.0.1:1883",
+    data: Annotated[
+        Path, typer.Option("--data", help="demo folder (the cloud model is built there if missing)")
+    ] = Path("demo-data"),
+    model_files: Annotated[list[Path] | None, typer.Option("--model", help="ONNX model(s) to serve")] = None,
+    workdir: Annotated[Path, typer.Option(help="Triton model repositories and logs")] = Path("cloud-data"),
+    rules_file: Annotated[Path | None, typer.Option("--rules", help="routing rules (YAML)")] = None,
+    decode_workers: Annotated[
+        int, typer.Option(min=0, help="processes decoding request images beside the event loop; 0: decode on it")
+    ] = 1,
+) -> None:
+    """The embedded cloud: a real Triton Inference Server on the cloud model, plus the bridge."""
+    from edgewire.cloud_bridge.cloud import EmbeddedCloud
+    from edgewire.cloud_bridge.rules import load_rules
+    from edgewire.demo.models import build_demo
+
+    settings = broker_settings(broker_url)
+    models = list(model_files or [build_demo(data).cloud_model])
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        rules = load_rules(rules_file) if rules_file else None
+        async with EmbeddedCloud(settings, models, workdir, rules=rules, decode_workers=decode_workers) as c:
+            assert c.triton is not None
+            console.print(
+                f"cloud: Triton {c.triton.grpc_url} serving {', '.join(c.triton.models)}; bridge {c.bridge_id} on "
+                f"{broker_url}\nNGC-ready model repository: {c.ngc_repository}"
+            )
+            await stop.wait()
+
+    try:
+        run_until_signal(run, stop.set)
+    except EdgewireError as exc:
+        raise fail(exc) from None
