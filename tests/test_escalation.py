@@ -27,7 +27,7 @@ from edgewire.config import (
     OutboxSettings,
     SourceSettings,
 )
-from edgewire.demo_models import LABELS, DemoArtifacts
+from edgewire.demo.models import LABELS, DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
 from edgewire.edge.escalation import final_outcome
 
