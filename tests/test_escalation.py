@@ -283,7 +283,11 @@ async def test_degraded_without_answers_and_back_when_they_come(demo: DemoArtifa
     finally:
         agent.stop()
         await asyncio.gather(run, return_exceptions=True)
-    assert agent.meter.get("mode_transitions_total", to="degraded", reason="timeout") == 1
+    # At least once, and every time back again: on a loaded machine the trial after the cool-off
+    # may time out once more before the peer's first answer lands, which is correct behaviour.
+    to_degraded = agent.meter.get("mode_transitions_total", to="degraded", reason="timeout")
+    assert to_degraded >= 1
+    assert agent.meter.total("mode_transitions_total") == 2 * to_degraded  # each degrade ended joint
     late = [r for r in results if r.late]
     assert late and all(r.answered_by == "cloud" for r in late)  # queued while degraded, answered later
     finals = [r for r in results if r.state != "PENDING_CLOUD" and not r.late]
