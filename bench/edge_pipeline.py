@@ -13,7 +13,10 @@ results).
 
 Rounds alternate between the two (and which goes first) so that machine noise hits both
 alike; the median of each, and of the per-round ratio, is reported. The same pair is also run
-with one thread each (``*_1_worker``). The last line is one JSON object.
+with one thread each (``*_1_worker``). On a shared machine the frame rates swing with other
+load, so the CPU time each side spends per frame (all its threads; the pipeline's start and
+stop taken out by subtracting a short run) is reported too: ``cpu_ratio`` is the frame rate
+ratio the two would have on a machine of their own. The last line is one JSON object.
 
     python bench/edge_pipeline.py [--rounds 7] [--frames 4320] [--workers 2] [--batch 16]
 """
@@ -77,7 +80,8 @@ def bare_session(model: Path, profile: DeviceProfile) -> ort.InferenceSession:
     return ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def bare_fps(session: ort.InferenceSession, files: list[Path], batch: int, workers: int) -> float:
+def bare_fps(session: ort.InferenceSession, files: list[Path], batch: int, workers: int) -> tuple[float, float]:
+    """Frames per second, and CPU seconds per frame."""
     meta = ModelMeta.model_validate_json(session.get_modelmeta().custom_metadata_map[META_KEY])
     pre = Preprocessor(meta.input)
     flag = cv2.IMREAD_GRAYSCALE if pre.gray else cv2.IMREAD_COLOR
@@ -88,13 +92,17 @@ def bare_fps(session: ort.InferenceSession, files: list[Path], batch: int, worke
         session.run(outputs, {feeds: pre.batch([cv2.imread(path, flag) for path in group])})
 
     with ThreadPoolExecutor(workers) as pool:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in pool.map(run, groups):
             pass
-        return len(files) / (time.perf_counter() - t0)
+        return len(files) / (time.perf_counter() - t0), (time.process_time() - cpu0) / len(files)
 
 
-async def pipeline_fps(model: Path, frames_dir: Path, n: int, port: int, workers: int, batch: int) -> tuple[float, int]:
+async def pipeline_fps(
+    model: Path, frames_dir: Path, n: int, port: int, workers: int, batch: int
+) -> tuple[float, float, int]:
+    """Frames per second over the pipeline's busy time, CPU seconds of the whole run (start and
+    stop included), and messages published."""
     cfg = DeviceConfig(
         device_id="bench-01",
         broker=BrokerSettings(url=f"mqtt://127.0.0.1:{port}"),
@@ -103,10 +111,12 @@ async def pipeline_fps(model: Path, frames_dir: Path, n: int, port: int, workers
         publish=PublishSettings(telemetry_interval_s=60),
         pipeline=PipelineSettings(workers=workers, max_batch=batch),
     )
+    cpu0 = time.process_time()
     agent = EdgeAgent(cfg)
     summary = await agent.run()
-    assert agent.session is not None
-    return summary.completed / summary.busy_s, agent.session.published
+    cpu = time.process_time() - cpu0
+    assert agent.session is not None and summary.completed == n
+    return summary.completed / summary.busy_s, cpu, agent.session.published
 
 
 def main() -> None:
@@ -129,18 +139,26 @@ def main() -> None:
         try:
             session = bare_session(arts.edge_model, load_profile(DeviceConfig.model_fields["profile"].default))
             bare_fps(session, files[:64], args.batch, args.workers)  # warm caches
-            n = len(bare_files)
-            figures: dict[str, list[float]] = {"bare": [], "pipeline": [], "bare_1": [], "pipeline_1": []}
+            n, short = len(bare_files), 4 * args.batch
+            figures: dict[str, list[float]] = {k: [] for k in ("bare", "pipeline", "bare_1", "pipeline_1")}
+            cpu: dict[str, list[float]] = {"bare": [], "pipeline": []}
             published = 0
 
             def run_bare(threads: int) -> float:
-                return bare_fps(session, bare_files, args.batch, threads)
+                fps, per_frame = bare_fps(session, bare_files, args.batch, threads)
+                if threads == args.workers:
+                    cpu["bare"].append(per_frame)
+                return fps
+
+            def pipeline(frames: int, workers: int) -> tuple[float, float, int]:
+                return asyncio.run(pipeline_fps(arts.edge_model, arts.frames_dir, frames, port, workers, args.batch))
 
             def run_pipeline(workers: int) -> float:
                 nonlocal published
-                fps, published = asyncio.run(
-                    pipeline_fps(arts.edge_model, arts.frames_dir, n, port, workers, args.batch)
-                )
+                fps, total, published = pipeline(n, workers)
+                if workers == args.workers:
+                    _, fixed, _ = pipeline(short, workers)
+                    cpu["pipeline"].append((total - fixed) / (n - short))
                 return fps
 
             for r in range(args.rounds):
@@ -155,9 +173,11 @@ def main() -> None:
                     figures[name].append(run(threads))
                 b, p = figures["bare"][-1], figures["pipeline"][-1]
                 b1, p1 = figures["bare_1"][-1], figures["pipeline_1"][-1]
+                cb, cp = cpu["bare"][-1] * 1e6, cpu["pipeline"][-1] * 1e6
                 print(
                     f"round {r + 1}: bare {b:6.0f} fps   pipeline {p:6.0f} fps (ratio {p / b:4.2f})   "
                     f"1 thread: bare {b1:6.0f} pipeline {p1:6.0f} (ratio {p1 / b1:4.2f})   "
+                    f"CPU per frame: bare {cb:5.1f} us, pipeline {cp:5.1f} us (ratio {cb / cp:4.2f})   "
                     f"{published} messages published"
                 )
         finally:
@@ -180,6 +200,9 @@ def main() -> None:
         "pipeline_fps_1_worker": median("pipeline_1"),
         "bare_fps_1_thread": median("bare_1"),
         "ratio_1_worker": ratio("pipeline_1", "bare_1"),
+        "bare_cpu_us_per_frame": round(statistics.median(cpu["bare"]) * 1e6, 1),
+        "pipeline_cpu_us_per_frame": round(statistics.median(cpu["pipeline"]) * 1e6, 1),
+        "cpu_ratio": round(statistics.median(b / p for b, p in zip(cpu["bare"], cpu["pipeline"], strict=True)), 3),
         "frames_per_round": len(bare_files),
         "rounds": args.rounds,
         "broker": broker_kind,

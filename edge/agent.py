@@ -42,6 +42,7 @@ from .backlog import Backlog
 from .engines import Engine, create_engine
 from .escalation import Escalator, takes_cloud
 from .forwarder import Forwarder
+from .handoff import run_on
 from .judge import Judge, Verdicts
 from .local_results import LocalRows, answered_here
 from .outbox import Item, Message, Outbox, OutboxFull
@@ -384,7 +385,6 @@ class EdgeAgent:
         frames = Backlog(self.config.pipeline.queue_size)
         # One batch per worker in flight, plus one being published.
         inflight: asyncio.Queue[asyncio.Future[_Batch] | None] = asyncio.Queue(self._workers + 1)
-        loop = asyncio.get_running_loop()
         limit = self.config.source.max_frames
 
         async def read_source() -> None:
@@ -408,7 +408,7 @@ class EdgeAgent:
                 waiting = len(frames)
                 self.meter.set("queue_depth", waiting)
                 model = self._pick_model(waiting)
-                await inflight.put(loop.run_in_executor(self._executor, self._infer, group, model))
+                await inflight.put(run_on(self._executor, self._infer, group, model))
             await inflight.put(None)
 
         async def finish() -> None:

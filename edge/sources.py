@@ -227,16 +227,16 @@ class QueueSource:
 Source = FolderSource | VideoSource | QueueSource
 
 
-async def chunks(source: AsyncIterable[Frame], most: int) -> AsyncIterator[list[Frame]]:
+def chunks(source: AsyncIterable[Frame], most: int) -> AsyncIterator[list[Frame]]:
     """A source's frames as lists of at most ``most``: its own ``chunks`` when it has one,
     else one frame a list (any async iterable of frames is a source)."""
     read = getattr(source, "chunks", None)
-    if read is not None:
-        async for chunk in read(most):
-            yield chunk
-    else:
-        async for frame in source:
-            yield [frame]
+    return read(most) if read is not None else _one_at_a_time(source)
+
+
+async def _one_at_a_time(source: AsyncIterable[Frame]) -> AsyncIterator[list[Frame]]:
+    async for frame in source:
+        yield [frame]
 
 
 def open_source(settings: SourceSettings) -> Source:
