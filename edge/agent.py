@@ -48,6 +48,7 @@ from .local_results import LocalRows, answered_here
 from .outbox import Item, Message, Outbox, OutboxFull
 from .sources import Frame, QueueSource, chunks, open_source
 from .tasks import Task, TaskState
+from .write_window import WriteWindow
 
 log = logging.getLogger(__name__)
 
@@ -412,8 +413,11 @@ class EdgeAgent:
             await inflight.put(None)
 
         async def finish() -> None:
+            # Results go out without waiting for each write; all are written before returning.
+            window = WriteWindow(session, self.meter, self._workers + 2)
             while (fut := await inflight.get()) is not None:
-                await self._finish(session, await fut)
+                await self._finish(session, await fut, window)
+            await window.drain()
 
         reader = asyncio.create_task(read_source(), name="source")
         batcher = asyncio.create_task(batch(), name="batch")
@@ -467,7 +471,7 @@ class EdgeAgent:
                     log.warning("%s: cannot escalate %s: %s", self.config.device_id, group[i].ref, exc)
         return out
 
-    async def _finish(self, session: MqttSession, batch: _Batch) -> None:
+    async def _finish(self, session: MqttSession, batch: _Batch, window: WriteWindow | None = None) -> None:
         m = self.meter
         m.inc("frames_total", len(batch.frames))
         for i, reason in batch.failures.items():
@@ -523,7 +527,7 @@ class EdgeAgent:
         self._last_done = time.monotonic()
         if queued:
             self._spawn(self._enqueue(session, queued))
-        await self._publish_local(session, results)
+        await self._publish_local(session, results, window)
 
     def _can_wait(self, session: MqttSession) -> bool:
         """Whether a hard frame may wait for the cloud's answer (else it is answered now)."""
@@ -624,13 +628,19 @@ class EdgeAgent:
             latency_ms=task.latency_ms,
         )
 
-    async def _publish_local(self, session: MqttSession, results: list[env.LocalResult] | LocalRows) -> None:
+    async def _publish_local(
+        self, session: MqttSession, results: list[env.LocalResult] | LocalRows, window: WriteWindow | None = None
+    ) -> None:
         rows = results if isinstance(results, LocalRows) else LocalRows.of(results)
         if self.on_result is not None:
             for result in rows.envelopes():
                 self.on_result(result)
         if self.config.publish.local_results and rows:
-            await session.publish(self._local_topic, rows.encode(self.config.device_id), qos=topics.LOCAL.qos)
+            payload = rows.encode(self.config.device_id)
+            if window is not None:
+                await window.publish(self._local_topic, payload, topics.LOCAL.qos)
+            else:
+                await session.publish(self._local_topic, payload, qos=topics.LOCAL.qos)
 
     def _spawn(self, coro: Any) -> None:
         job = asyncio.ensure_future(coro)
