@@ -37,16 +37,20 @@ from edgewire.profiles import DeviceProfile, load_profile
 from edgewire.session import MqttSession, NotConnected
 
 from .active_model import ActiveModel, load_model
+from .backlog import Backlog
 from .connection import advertisement, device_session
 from .escalation import Escalations
-from .judge import Judge, Verdict
+from .handoff import run_on
+from .judge import Judge, Verdicts
+from .local_results import LocalRows, answered_here
 from .mode import DEGRADED, DeviceMode
 from .model_updater import ModelUpdater
 from .remote_config import RemoteConfig
-from .sources import Frame, QueueSource, open_source
+from .sources import Frame, QueueSource, chunks, open_source
 from .state import DeviceState
 from .tasks import Task, TaskState
 from .telemetry import AgentSummary, publish_telemetry, report_every
+from .write_window import WriteWindow
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,9 @@ ResultHook = Callable[[env.LocalResult], None]
 class _Batch:
     frames: list[Frame]
     model: ActiveModel
+    #: Indices in ``frames`` of the frames decoded, in order; ``verdicts`` are theirs.
     ok: list[int] = field(default_factory=list)
-    verdicts: list[Verdict] = field(default_factory=list)
+    verdicts: Verdicts | None = None
     failures: dict[int, str] = field(default_factory=dict)
     #: Encoded bytes of the hard frames, by index in ``frames``, read on the worker thread.
     payloads: dict[int, bytes] = field(default_factory=dict)
@@ -257,49 +262,41 @@ class EdgeAgent:
     async def _pipeline(self, session: MqttSession) -> None:
         assert self._stop is not None
         stop = self._stop
-        frames: asyncio.Queue[Frame | None] = asyncio.Queue(self.config.pipeline.queue_size)
+        frames = Backlog(self.config.pipeline.queue_size)
         # One batch per worker in flight, plus one being published.
         inflight: asyncio.Queue[asyncio.Future[_Batch] | None] = asyncio.Queue(self._workers + 1)
-        loop = asyncio.get_running_loop()
         limit = self.config.source.max_frames
 
         async def read_source() -> None:
             try:
-                async for frame in self.source:
+                async for chunk in chunks(self.source, min(self._max_batch, frames.limit)):
                     if stop.is_set():
                         break
                     if self._first_frame is None:
                         self._first_frame = time.monotonic()
-                    await frames.put(frame)
-                    if limit is not None and frame.seq + 1 >= limit:
+                    if limit is not None and chunk[-1].seq + 1 >= limit:
+                        await frames.put([frame for frame in chunk if frame.seq < limit])
                         break
+                    await frames.put(chunk)
             except SourceError as exc:
                 log.error("%s: source failed: %s", self.config.device_id, exc)
             finally:
-                await frames.put(None)
+                frames.close()
 
         async def batch() -> None:
-            done = False
-            while not done:
-                first = await frames.get()
-                if first is None:
-                    break
-                group = [first]
-                while len(group) < self._max_batch and not frames.empty():
-                    nxt = frames.get_nowait()
-                    if nxt is None:
-                        done = True
-                        break
-                    group.append(nxt)
-                waiting = frames.qsize()
+            while group := await frames.take(self._max_batch):
+                waiting = len(frames)
                 self.meter.set("queue_depth", waiting)
                 model = self._pick_model(waiting)
-                await inflight.put(loop.run_in_executor(self._executor, self._infer, group, model))
+                await inflight.put(run_on(self._executor, self._infer, group, model))
             await inflight.put(None)
 
         async def finish() -> None:
+            # Results go out without waiting for each write; all are written before returning.
+            window = WriteWindow(session, self.meter, self._workers + 2)
             while (fut := await inflight.get()) is not None:
-                await self._finish(session, await fut)
+                await self._finish(session, await fut, window)
+            await window.drain()
 
         reader = asyncio.create_task(read_source(), name="source")
         batcher = asyncio.create_task(batch(), name="batch")
@@ -343,17 +340,17 @@ class EdgeAgent:
             out.ok = []
             return out
         out.infer_s = time.perf_counter() - t0
-        out.verdicts = model.judge.judge(probs, sharp)
+        out.verdicts = model.judge.judge_batch(probs, sharp)
         if self.config.cloud is not None:
-            for i, verdict in zip(out.ok, out.verdicts, strict=True):
-                if verdict.hard:
-                    try:
-                        out.payloads[i] = group[i].encoded()
-                    except (OSError, SourceError) as exc:
-                        log.warning("%s: cannot escalate %s: %s", self.config.device_id, group[i].ref, exc)
+            for j in out.verdicts.hard:
+                i = out.ok[j]
+                try:
+                    out.payloads[i] = group[i].encoded()
+                except (OSError, SourceError) as exc:
+                    log.warning("%s: cannot escalate %s: %s", self.config.device_id, group[i].ref, exc)
         return out
 
-    async def _finish(self, session: MqttSession, batch: _Batch) -> None:
+    async def _finish(self, session: MqttSession, batch: _Batch, window: WriteWindow | None = None) -> None:
         m = self.meter
         m.inc("frames_total", len(batch.frames))
         for i, reason in batch.failures.items():
@@ -361,37 +358,51 @@ class EdgeAgent:
             log.warning("%s: frame %s skipped: %s failed", self.config.device_id, batch.frames[i].ref, reason)
         if self.updater is not None:
             self.updater.observe(batch.model.meta.version, len(batch.ok), len(batch.failures), batch.infer_s)
-        if not batch.verdicts:
+        verdicts = batch.verdicts
+        if verdicts is None or not len(verdicts):
             return
-        results: list[env.LocalResult] = []
+        frames, meta = batch.frames, batch.model.meta
+        # Every frame is answered here at once unless it is hard and has the cloud to go to.
+        results = answered_here(
+            [frames[i] for i in batch.ok] if batch.failures else frames,
+            verdicts,
+            device_id=self.config.device_id,
+            run_id=self._run_id,
+            model=meta.name,
+            version=meta.version,
+            now=time.time(),
+        )
+        completed = len(verdicts)
         esc = self.escalations
-        hard = 0
-        for i, verdict in zip(batch.ok, batch.verdicts, strict=True):
-            frame = batch.frames[i]
-            task = Task(trace_id=f"{self._run_id}-{frame.seq}", seq=frame.seq, source_ref=frame.ref, created=frame.ts)
-            task.prediction = verdict.prediction
-            task.reasons = verdict.reasons
-            task.model, task.version = batch.model.meta.name, batch.model.meta.version
-            task.to(TaskState.JUDGED)
-            if verdict.hard:
-                hard += 1
+        for j in verdicts.hard:
+            i = batch.ok[j]
             payload = batch.payloads.get(i)
-            waits = verdict.hard and payload is not None and esc is not None and esc.may_wait()
+            if payload is None or esc is None:
+                continue  # nothing to send or nowhere to send it: answered here, flagged degraded
+            frame = frames[i]
+            task = Task(trace_id=f"{self._run_id}-{frame.seq}", seq=frame.seq, source_ref=frame.ref, created=frame.ts)
+            task.prediction = verdicts.prediction(j)
+            task.reasons = verdicts.reasons[j]
+            task.model, task.version = meta.name, meta.version
+            task.to(TaskState.JUDGED)
+            waits = esc.may_wait()
             if waits:
                 task.to(TaskState.PENDING_CLOUD)
+                completed -= 1
             else:
-                # No cloud, no link or no room: a hard case is answered here, flagged.
-                task.degraded = verdict.hard
+                # No link or no room: a hard case is answered here, flagged.
+                task.degraded = True
                 task.to(TaskState.COMPLETE)
-                m.inc("frames_completed_total")
-            result = self._local_result(task, verdict.sharpness)
-            results.append(result)
-            if esc is not None and verdict.hard and payload is not None and (waits or esc.queues_offline):
+            result = self._local_result(task, verdicts.sharpness[j])
+            results.put(j, result)
+            if waits or esc.queues_offline:
                 esc.escalate(task, result, payload, frame.content_type)
-        if hard:
-            m.inc("frames_hard_total", hard)
+        if verdicts.hard:
+            m.inc("frames_hard_total", len(verdicts.hard))
+        if completed:
+            m.inc("frames_completed_total", completed)
         self._last_done = time.monotonic()
-        await self._publish_local(session, results)
+        await self._publish_local(session, results, window)
 
     def _local_result(self, task: Task, sharp: float | None) -> env.LocalResult:
         assert task.prediction is not None
@@ -412,13 +423,19 @@ class EdgeAgent:
             latency_ms=task.latency_ms,
         )
 
-    async def _publish_local(self, session: MqttSession, results: list[env.LocalResult]) -> None:
+    async def _publish_local(
+        self, session: MqttSession, results: list[env.LocalResult] | LocalRows, window: WriteWindow | None = None
+    ) -> None:
+        rows = results if isinstance(results, LocalRows) else LocalRows.of(results)
         if self.on_result is not None:
-            for result in results:
+            for result in rows.envelopes():
                 self.on_result(result)
-        if self.config.publish.local_results and results:
-            message = env.LocalResults(device_id=self.config.device_id, results=results)
-            await session.publish(self._local_topic, env.encode(message), qos=topics.LOCAL.qos)
+        if self.config.publish.local_results and rows:
+            payload = rows.encode(self.config.device_id)
+            if window is not None:
+                await window.publish(self._local_topic, payload, topics.LOCAL.qos)
+            else:
+                await session.publish(self._local_topic, payload, qos=topics.LOCAL.qos)
 
     async def _publish_later(self, results: list[env.LocalResult]) -> None:
         """Final outcomes of escalated frames, published as they come."""

@@ -20,6 +20,13 @@ UNKNOWN_CLASS = "unknown_class"
 BLURRY = "blurry"
 
 
+#: The reasons in the order a frame lists them, one bit each in a batch's reason codes.
+_POLICIES = (LOW_CONFIDENCE, LOW_MARGIN, UNKNOWN_CLASS, BLURRY)
+_REASONS: tuple[tuple[str, ...], ...] = tuple(
+    tuple(name for bit, name in enumerate(_POLICIES) if code >> bit & 1) for code in range(1 << len(_POLICIES))
+)
+
+
 @dataclass(frozen=True)
 class Verdict:
     prediction: Prediction
@@ -29,6 +36,36 @@ class Verdict:
     @property
     def hard(self) -> bool:
         return bool(self.reasons)
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """A batch's verdicts as columns of plain Python values.
+
+    A device judges sixteen frames in the time it takes to build one Prediction per frame, so
+    the batch path reads these columns directly; :meth:`verdict` builds the per-frame object
+    only for the frames that need one (those escalated).
+    """
+
+    labels: list[str]
+    class_index: list[int]
+    confidence: list[float]
+    margin: list[float]
+    reasons: list[tuple[str, ...]]
+    sharpness: list[float | None]
+    #: Indices of the hard frames, in order.
+    hard: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def prediction(self, i: int) -> Prediction:
+        return Prediction.model_construct(
+            label=self.labels[i], class_index=self.class_index[i], confidence=self.confidence[i], margin=self.margin[i]
+        )
+
+    def verdict(self, i: int) -> Verdict:
+        return Verdict(self.prediction(i), self.reasons[i], self.sharpness[i])
 
 
 class Judge:
@@ -43,38 +80,33 @@ class Judge:
         return self.settings.min_sharpness is not None
 
     def judge(self, probs: np.ndarray, sharpness: list[float | None] | None = None) -> list[Verdict]:
+        """Judge a batch of probability rows (N x classes), one Verdict per row."""
+        batch = self.judge_batch(probs, sharpness)
+        return [batch.verdict(i) for i in range(len(batch))]
+
+    def judge_batch(self, probs: np.ndarray, sharpness: list[float | None] | None = None) -> Verdicts:
         """Judge a batch of probability rows (N x classes) in one vectorised pass."""
         n, classes = probs.shape
         if classes != len(self.labels):
             raise ValueError(f"model gives {classes} classes but declares {len(self.labels)} labels")
         best, conf, margin = top2(probs)
         s = self.settings
-        low_conf = conf < s.min_confidence
-        low_margin = margin < s.min_margin
-        unknown = self._unknown[best]
-        verdicts = []
-        for i in range(n):
-            reasons = []
-            if low_conf[i]:
-                reasons.append(LOW_CONFIDENCE)
-            if low_margin[i]:
-                reasons.append(LOW_MARGIN)
-            if unknown[i]:
-                reasons.append(UNKNOWN_CLASS)
-            sharp = sharpness[i] if sharpness is not None else None
-            if s.min_sharpness is not None and sharp is not None and sharp < s.min_sharpness:
-                reasons.append(BLURRY)
-            k = int(best[i])
-            verdicts.append(
-                Verdict(
-                    Prediction.model_construct(
-                        label=self.labels[k],
-                        class_index=k,
-                        confidence=float(conf[i]),
-                        margin=float(margin[i]),
-                    ),
-                    tuple(reasons),
-                    sharp,
-                )
-            )
-        return verdicts
+        codes = (conf < s.min_confidence).astype(np.intp)
+        codes |= (margin < s.min_margin).astype(np.intp) << 1
+        codes |= self._unknown[best].astype(np.intp) << 2
+        sharp: list[float | None] = [None] * n if sharpness is None else list(sharpness)
+        if s.min_sharpness is not None and sharpness is not None:
+            blurry = np.array([v is not None and v < s.min_sharpness for v in sharp], dtype=np.intp)
+            codes |= blurry << 3
+        index = best.tolist()
+        code_list = codes.tolist()
+        labels = self.labels
+        return Verdicts(
+            labels=[labels[k] for k in index],
+            class_index=index,
+            confidence=conf.astype(np.float64).tolist(),
+            margin=margin.astype(np.float64).tolist(),
+            reasons=[_REASONS[c] for c in code_list],
+            sharpness=sharp,
+            hard=[i for i, c in enumerate(code_list) if c],
+        )

@@ -1,7 +1,10 @@
 """Where frames come from: an image folder, a video file or camera, or an MQTT input topic.
 
 A source is an async iterator of :class:`Frame`. Sources hand over encoded bytes or a path
-when they have them, so decoding happens on the inference thread, not on the event loop.
+when they have them, so decoding happens on the inference thread, not on the event loop. The
+pipeline reads them through :func:`chunks`: a source that has many frames ready at once (a
+folder read at full speed, a backlog of frames sent over MQTT) hands them over as one list,
+which costs the event loop one step per chunk instead of one per frame.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-@dataclass
+@dataclass(slots=True)
 class Frame:
     seq: int
     ref: str
@@ -56,6 +59,10 @@ class Pacer:
         self.period = 1.0 / fps if fps > 0 else 0.0
         self._next = time.monotonic()
 
+    @property
+    def paced(self) -> bool:
+        return self.period > 0
+
     async def wait(self) -> None:
         if not self.period:
             return
@@ -81,20 +88,49 @@ class FolderSource:
                 f"no images matching '{settings.pattern}' in {folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
             )
         self.settings = settings
+        # What each frame of a file carries, worked out once rather than per frame and per loop.
+        self._entries = [
+            (path, path.name, "image/png" if path.suffix.lower() == ".png" else "image/jpeg") for path in self.files
+        ]
 
     async def __aiter__(self) -> AsyncIterator[Frame]:
         pacer = Pacer(self.settings.fps)
+        paced = pacer.paced
+        now = time.time
         seq = 0
         while True:
-            for path in self.files:
-                await pacer.wait()
-                ctype = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
-                yield Frame(seq=seq, ref=path.name, ts=time.time(), path=path, content_type=ctype)
+            for path, name, ctype in self._entries:
+                if paced:
+                    await pacer.wait()
+                yield Frame(seq, name, now(), path, None, None, ctype)
                 seq += 1
-                if seq % 64 == 0:
+                if not seq & 63:
                     await asyncio.sleep(0)  # let the rest of the loop breathe at full speed
             if not self.settings.loop:
                 return
+
+    async def chunks(self, most: int) -> AsyncIterator[list[Frame]]:
+        """The same frames as iterating, up to ``most`` at a time when not paced (one read
+        time for a chunk: its frames are all there at once)."""
+        if self.settings.fps > 0:
+            async for frame in self:
+                yield [frame]
+            return
+        entries, count = self._entries, len(self._entries)
+        end = None if self.settings.loop else count
+        seq = breath = 0
+        while end is None or seq < end:
+            n = most if end is None else min(most, end - seq)
+            ts = time.time()
+            chunk = []
+            for s in range(seq, seq + n):
+                path, name, ctype = entries[s % count]
+                chunk.append(Frame(s, name, ts, path, None, None, ctype))
+            seq += n
+            yield chunk
+            if seq - breath >= 64:
+                breath = seq
+                await asyncio.sleep(0)  # let the rest of the loop breathe at full speed
 
 
 class VideoSource:
@@ -175,8 +211,32 @@ class QueueSource:
         while (frame := await self.queue.get()) is not None:
             yield frame
 
+    async def chunks(self, most: int) -> AsyncIterator[list[Frame]]:
+        """Whatever is queued, up to ``most`` frames at a time."""
+        queue = self.queue
+        while (frame := await queue.get()) is not None:
+            chunk = [frame]
+            while len(chunk) < most and not queue.empty():
+                if (frame := queue.get_nowait()) is None:
+                    yield chunk
+                    return
+                chunk.append(frame)
+            yield chunk
+
 
 Source = FolderSource | VideoSource | QueueSource
+
+
+def chunks(source: AsyncIterable[Frame], most: int) -> AsyncIterator[list[Frame]]:
+    """A source's frames as lists of at most ``most``: its own ``chunks`` when it has one,
+    else one frame a list (any async iterable of frames is a source)."""
+    read = getattr(source, "chunks", None)
+    return read(most) if read is not None else _one_at_a_time(source)
+
+
+async def _one_at_a_time(source: AsyncIterable[Frame]) -> AsyncIterator[list[Frame]]:
+    async for frame in source:
+        yield [frame]
 
 
 def open_source(settings: SourceSettings) -> Source:

@@ -240,3 +240,33 @@ def test_flat_image_has_zero_sharpness() -> None:
     assert sharpness(np.full((32, 32), 128, np.uint8)) == 0.0
     checker = (np.indices((32, 32)).sum(axis=0) % 2 * 255).astype(np.uint8)
     assert sharpness(checker) > 1000.0
+
+
+# ---- the batch's columns ------------------------------------------------------------------
+
+
+def test_batch_columns_agree_with_the_per_frame_verdicts() -> None:
+    rng = np.random.default_rng(11)
+    probs = rng.dirichlet(np.ones(len(LABELS)) * 0.7, size=64).astype(np.float32)
+    sharp: list[float | None] = [float(v) for v in rng.uniform(0, 100, size=64)]
+    sharp[3] = None
+    j = judge(min_confidence=0.6, min_margin=0.2, unknown_labels=["bird"], min_sharpness=30.0)
+    batch = j.judge_batch(probs, sharp)
+    verdicts = j.judge(probs, sharp)
+    assert len(batch) == len(verdicts) == 64
+    assert batch.hard == [i for i, v in enumerate(verdicts) if v.hard]
+    assert 0 < len(batch.hard) < 64
+    for i, v in enumerate(verdicts):
+        p = v.prediction
+        assert (batch.labels[i], batch.class_index[i]) == (p.label, p.class_index)
+        assert (batch.confidence[i], batch.margin[i]) == (p.confidence, p.margin)
+        assert type(batch.confidence[i]) is float and type(batch.class_index[i]) is int
+        assert batch.reasons[i] == v.reasons and batch.sharpness[i] == v.sharpness
+        assert p.confidence == float(np.max(probs[i]))
+
+
+def test_every_reason_of_a_frame_is_listed_in_policy_order() -> None:
+    j = judge(min_confidence=0.5, min_margin=0.25, unknown_labels=["cat"], min_sharpness=10.0)
+    batch = j.judge_batch(rows([0.375, 0.3125, 0.3125, 0.0]), [1.0])
+    assert batch.reasons == [(LOW_CONFIDENCE, LOW_MARGIN, UNKNOWN_CLASS, BLURRY)]
+    assert batch.hard == [0]

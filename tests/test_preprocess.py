@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgewire.modelmeta import InputSpec
-from edgewire.preprocess import Preprocessor, decode, read
+from edgewire.preprocess import Preprocessor, decode, read, sharpness
 
 # A BGR pixel whose three channels differ, so a swapped channel order shows.
 BGR = (10, 120, 230)
@@ -219,3 +219,15 @@ def test_read_file_and_missing_file(tmp_path: Path) -> None:
     assert read(str(path)).shape == (5, 7, 3)
     assert read(str(path), gray=True).shape == (5, 7)
     assert read(str(tmp_path / "missing.png")) is None
+
+
+def test_sharpness_of_8_bit_frames_is_the_float_laplacian_variance_exactly() -> None:
+    rng = np.random.default_rng(3)
+    noise = rng.integers(0, 256, (240, 320), dtype=np.uint8)
+    edge = np.zeros((64, 64), np.uint8)
+    edge[:, 32:] = 255  # the largest Laplacian an 8-bit frame can have
+    for gray in (noise, edge, cv2.GaussianBlur(noise, (9, 9), 3), np.full((5, 5), 7, np.uint8)):
+        _, std = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_32F))
+        assert sharpness(gray) == float(std[0, 0]) ** 2
+    assert sharpness(cv2.cvtColor(noise, cv2.COLOR_GRAY2BGR)) == sharpness(noise)
+    assert sharpness(edge) > sharpness(cv2.GaussianBlur(edge, (9, 9), 3)) > 0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edgewire.config import SourceSettings
-from edgewire.edge.sources import FolderSource, Frame, QueueSource, VideoSource, open_source
+from edgewire.edge.sources import FolderSource, Frame, QueueSource, VideoSource, chunks, open_source
 from edgewire.errors import SourceError
 
 # Written in this order on purpose: the source must sort, not trust the directory listing.
@@ -220,3 +220,57 @@ async def test_closing_an_empty_queue_source_ends_iteration() -> None:
 def test_frame_without_any_data_cannot_be_encoded() -> None:
     with pytest.raises(SourceError, match="no image data"):
         Frame(seq=0, ref="empty", ts=0.0).encoded()
+
+
+# ---- chunks, as the pipeline reads a source --------------------------------------------------
+
+
+async def collect_chunks(source: object, most: int, limit: int = 1000) -> list[list[Frame]]:
+    async def run() -> list[list[Frame]]:
+        out: list[list[Frame]] = []
+        async for chunk in chunks(source, most):  # type: ignore[arg-type]
+            out.append(chunk)
+            if sum(map(len, out)) >= limit:
+                break
+        return out
+
+    return await asyncio.wait_for(run(), 10)
+
+
+async def test_folder_chunks_are_the_frames_of_iteration_in_lists_of_at_most_most(tmp_path: Path) -> None:
+    folder = image_folder(tmp_path)
+    one_by_one = await take(folder_source(folder, loop=True), limit=7)
+    chunked = await collect_chunks(folder_source(folder, loop=True), 2, limit=7)
+    assert [len(c) for c in chunked] == [2, 2, 2, 2]
+    flat = [f for c in chunked for f in c][:7]
+    fields = [(f.seq, f.ref, f.path, f.content_type, f.data, f.image) for f in flat]
+    assert fields == [(f.seq, f.ref, f.path, f.content_type, f.data, f.image) for f in one_by_one]
+
+
+async def test_folder_chunks_stop_at_the_end_of_a_folder_not_looped(tmp_path: Path) -> None:
+    chunked = await collect_chunks(folder_source(image_folder(tmp_path)), 2)
+    assert [[f.seq for f in c] for c in chunked] == [[0, 1], [2]]
+
+
+async def test_paced_folder_chunks_hold_one_frame(tmp_path: Path) -> None:
+    chunked = await collect_chunks(folder_source(image_folder(tmp_path), fps=200.0), 16)
+    assert [len(c) for c in chunked] == [1, 1, 1]
+
+
+async def test_queue_source_chunks_take_what_is_queued_and_stop_at_close() -> None:
+    source = QueueSource(maxsize=8)
+    for ref in "abcde":
+        assert source.offer(ref, ref.encode(), 0.0, "image/jpeg")
+    source.close()
+    chunked = await collect_chunks(source, 3)
+    assert [[f.ref for f in c] for c in chunked] == [["a", "b", "c"], ["d", "e"]]
+
+
+async def test_any_async_iterable_of_frames_is_read_one_frame_a_chunk() -> None:
+    class Plain:
+        async def __aiter__(self):  # type: ignore[no-untyped-def]
+            for seq in range(3):
+                yield Frame(seq=seq, ref=f"p{seq}", ts=0.0, data=b"x")
+
+    chunked = await collect_chunks(Plain(), 16)
+    assert [[f.ref for f in c] for c in chunked] == [["p0"], ["p1"], ["p2"]]

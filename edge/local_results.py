@@ -1,0 +1,101 @@
+"""A batch's local results as wire-ready rows, encoded without a model object per frame.
+
+Every frame the device answers becomes one LocalResult on its ``local`` topic. Validating and
+dumping a pydantic model per frame costs more than decoding the frame's 8x8 input, so the frame
+path builds the plain dicts ``envelopes.encode`` would produce and packs them itself; the
+envelope objects are made only for whoever asks for them (an ``on_result`` hook, an
+escalation's note). A test pins the bytes to ``envelopes.encode`` of the same results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+
+from edgewire import envelopes as env
+
+from .judge import Verdicts
+from .sources import Frame
+
+#: The rows' wire form: ``LocalResult.model_dump(mode="python")``.
+Row = dict[str, Any]
+
+
+class LocalRows:
+    """Outcomes of one batch in frame order, as rows; envelope objects are made on demand."""
+
+    __slots__ = ("_objects", "rows")
+
+    def __init__(self, rows: list[Row] | None = None) -> None:
+        self.rows: list[Row] = rows if rows is not None else []
+        self._objects: dict[int, env.LocalResult] = {}
+
+    @classmethod
+    def of(cls, results: list[env.LocalResult]) -> LocalRows:
+        rows = cls([result.model_dump(mode="python") for result in results])
+        rows._objects = dict(enumerate(results))
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def put(self, i: int, result: env.LocalResult) -> None:
+        """Row ``i`` is this envelope instead (a frame that waits for the cloud)."""
+        self._objects[i] = result
+        self.rows[i] = result.model_dump(mode="python")
+
+    def envelopes(self) -> Iterator[env.LocalResult]:
+        for i, row in enumerate(self.rows):
+            result = self._objects.get(i)
+            yield result if result is not None else _envelope(row)
+
+    def encode(self, device_id: str) -> bytes:
+        """The LocalResults payload, byte for byte what ``envelopes.encode`` gives."""
+        message = {"v": env.SCHEMA_VERSION, "device_id": device_id, "results": self.rows}
+        return msgpack.packb(message, use_bin_type=True)
+
+
+def _envelope(row: Row) -> env.LocalResult:
+    """Rows are built by the device from its own values, so they are not validated again."""
+    return env.LocalResult.model_construct(**{**row, "prediction": env.Prediction.model_construct(**row["prediction"])})
+
+
+def answered_here(
+    frames: list[Frame],
+    verdicts: Verdicts,
+    *,
+    device_id: str,
+    run_id: str,
+    model: str,
+    version: str,
+    now: float,
+) -> LocalRows:
+    """Rows for frames answered on the device at ``now``, complete at once; a hard one is
+    flagged degraded (it had no cloud to go to). ``frames[i]`` was judged ``verdicts[i]``."""
+    v = verdicts
+    return LocalRows(
+        [
+            {
+                "trace_id": f"{run_id}-{frame.seq}",
+                "device_id": device_id,
+                "seq": frame.seq,
+                "source_ref": frame.ref,
+                "ts": frame.ts,
+                "state": "COMPLETE",
+                "answered_by": "edge",
+                "prediction": {"label": label, "class_index": index, "confidence": conf, "margin": margin},
+                "reasons": list(reasons),
+                "sharpness": sharp,
+                "model": model,
+                "version": version,
+                "degraded": bool(reasons),
+                "latency_ms": (now - frame.ts) * 1000.0,
+                "late": False,
+            }
+            for frame, label, index, conf, margin, reasons, sharp in zip(
+                frames, v.labels, v.class_index, v.confidence, v.margin, v.reasons, v.sharpness, strict=True
+            )
+        ]
+    )

@@ -1,0 +1,46 @@
+"""Work run on a thread pool and settled back on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from edgewire.edge.handoff import run_on
+
+
+async def test_result_comes_back_from_a_worker_thread() -> None:
+    with ThreadPoolExecutor(2, thread_name_prefix="work") as pool:
+        futures = [run_on(pool, lambda x: (x * 2, threading.current_thread().name), i) for i in range(8)]
+        results = await asyncio.wait_for(asyncio.gather(*futures), 5)
+    assert [value for value, _ in results] == [i * 2 for i in range(8)]
+    assert all(name.startswith("work") for _, name in results)
+
+
+async def test_exception_is_raised_where_the_future_is_awaited() -> None:
+    def fail() -> None:
+        raise ValueError("bad batch")
+
+    with ThreadPoolExecutor(1) as pool:
+        with pytest.raises(ValueError, match="bad batch"):
+            await asyncio.wait_for(run_on(pool, fail), 5)
+
+
+async def test_a_cancelled_future_is_left_alone_when_the_work_ends() -> None:
+    release = threading.Event()
+    done = threading.Event()
+
+    def slow() -> int:
+        release.wait(5)
+        done.set()
+        return 1
+
+    with ThreadPoolExecutor(1) as pool:
+        future = run_on(pool, slow)
+        future.cancel()
+        release.set()
+        assert await asyncio.to_thread(done.wait, 5)
+        await asyncio.sleep(0.05)  # the settle callback runs, and must not raise InvalidStateError
+    assert future.cancelled()

@@ -1,0 +1,97 @@
+"""A batch's local results as rows: the same bytes and the same objects as the envelopes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgewire import envelopes as env
+from edgewire.config import JudgeSettings
+from edgewire.edge.judge import Judge
+from edgewire.edge.local_results import LocalRows, answered_here
+from edgewire.edge.sources import Frame
+
+LABELS = ("cat", "dog", "bird", "other")
+
+
+def batch() -> tuple[list[Frame], Judge, np.ndarray]:
+    frames = [Frame(seq=10 + i, ref=f"f{i}.jpg", ts=1000.0 + i, path=Path(f"/x/f{i}.jpg")) for i in range(4)]
+    probs = np.array(
+        [
+            [0.625, 0.25, 0.125, 0.0],  # sure
+            [0.375, 0.3125, 0.3125, 0.0],  # low confidence
+            [0.0, 0.0, 0.125, 0.875],  # an unknown class
+            [0.25, 0.25, 0.25, 0.25],  # low confidence and no margin
+        ],
+        dtype=np.float32,
+    )
+    return frames, Judge(JudgeSettings(min_confidence=0.5, min_margin=0.1, unknown_labels=["other"]), LABELS), probs
+
+
+def expected(
+    frames: list[Frame], judge: Judge, probs: np.ndarray, sharp: list[float | None] | None, now: float
+) -> list[env.LocalResult]:
+    """The results as the envelopes would be built one by one, validated."""
+    out = []
+    for frame, verdict in zip(frames, judge.judge(probs, sharp), strict=True):
+        out.append(
+            env.LocalResult(
+                trace_id=f"run-{frame.seq}",
+                device_id="cam-01",
+                seq=frame.seq,
+                source_ref=frame.ref,
+                ts=frame.ts,
+                state="COMPLETE",
+                answered_by="edge",
+                prediction=verdict.prediction,
+                reasons=list(verdict.reasons),
+                sharpness=verdict.sharpness,
+                model="digits",
+                version="1.0",
+                degraded=verdict.hard,
+                latency_ms=(now - frame.ts) * 1000.0,
+            )
+        )
+    return out
+
+
+def rows_for(
+    frames: list[Frame], judge: Judge, probs: np.ndarray, sharp: list[float | None] | None, now: float
+) -> LocalRows:
+    verdicts = judge.judge_batch(probs, sharp)
+    return answered_here(frames, verdicts, device_id="cam-01", run_id="run", model="digits", version="1.0", now=now)
+
+
+def test_rows_encode_to_the_bytes_of_the_envelope() -> None:
+    frames, judge, probs = batch()
+    for sharp in (None, [10.0, 0.5, 200.0, None]):
+        want = expected(frames, judge, probs, sharp, now=2000.0)
+        rows = rows_for(frames, judge, probs, sharp, now=2000.0)
+        assert rows.encode("cam-01") == env.encode(env.LocalResults(device_id="cam-01", results=want))
+        assert list(rows.envelopes()) == want
+        assert [r.degraded for r in want] == [False, True, True, True]
+
+
+def test_envelopes_put_in_place_of_a_row_keep_frame_order_and_travel_as_they_are() -> None:
+    frames, judge, probs = batch()
+    want = expected(frames, judge, probs, None, now=2000.0)
+    waiting = want[1].model_copy(update={"state": "PENDING_CLOUD", "degraded": False})
+    want[1] = waiting
+    rows = rows_for(frames, judge, probs, None, now=2000.0)
+    rows.put(1, waiting)
+    envelopes = list(rows.envelopes())
+    assert envelopes[1] is waiting
+    assert envelopes == want
+    assert rows.encode("cam-01") == env.encode(env.LocalResults(device_id="cam-01", results=want))
+
+
+def test_rows_of_envelopes_encode_as_the_envelope_and_give_them_back() -> None:
+    frames, judge, probs = batch()
+    want = expected(frames, judge, probs, None, now=2000.0)[:2]
+    rows = LocalRows.of(want)
+    assert len(rows) == 2
+    assert rows.encode("cam-01") == env.encode(env.LocalResults(device_id="cam-01", results=want))
+    assert all(a is b for a, b in zip(rows.envelopes(), want, strict=True))
+    decoded = env.decode(env.LocalResults, rows.encode("cam-01"))
+    assert decoded.results == want
