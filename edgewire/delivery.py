@@ -32,7 +32,7 @@ from edgewire.errors import DecodeError, EdgewireError, TopicError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from edgewire.session import MqttSession
+    from edgewire.session import InboundMessage, MqttSession
 
 # Half a megabyte: large enough that per-message costs vanish, small enough that the sender, the
 # broker and the device work on different chunks at once (bench/delivery.py: 512 KiB delivered a
@@ -384,7 +384,7 @@ async def push(
 # ---- reading what the fleet reports ---------------------------------------------------------
 
 
-async def next_message(session: MqttSession, timeout: float) -> Any | None:
+async def next_message(session: MqttSession, timeout: float) -> InboundMessage | None:
     """The next received message, or None after ``timeout`` seconds (nothing is lost on timeout)."""
     if timeout <= 0:
         return None
