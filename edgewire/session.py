@@ -71,6 +71,10 @@ class InboundMessage:
 
 
 class MqttSession:
+    """A broker connection for a component's whole life: ``async with`` it, publish, iterate
+    :meth:`messages`. Drops and reconnects happen underneath; a publish that needs the link and
+    cannot have it in time raises NotConnected."""
+
     def __init__(
         self,
         client_id: str,
