@@ -230,7 +230,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                             raise
                 await serial(dev.one, 50)
                 await serial(direct.one, 50)
-                groups = {"bench": os.getpid(), "broker": broker.pid, "triton": triton._proc.pid}
+                groups = {"bench": os.getpid(), "broker": broker.pid, "triton": triton._proc.pid}  # noqa: SLF001 - CPU of the server process the bench started
                 groups.update({f"bridge{k}": b.pid for k, b in enumerate(bridges)})
                 cpu = CpuMeter(groups) if args.cpu else None
                 direct_lat, mqtt_lat, tput_direct, tput_mqtt = [], [], [], []

@@ -25,7 +25,7 @@ from edgewire.config import BrokerSettings
 from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
 from edgewire.preprocess import Preprocessor, decode
-from edgewire.session import MqttSession, NotConnected, presence_factory
+from edgewire.session import InboundMessage, MqttSession, NotConnected, presence_factory
 
 from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
 from .dispatch import Dispatcher, Unavailable
@@ -149,7 +149,7 @@ class Bridge:
             topic = self._reply_topics[device_id] = topics.RESULT.build(device_id=device_id)
         return topic
 
-    def _on_request(self, session: MqttSession, message: Any) -> None:
+    def _on_request(self, session: MqttSession, message: InboundMessage) -> None:
         received = time.time()
         topic = str(message.topic)
         try:

@@ -207,7 +207,7 @@ class _Worker(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self.transport = None
-        self.pool._lost(self, exc)
+        self.pool._lost(self, exc)  # noqa: SLF001 - a pool's worker reports its own loss to it
 
     # ---
 

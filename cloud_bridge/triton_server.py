@@ -135,7 +135,7 @@ _LIVE: set[EmbeddedTriton] = set()
 @atexit.register
 def _kill_leftovers() -> None:
     for server in list(_LIVE):
-        server._kill_now()
+        server._kill_now()  # noqa: SLF001 - this module's own last-resort cleanup
 
 
 async def _http_status(host: str, port: int, path: str, timeout: float = 2.0) -> int | None:

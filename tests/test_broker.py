@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shlex
 import signal
@@ -103,34 +102,3 @@ def test_broker_is_advertised_on_mdns_inside_a_private_namespace() -> None:
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found == [{"host": "127.0.0.1", "port": port, "props": {"edgewire": "1"}}]
-
-
-async def test_payloads_of_every_size_arrive_whole_and_in_order(broker) -> None:  # type: ignore[no-untyped-def]
-    """Small and large messages interleaved: the large ones are received straight into their own
-    buffer (and handed over uncopied), the small ones cut from the read buffer; none may be
-    torn, merged or reordered, whichever side of the 64 KiB read a packet boundary falls."""
-    import os
-
-    from edgewire.session import MqttSession
-
-    sizes = [0, 1, 100, 65_535, 65_536, 65_537, 70_000, 3, 1 << 20, 5, (3 << 20) + 7, 131_072, 2, 600_000]
-    payloads = [os.urandom(n) for n in sizes]
-    async with (
-        MqttSession("sizes-rx", broker.host, broker.port) as rx,
-        MqttSession("sizes-tx", broker.host, broker.port) as tx,
-    ):
-        await rx.wait_connected(10)
-        await tx.wait_connected(10)
-        await rx.subscribe("sizes/#", qos=1)
-        await asyncio.sleep(0.2)
-        # Queued back to back, so packets share reads.
-        sends = [asyncio.ensure_future(tx.publish(f"sizes/{i}", p, qos=1, timeout=30)) for i, p in enumerate(payloads)]
-        got = []
-        messages = rx.messages()
-        while len(got) < len(payloads):
-            msg = await asyncio.wait_for(anext(messages), 30)
-            got.append((str(msg.topic), bytes(msg.payload)))
-        assert all(await asyncio.gather(*sends))
-    assert [t for t, _ in got] == [f"sizes/{i}" for i in range(len(payloads))]
-    for (_, body), sent in zip(got, payloads, strict=True):
-        assert len(body) == len(sent) and body == sent

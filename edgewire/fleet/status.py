@@ -10,10 +10,10 @@ from typing import Any
 from edgewire import envelopes as env
 from edgewire import topics
 from edgewire.errors import DecodeError
-from edgewire.session import MqttSession
+from edgewire.session import InboundMessage, MqttSession
 
 
-async def next_message(session: MqttSession, timeout: float) -> Any | None:
+async def next_message(session: MqttSession, timeout: float) -> InboundMessage | None:
     """The next received message, or None after ``timeout`` seconds (nothing is lost on timeout)."""
     if timeout <= 0:
         return None
