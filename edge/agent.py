@@ -43,6 +43,7 @@ from .escalation import Escalations
 from .handoff import run_on
 from .judge import Judge, Verdicts
 from .local_results import LocalRows, answered_here
+from .local_stream import LocalStream
 from .mode import DEGRADED, DeviceMode
 from .model_updater import ModelUpdater
 from .remote_config import RemoteConfig
@@ -293,10 +294,16 @@ class EdgeAgent:
 
         async def finish() -> None:
             # Results go out without waiting for each write; all are written before returning.
-            window = WriteWindow(session, self.meter, self._workers + 2)
+            stream = LocalStream(
+                WriteWindow(session, self.meter, self._workers + 2),
+                self._local_topic,
+                topics.LOCAL.qos,
+                self.config.device_id,
+                self.config.publish.local_min_interval_ms / 1000.0,
+            )
             while (fut := await inflight.get()) is not None:
-                await self._finish(session, await fut, window)
-            await window.drain()
+                await self._finish(session, await fut, stream)
+            await stream.drain()
 
         reader = asyncio.create_task(read_source(), name="source")
         batcher = asyncio.create_task(batch(), name="batch")
@@ -350,7 +357,7 @@ class EdgeAgent:
                     log.warning("%s: cannot escalate %s: %s", self.config.device_id, group[i].ref, exc)
         return out
 
-    async def _finish(self, session: MqttSession, batch: _Batch, window: WriteWindow | None = None) -> None:
+    async def _finish(self, session: MqttSession, batch: _Batch, stream: LocalStream | None = None) -> None:
         m = self.meter
         m.inc("frames_total", len(batch.frames))
         for i, reason in batch.failures.items():
@@ -402,7 +409,7 @@ class EdgeAgent:
         if completed:
             m.inc("frames_completed_total", completed)
         self._last_done = time.monotonic()
-        await self._publish_local(session, results, window)
+        await self._publish_local(session, results, stream)
 
     def _local_result(self, task: Task, sharp: float | None) -> env.LocalResult:
         assert task.prediction is not None
@@ -424,18 +431,17 @@ class EdgeAgent:
         )
 
     async def _publish_local(
-        self, session: MqttSession, results: list[env.LocalResult] | LocalRows, window: WriteWindow | None = None
+        self, session: MqttSession, results: list[env.LocalResult] | LocalRows, stream: LocalStream | None = None
     ) -> None:
         rows = results if isinstance(results, LocalRows) else LocalRows.of(results)
         if self.on_result is not None:
             for result in rows.envelopes():
                 self.on_result(result)
         if self.config.publish.local_results and rows:
-            payload = rows.encode(self.config.device_id)
-            if window is not None:
-                await window.publish(self._local_topic, payload, topics.LOCAL.qos)
+            if stream is not None:
+                await stream.add(rows)
             else:
-                await session.publish(self._local_topic, payload, qos=topics.LOCAL.qos)
+                await session.publish(self._local_topic, rows.encode(self.config.device_id), qos=topics.LOCAL.qos)
 
     async def _publish_later(self, results: list[env.LocalResult]) -> None:
         """Final outcomes of escalated frames, published as they come."""

@@ -348,6 +348,9 @@ class DeliverySettings(StrictModel):
 
 class PublishSettings(StrictModel):
     local_results: bool = True
+    # At most one local/<device> message per this many ms: a paced camera's batches still leave
+    # one by one, a backlog's share messages instead of one write per batch (0: every batch).
+    local_min_interval_ms: float = Field(20.0, ge=0, le=10_000)
     telemetry_interval_s: float = Field(5.0, gt=0)
 
 

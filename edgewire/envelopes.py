@@ -117,8 +117,9 @@ class LocalResult(_Strict):
 
 
 class LocalResults(Envelope):
-    """Outcomes of one micro-batch. A paced camera sends one per message; a device working
-    through a backlog sends up to its batch size per message instead of flooding the broker."""
+    """Outcomes of one micro-batch, or of the batches finished within the device's
+    ``publish.local_min_interval_ms``: a paced camera sends one batch per message; a device
+    working through a backlog sends many per message instead of flooding the broker."""
 
     MAX_BYTES: ClassVar[int] = 1 * MIB
     device_id: str
