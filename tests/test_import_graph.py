@@ -188,10 +188,7 @@ def _loop_through(group: set[str], graph: Graph) -> list[str]:
 
 def cycle_violations(graph: Graph) -> list[str]:
     """A line per cycle group, naming one of its loops."""
-    return [
-        "import cycle: " + " -> ".join(_loop_through(group, graph))
-        for group in cycle_groups(graph)
-    ]
+    return ["import cycle: " + " -> ".join(_loop_through(group, graph)) for group in cycle_groups(graph)]
 
 
 # ---- the product -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ two paths must agree message for message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -58,6 +59,23 @@ def observed(got: list[InboundMessage]) -> list[tuple[str, bytes, int, bool]]:
     return [(m.topic, bytes(m.payload), m.qos, m.retain) for m in got]
 
 
+@contextlib.asynccontextmanager
+async def subscribed_pair(
+    path: str, broker: BrokerHandle, name: str, topic_filter: str
+) -> AsyncIterator[tuple[MqttSession, MqttSession]]:
+    """A receiving session subscribed to ``topic_filter`` and a sending one, both on ``path``."""
+    async with (
+        MqttSession(f"{name}-rx-{path}", broker.host, broker.port) as rx,
+        MqttSession(f"{name}-tx-{path}", broker.host, broker.port) as tx,
+    ):
+        await rx.wait_connected(10)
+        await tx.wait_connected(10)
+        connected(path, rx, tx)
+        await rx.subscribe(topic_filter, qos=1)
+        await asyncio.sleep(0.2)
+        yield rx, tx
+
+
 @pytest.mark.parametrize("qos", [0, 1])
 async def test_payloads_of_every_size_arrive_whole_and_in_order(path: str, broker: BrokerHandle, qos: int) -> None:
     """Small and large messages interleaved: the fast path receives a large one straight into its
@@ -65,15 +83,7 @@ async def test_payloads_of_every_size_arrive_whole_and_in_order(path: str, broke
     whichever side of a 64 KiB read a packet boundary falls. QoS 0 and 1 alike (a QoS 0 message
     on loopback with nothing else in flight is not dropped by either broker)."""
     payloads = [os.urandom(n) for n in SIZES]
-    async with (
-        MqttSession(f"sizes-rx-{path}", broker.host, broker.port) as rx,
-        MqttSession(f"sizes-tx-{path}", broker.host, broker.port) as tx,
-    ):
-        await rx.wait_connected(10)
-        await tx.wait_connected(10)
-        connected(path, rx, tx)
-        await rx.subscribe("sizes/#", qos=1)
-        await asyncio.sleep(0.2)
+    async with subscribed_pair(path, broker, "sizes", "sizes/#") as (rx, tx):
         # Queued back to back, so packets share reads.
         sends = [
             asyncio.ensure_future(tx.publish(f"sizes/{i}", body, qos=qos, timeout=30))
@@ -88,15 +98,7 @@ async def test_payloads_of_every_size_arrive_whole_and_in_order(path: str, broke
 async def test_bursts_soon_and_retained_messages(path: str, broker: BrokerHandle) -> None:
     """publish_many and publish_soon at both QoS, and a retained message for a later subscriber,
     as the bridge and the distributor use them."""
-    async with (
-        MqttSession(f"burst-rx-{path}", broker.host, broker.port) as rx,
-        MqttSession(f"burst-tx-{path}", broker.host, broker.port) as tx,
-    ):
-        await rx.wait_connected(10)
-        await tx.wait_connected(10)
-        connected(path, rx, tx)
-        await rx.subscribe("burst/#", qos=1)
-        await asyncio.sleep(0.2)
+    async with subscribed_pair(path, broker, "burst", "burst/#") as (rx, tx):
         messages = rx.messages()
         q0 = [(f"burst/q0/{i}", f"zero {i}".encode()) for i in range(50)]
         q1 = [(f"burst/q1/{i}", f"one {i}".encode()) for i in range(200)]
