@@ -134,10 +134,6 @@ class StoredArtefact:
         self._fd = self._held_fd = None
 
 
-def same_artefact(a: env.Manifest, b: env.Manifest) -> bool:
-    return (a.sha256, a.size, a.chunk_size) == (b.sha256, b.size, b.chunk_size)
-
-
 def manifest_problem(manifest: env.Manifest) -> str | None:
     try:
         delivery.check_model_ids(manifest.name, manifest.version)

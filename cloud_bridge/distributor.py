@@ -35,7 +35,7 @@ from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
 from edgewire.session import MqttSession, NotConnected, presence_factory
 
-from .artefact_store import StoredArtefact, artefact_file, manifest_problem, same_artefact, stored_folders
+from .artefact_store import StoredArtefact, artefact_file, manifest_problem, stored_folders
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class Distributor:
             return
         key = (manifest.name, manifest.version)
         art = self._artefacts.get(key)
-        if art is not None and same_artefact(art.manifest, manifest):
+        if art is not None and delivery.same_artefact(art.manifest, manifest):
             art.update_manifest(manifest)
         else:
             if art is not None:

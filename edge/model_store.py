@@ -90,7 +90,7 @@ class ModelStore:
         key = (name, version)
         current = self._open.pop(key, None)
         if current is not None and not current.closed:
-            if _same_artefact(current.manifest, manifest):
+            if delivery.same_artefact(current.manifest, manifest):
                 if current.manifest != manifest:
                     durable.atomic_write(current.directory / "manifest.msgpack", env.encode(manifest))
                     current.manifest = manifest
@@ -102,7 +102,7 @@ class ModelStore:
         if partial.parent.is_dir():
             durable.sweep(partial.parent)
         kept = _read_manifest(partial / "manifest.msgpack")
-        resume = kept is not None and _same_artefact(kept, manifest) and (partial / "data").is_file()
+        resume = kept is not None and delivery.same_artefact(kept, manifest) and (partial / "data").is_file()
         if not resume and partial.exists():
             log.info("%s %s: discarding a partial download of another artefact", name, version)
             durable.discard(partial)
@@ -414,15 +414,6 @@ def _check_manifest(m: env.Manifest) -> None:
         raise StoreError(f"{m.name} {m.version}: {m.chunk_count} chunks is more than {MAX_CHUNK_COUNT}")
     if len(m.sha256) != 64 or any(c not in "0123456789abcdef" for c in m.sha256.lower()):
         raise StoreError(f"{m.name} {m.version}: sha256 {m.sha256!r} is not 64 hex digits")
-
-
-def _same_artefact(a: env.Manifest, b: env.Manifest) -> bool:
-    return (a.sha256.lower(), a.size, a.chunk_size, a.chunk_count) == (
-        b.sha256.lower(),
-        b.size,
-        b.chunk_size,
-        b.chunk_count,
-    )
 
 
 def _read_manifest(path: Path) -> env.Manifest | None:

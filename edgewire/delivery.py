@@ -194,6 +194,18 @@ def _check_same_size(path: Path, f: Any, manifest: env.Manifest) -> None:
         raise DeliveryError(f"{path}: {size} bytes, but the manifest says {manifest.size}; was it changed since?")
 
 
+def same_artefact(a: env.Manifest, b: env.Manifest) -> bool:
+    """Whether two manifests describe the same bytes chunked the same way (a re-announce with
+    other targets or a new signature is the same artefact: what is stored or half-received of
+    it stays good)."""
+    return (a.sha256.lower(), a.size, a.chunk_size, a.chunk_count) == (
+        b.sha256.lower(),
+        b.size,
+        b.chunk_size,
+        b.chunk_count,
+    )
+
+
 def expected_chunk_length(manifest: env.Manifest, index: int) -> int:
     """Bytes in chunk ``index``: the chunk size, except for a shorter last one."""
     return min(manifest.chunk_size, manifest.size - index * manifest.chunk_size)
