@@ -24,7 +24,7 @@ from edgewire.aio import cancel_and_wait
 from edgewire.config import BrokerSettings
 from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
-from edgewire.preprocess import Preprocessor, decode
+from edgewire.preprocess import ImageRejected, Preprocessor, decode
 from edgewire.session import InboundMessage, MqttSession, NotConnected, presence_factory
 
 from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
@@ -261,7 +261,10 @@ class Bridge:
             if pre is None:
                 pre = self._pre[model] = Preprocessor(meta.input)
             if pre.gray not in images:
-                images[pre.gray] = decode(payload, pre.gray)
+                try:
+                    images[pre.gray] = decode(payload, pre.gray)
+                except ImageRejected:
+                    return None
             image = images[pre.gray]
             if image is None or image.size == 0:
                 return None

@@ -32,7 +32,7 @@ from edgewire.config import DeviceConfig
 from edgewire.errors import DecodeError, ModelError, SourceError, TopicError
 from edgewire.metrics import Meter
 from edgewire.modelmeta import ModelMeta
-from edgewire.preprocess import decode, read, sharpness
+from edgewire.preprocess import ImageRejected, decode, read, sharpness
 from edgewire.profiles import DeviceProfile, load_profile
 from edgewire.session import MqttSession, NotConnected
 
@@ -329,7 +329,12 @@ class EdgeAgent:
                 if frame.path is not None:
                     image = read(str(frame.path), model.pre.gray)
                 elif frame.data is not None:
-                    image = decode(frame.data, model.pre.gray)
+                    try:
+                        image = decode(frame.data, model.pre.gray)
+                    except ImageRejected as exc:
+                        log.warning("%s: frame %s refused: %s", self.config.device_id, frame.ref, exc)
+                        out.failures[i] = "rejected"
+                        continue
             if image is None or image.size == 0:
                 out.failures[i] = "decode"
                 continue

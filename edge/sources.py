@@ -25,6 +25,8 @@ from edgewire.errors import SourceError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+#: Files sent up as they are; the other image files are re-encoded as JPEG for the wire.
+WIRE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 @dataclass(slots=True)
@@ -42,14 +44,26 @@ class Frame:
         if self.data is not None:
             return self.data
         if self.path is not None:
-            return self.path.read_bytes()
-        if self.image is not None:
-            import cv2
+            if self.path.suffix.lower() in WIRE_SUFFIXES:
+                return self.path.read_bytes()
+            import cv2  # a BMP, WebP or TIFF file goes up as JPEG, the wire's format
 
-            ok, buf = cv2.imencode(".jpg", self.image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-            if ok:
-                return buf.tobytes()
+            image = cv2.imread(str(self.path), cv2.IMREAD_COLOR)
+            if image is None:
+                raise SourceError(f"frame {self.ref}: {self.path} cannot be read")
+            return _jpeg(image, self.ref)
+        if self.image is not None:
+            return _jpeg(self.image, self.ref)
         raise SourceError(f"frame {self.ref} has no image data")
+
+
+def _jpeg(image: np.ndarray, ref: str) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise SourceError(f"frame {ref} cannot be encoded as JPEG")
+    return buf.tobytes()
 
 
 class Pacer:

@@ -12,20 +12,44 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from edgewire.errors import DecodeError
+from edgewire.image_header import image_size
 from edgewire.modelmeta import InputSpec
 
+#: Pixels a received image may declare (about 8K x 4K). A larger one is refused from its header,
+#: before any decoding: a few kilobytes can otherwise claim gigabytes of pixels.
+MAX_PIXELS = 8192 * 4096
 
-def decode(data: bytes, gray: bool = False) -> np.ndarray | None:
-    """Encoded image bytes to a BGR (or gray) array; None when the bytes are not an image."""
+
+class ImageRejected(DecodeError):
+    """Image bytes refused before decoding: too many pixels declared, or no size to be read."""
+
+
+def decode(data: bytes, gray: bool = False, *, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
+    """Encoded image bytes (JPEG or PNG) to a BGR (or gray) array; None when the bytes are not a
+    decodable image. Raises ImageRejected when the header declares more than ``max_pixels``."""
     buf = np.frombuffer(data, dtype=np.uint8)
     if buf.size == 0:
         return None
-    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
+    size = image_size(data)
+    if size is None:
+        return None  # neither JPEG nor PNG, or a header cut short: nothing safe to decode
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageRejected(f"image declares {width}x{height} pixels, more than the {max_pixels} allowed")
+    try:
+        return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
+    except cv2.error:  # a header OpenCV itself refuses, or a stream corrupt past the header
+        return None
 
 
 def read(path: str, gray: bool = False) -> np.ndarray | None:
-    """Read and decode an image file; a gray model gets a gray decode (JPEG skips colour work)."""
-    return cv2.imread(path, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
+    """Read and decode an image file; a gray model gets a gray decode (JPEG skips colour work).
+    The device's own files are trusted for size; a file OpenCV cannot read gives None."""
+    try:
+        return cv2.imread(path, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
 
 
 def sharpness(image: np.ndarray) -> float:

@@ -179,18 +179,23 @@ async def test_bad_requests_are_answered_with_reasons(
         await dev.send(b"\x81\xa1v\x01 garbage", trace_id="bad-1")
         await dev.send(request("cam-x", "bad-2", jpeg, model_hint="faces"))
         await dev.send(request("cam-x", "bad-3", b"not an image"))
+        bomb = bytearray(jpeg)
+        sof = bomb.index(b"\xff\xc0")
+        bomb[sof + 5 : sof + 9] = (65500).to_bytes(2, "big") * 2  # 65500 x 65500 declared
+        await dev.send(request("cam-x", "bad-7", bytes(bomb)))
         await dev.send(request("cam-x", "bad-4", jpeg, deadline=time.time() - 1))
         await dev.send(request("cam-x", "bad-5", jpeg, reply_to="result/someone-else"))
         await dev.send(request("cam-x", "good-6", jpeg))
-        results = {r.trace_id: r for r in await dev.wait(6)}
+        results = {r.trace_id: r for r in await dev.wait(7)}
     assert results["bad-1"].status == "rejected" and "malformed" in (results["bad-1"].reason or "")
     assert results["bad-2"].status == "rejected" and "no route" in (results["bad-2"].reason or "")
     assert results["bad-3"].status == "rejected" and "not a decodable image" in (results["bad-3"].reason or "")
+    assert results["bad-7"].status == "rejected"
     assert results["bad-4"].status == "expired"
     assert results["bad-5"].status == "rejected" and "reply_to" in (results["bad-5"].reason or "")
     assert results["good-6"].status == "ok"
     assert results["good-6"].timings.total_ms >= results["good-6"].timings.inference_ms > 0
-    assert bridge.meter.get("requests_failed_total", status="rejected") == 4
+    assert bridge.meter.get("requests_failed_total", status="rejected") == 5
     assert bridge.meter.get("requests_failed_total", status="expired") == 1
 
 

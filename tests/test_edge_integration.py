@@ -135,6 +135,12 @@ async def test_mqtt_input_source_survives_bad_messages(broker: BrokerHandle, dem
             await feeder.publish(topic, env.encode(big), qos=1)
             notimg = env.Frame(frame_id="junk", ts=time.time(), content_type="image/jpeg", data=b"not a jpeg")
             await feeder.publish(topic, env.encode(notimg), qos=1)
+            # 8.6 KB whose header claims 65500 x 65500 pixels: refused unread, the device lives on.
+            jpeg = bytearray(frames[0].read_bytes())
+            sof = jpeg.index(b"\xff\xc0")
+            jpeg[sof + 5 : sof + 9] = (65500).to_bytes(2, "big") * 2
+            bomb = env.Frame(frame_id="bomb", ts=time.time(), content_type="image/jpeg", data=bytes(jpeg))
+            await feeder.publish(topic, env.encode(bomb), qos=1)
             for path in frames:
                 f = env.Frame(frame_id=path.name, ts=time.time(), content_type="image/jpeg", data=path.read_bytes())
                 await feeder.publish(topic, env.encode(f), qos=1)
@@ -142,7 +148,8 @@ async def test_mqtt_input_source_survives_bad_messages(broker: BrokerHandle, dem
         agent.stop()
         summary = await asyncio.wait_for(run, 10)
     assert [r.source_ref for r in results] == [p.name for p in frames]
-    assert summary.failed == 1  # the frame whose data is not an image
+    assert summary.failed == 2  # the frame whose data is not an image, and the bomb
+    assert agent.meter.get("frames_failed_total", reason="rejected") == 1
     assert agent.meter.get("messages_rejected_total", reason="payload") == 2  # garbage + oversize
     assert summary.completed == 5
 
