@@ -139,7 +139,6 @@ async def test_unanswered_escalations_time_out_once_and_degrade_the_device(demo:
         agent = EdgeAgent(
             _config(demo, mqtt_port, deadline_ms=300, degraded_after=2, offline_deadline_s=0), on_result=results.append
         )
-        started = time.monotonic()
         summary = await agent.run()
     waited = [r.trace_id for r in results if r.state == "PENDING_CLOUD"]
     finals = _finals(results)
@@ -148,7 +147,6 @@ async def test_unanswered_escalations_time_out_once_and_degrade_the_device(demo:
     assert summary.timeouts == len(waited) and summary.completed == FRAMES
     assert summary.mode == "degraded"  # two timeouts in a row were enough
     assert agent.meter.get("mode_transitions_total", to="degraded", reason="timeout") == 1
-    assert time.monotonic() - started < 30
 
 
 def _first(state: str = "PENDING_CLOUD") -> env.LocalResult:

@@ -597,9 +597,7 @@ async def test_bridge_restart_mid_stream(demo: DemoArtifacts, triton: EmbeddedTr
                 assert old.session is not None
                 # Taken from the broker (acknowledged) after the drain began, and never answered.
                 left_behind = [str(m.topic) for m in old.session.drain_inbox()]
-                gap = time.monotonic()
                 new = await second.start()
-                gap = time.monotonic() - gap
                 await device.settle(25)
                 end = device.stop()
             await second.stop()
@@ -611,10 +609,9 @@ async def test_bridge_restart_mid_stream(demo: DemoArtifacts, triton: EmbeddedTr
         await second.stop()
         await asyncio.to_thread(broker.stop)
 
-    # Both bridges served part of the stream, and the device never noticed: the restart took
-    # well under the deadline, so every escalation was answered by the cloud in time.
+    # Both bridges served part of the stream, and the device never noticed: every escalation was
+    # answered by the cloud within its deadline (a correctness bound, whatever the machine's load).
     assert old.meter.total("requests_total") > 0 and new.meter.total("requests_total") > 0
-    assert gap < 3.0
     finals = list(seen["finals"].values())
     assert all(f["answered_by"] == "cloud" and not f["degraded"] for f in finals), Counter(
         (f["state"], f["answered_by"], f["degraded"]) for f in finals
