@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from typing import Any
@@ -215,6 +216,8 @@ class Bridge:
             return self._result(device_id, trace_id, received, "rejected", reason="topic and payload disagree on ids")
         if req.reply_to != self._reply_topic(device_id):
             return self._result(device_id, trace_id, received, "rejected", reason="reply_to is not the sender's topic")
+        if not math.isfinite(req.deadline):
+            return self._result(device_id, trace_id, received, "rejected", reason="deadline is not a finite time")
         if time.time() >= req.deadline:
             return self._result(device_id, trace_id, received, "expired", reason="deadline passed before dispatch")
         route = self.rules.route(req)

@@ -148,7 +148,9 @@ class _Batcher:
     async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future[Prediction], float]]) -> None:
         try:
             tensor = batch[0][0] if len(batch) == 1 else np.concatenate([t for t, _, _ in batch])
-            timeout = min(deadline for _, _, deadline in batch) - time.monotonic()
+            # The longest wait in the batch: one asker's tight deadline must not cut the call
+            # short for the others batched with it (each asker judges its own answer's lateness).
+            timeout = max(deadline for _, _, deadline in batch) - time.monotonic()
             probs = await self.ep.infer(self.model, self.meta, tensor, timeout)
         except Exception as exc:
             for _, fut, _ in batch:
@@ -222,7 +224,8 @@ class Dispatcher:
             if not breaker.allow():
                 reasons.append(f"{ep.url}: circuit open")
                 continue
-            budget = min(left, cap_s or self.call_timeout_s, self.call_timeout_s)
+            limit = min(cap_s or self.call_timeout_s, self.call_timeout_s)
+            budget = min(left, limit)
             t0 = time.perf_counter()
             try:
                 prediction = await self._batcher(ep, model, meta).submit(tensor, budget)
@@ -231,6 +234,13 @@ class Dispatcher:
                 raise
             except Exception as exc:
                 ms = (time.perf_counter() - t0) * 1000
+                if left < limit and time.time() >= deadline:
+                    # The asker's own deadline ran out, not the endpoint: a client that sends
+                    # deadlines too tight to meet must not open the circuit for every device.
+                    breaker.release()
+                    self.meter.inc("triton_deadline_exceeded_total", model=model)
+                    reasons.append(f"{ep.url}: the request's deadline passed during the call")
+                    break
                 breaker.record(False, ms)
                 self.meter.inc("triton_errors_total", model=model)
                 reasons.append(f"{ep.url}: {_short(exc)}")

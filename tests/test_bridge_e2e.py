@@ -268,3 +268,32 @@ async def test_bridge_reports_model_readiness_from_triton(broker: BrokerHandle, 
     url = f"grpc://{triton.grpc_url}"
     assert health == {(url, "digits-cloud"): True, (url, "no-such-model"): False}
     assert bridge.meter.get("triton_model_ready", endpoint=url, model="digits-cloud") == 1.0
+
+
+async def test_a_device_with_impossible_deadlines_does_not_open_the_circuit_for_others(
+    broker: BrokerHandle, triton: EmbeddedTriton, demo: DemoArtifacts
+) -> None:
+    """Requests whose deadline is NaN, or a couple of milliseconds ahead, are the asker's problem:
+    refused or expired, never counted against Triton, so another device's requests are served."""
+    jpeg = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
+    async with (
+        RunningBridge(broker, triton) as bridge,
+        ResultReader(broker, "cam-rude") as rude,
+        ResultReader(broker, "cam-fair") as fair,
+    ):
+        await rude.send(request("cam-rude", "nan", jpeg, deadline=float("nan")))
+        for i in range(40):
+            # 2 to 41 ms ahead: some expire before dispatch, some reach Triton with no time left.
+            await rude.send(request("cam-rude", f"tight-{i}", jpeg, deadline=time.time() + 0.002 + i / 1000))
+            if i % 4 == 0:
+                await fair.send(request("cam-fair", f"fair-{i}", jpeg))
+        rude_results = {r.trace_id: r for r in await rude.wait(41, timeout=60)}
+        fair_results = await fair.wait(10, timeout=60)
+        states = bridge.dispatcher.breakers.states()
+        errors = bridge.dispatcher.meter.total("triton_errors_total")
+    assert errors == 0  # a deadline that ran out during a call is the asker's, not Triton's
+    assert rude_results["nan"].status == "rejected" and "finite" in (rude_results["nan"].reason or "")
+    assert len(rude_results) == 41
+    assert all(r.status in ("expired", "ok") for t, r in rude_results.items() if t != "nan")
+    assert [r.status for r in fair_results] == ["ok"] * 10, [(r.status, r.reason) for r in fair_results]
+    assert set(states.values()) <= {"closed"}, states
