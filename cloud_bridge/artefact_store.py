@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from edgewire import delivery
+from edgewire import delivery, durable
 from edgewire import envelopes as env
 from edgewire.errors import DecodeError
 
@@ -62,7 +62,7 @@ class StoredArtefact:
         for name in ("complete", "held", "artefact"):
             with contextlib.suppress(FileNotFoundError):
                 (folder / name).unlink()
-        delivery.atomic_write(folder / "manifest.msgpack", env.encode(manifest))
+        durable.atomic_write(folder / "manifest.msgpack", env.encode(manifest))
         held = bytearray(manifest.chunk_count)
         (folder / "held").write_bytes(held)
         with open(folder / "artefact", "wb") as f:
@@ -112,13 +112,13 @@ class StoredArtefact:
     def update_manifest(self, manifest: env.Manifest) -> None:
         """Same artefact, new announce (other targets, say): keep the bytes, remember the manifest."""
         if manifest != self.manifest:
-            delivery.atomic_write(self.folder / "manifest.msgpack", env.encode(manifest))
+            durable.atomic_write(self.folder / "manifest.msgpack", env.encode(manifest))
             self.manifest = manifest
 
     def mark_complete(self) -> None:
         fd = self._handle()
         os.fsync(fd)
-        delivery.atomic_write(self.folder / "complete", self.manifest.sha256.encode())
+        durable.atomic_write(self.folder / "complete", self.manifest.sha256.encode())
         self.complete = True
 
     def reset(self) -> None:

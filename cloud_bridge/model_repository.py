@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgewire import durable
 from edgewire.errors import ModelError
 from edgewire.modelmeta import META_KEY, ModelMeta, onnx_model_meta, parse_model_meta
 
@@ -230,15 +231,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     """
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    durable.atomic_write(path, data, fsync=False)
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:

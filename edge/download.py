@@ -19,11 +19,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from edgewire import durable
 from edgewire import envelopes as env
 from edgewire.errors import EdgewireError
 from edgewire.metrics import Meter
-
-from . import durable
 
 DIGEST_BYTES = 32
 #: Flush data and sidecar (in the background) after this many new bytes: bounds what a power cut can cost

@@ -30,12 +30,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edgewire import delivery, signing
+from edgewire import delivery, durable, signing
 from edgewire import envelopes as env
 from edgewire.errors import DecodeError
 from edgewire.metrics import Meter
 
-from . import durable
 from .download import (
     DIGEST_BYTES,
     MAX_CHUNK_COUNT,

@@ -35,7 +35,7 @@ from tinydb.queries import QueryLike
 from tinydb.storages import MemoryStorage, Storage
 from tinydb.table import Table
 
-from . import durable
+from edgewire import durable
 
 log = logging.getLogger(__name__)
 

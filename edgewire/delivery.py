@@ -10,13 +10,11 @@ seek, so a multi-gigabyte TensorRT plan costs one chunk of memory at a time.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -282,22 +280,3 @@ def targets_match(targets: env.Targets, device_id: str, profile: str | None, fle
 def describe_targets(targets: env.Targets) -> str:
     parts = [f"{k}={','.join(v)}" for k, v in targets.model_dump().items() if v]
     return " ".join(parts) or "all devices"
-
-
-# ---- files ------------------------------------------------------------------------------------
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a temp file, fsync and rename, so a crash leaves the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from edgewire.durable import atomic_write
 from edgewire.modelmeta import META_KEY, InputSpec, ModelMeta
 
 __all__ = ["DemoArtifacts", "build_demo", "label_of"]
@@ -122,26 +121,6 @@ def _meta(name: str) -> ModelMeta:
         output=OUTPUT_NAME,
         output_kind="probabilities",
     )
-
-
-def _atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Replace ``path`` with ``data`` so readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artefacts are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _train(x: np.ndarray, y: np.ndarray, hidden: Sequence[int], max_iter: int) -> Any:
@@ -249,7 +228,7 @@ def _write_frames(
         filename = f"{index:05d}-{int(label)}.{image_format}"
         frame = _encode(_render_frame(digit, index, frame_size), ext)
         # Hundreds of small, reproducible files: atomic but not fsynced one by one.
-        _atomic_write(frames_dir / filename, frame, fsync=False)
+        atomic_write(frames_dir / filename, frame, fsync=False)
         labels[filename] = int(label)
     # Frames left over from an earlier build with another format would pollute a directory scan.
     for stale in frames_dir.iterdir():
@@ -309,7 +288,7 @@ def build_demo(
         say(f"exporting {kind} model to ONNX")
         data = _to_onnx(clf, name)
         path = models_dir / f"{name}.onnx"
-        _atomic_write(path, data)
+        atomic_write(path, data)
         accuracy = _onnx_accuracy(data, x_test01, y_test)
         say(f"{kind} model: {accuracy:.1%} held-out accuracy ({len(data) / 1024:.1f} KiB)")
         results[name] = (path, accuracy)
@@ -317,7 +296,7 @@ def build_demo(
     say(f"rendering {len(y_test)} held-out frames")
     labels = _write_frames(frames_dir, x_test, y_test, (width, height), image_format)
     labels_file = frames_dir / "labels.json"
-    _atomic_write(labels_file, (json.dumps(labels, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(labels_file, (json.dumps(labels, indent=1, sort_keys=True) + "\n").encode())
     say("demo ready")
 
     return DemoArtifacts(

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from edgewire import envelopes as env
-from edgewire.delivery import MODEL_ID, DeliveryError, atomic_write, check_model_ids
+from edgewire.delivery import MODEL_ID, DeliveryError, check_model_ids
+from edgewire.durable import atomic_write
 from edgewire.errors import DecodeError
 
 
