@@ -15,13 +15,14 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from typing import Any
 
 import numpy as np
 
 from edgewire import envelopes as env
 from edgewire import sdnotify, topics
-from edgewire.aio import cancel_and_wait
+from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import BrokerSettings
 from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
@@ -174,10 +175,8 @@ class Bridge:
         self._inflight.add(trace_id)
         self._spawn(self._handle(session, parsed["device_id"], trace_id, bytes(message.payload), received))
 
-    def _spawn(self, coro: Any) -> None:
-        job = asyncio.ensure_future(coro)
-        self._jobs.add(job)
-        job.add_done_callback(self._jobs.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        spawn(self._jobs, coro)
 
     async def _handle(self, session: MqttSession, device_id: str, trace_id: str, data: bytes, received: float) -> None:
         async with self._slots:

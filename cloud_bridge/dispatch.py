@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from edgewire.aio import spawn
 from edgewire.envelopes import Prediction
 from edgewire.errors import EdgewireError, ModelError
 from edgewire.metrics import Meter
@@ -141,9 +142,7 @@ class _Batcher:
             if not batch:
                 continue
             self._running += 1
-            job = asyncio.ensure_future(self._run(batch))
-            self._jobs.add(job)
-            job.add_done_callback(self._jobs.discard)
+            spawn(self._jobs, self._run(batch))
 
     async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future[Prediction], float]]) -> None:
         try:

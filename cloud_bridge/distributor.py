@@ -22,14 +22,14 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgewire import delivery, sdnotify, topics
 from edgewire import envelopes as env
-from edgewire.aio import cancel_and_wait
+from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import BrokerSettings
 from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
@@ -334,10 +334,8 @@ class Distributor:
         finally:
             art.verifying = False
 
-    def _spawn(self, coro: Any) -> None:
-        job = asyncio.ensure_future(coro)
-        self._jobs.add(job)
-        job.add_done_callback(self._jobs.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        spawn(self._jobs, coro)
 
     # -- serving ----------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ import numpy as np
 
 from edgewire import __version__, sdnotify, topics
 from edgewire import envelopes as env
-from edgewire.aio import cancel_and_wait
+from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import DeviceConfig
 from edgewire.errors import DecodeError, ModelError, SourceError, TopicError
 from edgewire.metrics import Meter
@@ -454,10 +454,8 @@ class EdgeAgent:
         self._last_done = time.monotonic()
         await self._publish_local(self.session, results)
 
-    def _spawn(self, coro: Any) -> None:
-        job = asyncio.ensure_future(coro)
-        self._jobs.add(job)
-        job.add_done_callback(self._jobs.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        spawn(self._jobs, coro)
 
     # -- control plane -------------------------------------------------------------------
 

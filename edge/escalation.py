@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from edgewire import envelopes as env
 from edgewire import topics
+from edgewire.aio import spawn
 from edgewire.config import CloudSettings, DeviceConfig
 from edgewire.errors import DecodeError
 from edgewire.metrics import Meter
@@ -418,6 +419,4 @@ class Escalations:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        job = asyncio.ensure_future(coro)
-        self._jobs.add(job)
-        job.add_done_callback(self._jobs.discard)
+        spawn(self._jobs, coro)

@@ -24,6 +24,7 @@ import numpy as np
 
 from edgewire import envelopes as env
 from edgewire import signing, topics
+from edgewire.aio import spawn
 from edgewire.config import DeliverySettings
 from edgewire.delivery import targets_match
 from edgewire.errors import DecodeError, EdgewireError
@@ -409,9 +410,7 @@ class ModelUpdater:
     def _status_soon(self, version: str, state: str, *, progress: float = 0.0, reason: str | None = None) -> None:
         """Publish a status without waiting for the broker's acknowledgement (the work it reports
         goes on meanwhile); statuses still leave in the order they were made."""
-        job = asyncio.ensure_future(self._status(version, state, progress=progress, reason=reason))
-        self._background.add(job)
-        job.add_done_callback(self._background.discard)
+        spawn(self._background, self._status(version, state, progress=progress, reason=reason))
 
     async def _status(self, version: str, state: str, *, progress: float = 0.0, reason: str | None = None) -> None:
         self._last_status = time.monotonic()

@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def spawn(jobs: set[asyncio.Future[Any]], work: Awaitable[T]) -> asyncio.Future[T]:
+    """Run ``work`` in the background, held in ``jobs`` until it ends: the event loop keeps only
+    a weak reference to a task, so one nobody holds can vanish mid-run. Whoever owns ``jobs``
+    waits for them (or cancels them) when it stops."""
+    job = asyncio.ensure_future(work)
+    jobs.add(job)
+    job.add_done_callback(jobs.discard)
+    return job
 
 
 async def cancel_and_wait(*tasks: asyncio.Future[object] | None) -> None:
