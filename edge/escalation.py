@@ -65,7 +65,11 @@ def final_outcome(
     if answer is not None and answer.status == "ok" and answer.prediction is not None:
         cloud_pred = answer.prediction
         update = {"degraded": False, "state": TaskState.COMPLETE.value}
-        if cloud.merge == "prefer_cloud" or cloud_pred.confidence >= first.prediction.confidence:
+        if (
+            cloud.merge == "prefer_cloud"
+            or first.prediction is None
+            or cloud_pred.confidence >= first.prediction.confidence
+        ):
             update |= {
                 "prediction": cloud_pred,
                 "answered_by": "cloud",

@@ -15,7 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgewire.errors import DecodeError, PayloadTooLarge
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions this build decodes. v2 only added optional fields (detections, crops, the task), so a
+#: v1 document is a valid v2 one; anything else is refused with the versions it could read.
+READABLE_VERSIONS = frozenset({1, 2})
 KIB = 1024
 MIB = 1024 * KIB
 
@@ -50,6 +53,25 @@ class Timings(_Strict):
     total_ms: float
 
 
+class Detection(_Strict):
+    """One object a detector found: box corners in source-image pixels (letterbox undone)."""
+
+    box: list[float]
+    score: float
+    class_index: int
+    label: str
+    track_id: int | None = None
+
+
+class Crop(_Strict):
+    """An uncertain object cut out of the frame: the region sent (box plus margin) and its box."""
+
+    box: list[float]
+    region: list[int]
+    payload: bytes
+    track_id: int | None = None
+
+
 class TensorSpec(_Strict):
     name: str
     dtype: str
@@ -80,6 +102,9 @@ class Request(Envelope):
     payload: bytes
     content_type: str
     reply_to: str
+    task: Literal["classify", "detect"] = "classify"
+    detections: list[Detection] = Field(default_factory=list)
+    crops: list[Crop] = Field(default_factory=list)
 
 
 class Result(Envelope):
@@ -90,6 +115,7 @@ class Result(Envelope):
     model: str | None = None
     version: str | None = None
     prediction: Prediction | None = None
+    detections: list[Detection] | None = None
     timings: Timings
     reason: str | None = None
 
@@ -104,7 +130,8 @@ class LocalResult(_Strict):
     ts: float
     state: TaskState
     answered_by: Literal["edge", "cloud"]
-    prediction: Prediction
+    prediction: Prediction | None = None
+    detections: list[Detection] | None = None
     reasons: list[str] = Field(default_factory=list)
     sharpness: float | None = None
     model: str
@@ -255,10 +282,9 @@ def decode(kind: type[E], data: bytes | bytearray, *, max_bytes: int | None = No
     if not isinstance(obj, dict):
         raise DecodeError(f"{kind.__name__}: expected a map, got {type(obj).__name__}")
     version = obj.get("v")
-    if version != SCHEMA_VERSION:
-        raise DecodeError(
-            f"{kind.__name__}: schema version {version!r} is not supported (this build reads v{SCHEMA_VERSION})"
-        )
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        readable = ", ".join(f"v{n}" for n in sorted(READABLE_VERSIONS))
+        raise DecodeError(f"{kind.__name__}: schema version {version!r} is not supported (this build reads {readable})")
     try:
         return kind.model_validate(obj)
     except ValidationError as exc:

@@ -142,9 +142,30 @@ def _result() -> env.Result:
 
 def test_wrong_schema_version_is_named() -> None:
     doc = _result().model_dump()
-    doc["v"] = 2
-    with pytest.raises(DecodeError, match="schema version 2"):
+    doc["v"] = 3
+    with pytest.raises(DecodeError, match=r"schema version 3 is not supported \(this build reads v1, v2\)"):
         env.decode(env.Result, msgpack.packb(doc))
+    doc["v"] = True  # msgpack true is not the int 1
+    with pytest.raises(DecodeError, match="schema version True"):
+        env.decode(env.Result, msgpack.packb(doc))
+
+
+def test_a_v1_document_still_decodes_and_reads_as_classify() -> None:
+    """Devices and bridges of the first release send v1 documents: they carry none of v2's
+    optional fields and must still be read, as single-label classification."""
+    v1 = {
+        "v": 1,
+        "trace_id": "t1",
+        "device_id": "d1",
+        "created": 1.0,
+        "deadline": 2.0,
+        "payload": b"x",
+        "content_type": "image/jpeg",
+        "reply_to": "result/d1",
+    }
+    req = env.decode(env.Request, msgpack.packb(v1, use_bin_type=True))
+    assert (req.v, req.task, req.detections, req.crops) == (1, "classify", [], [])
+    assert env.Request(**{**v1, "v": env.SCHEMA_VERSION}).v == 2
 
 
 def test_unknown_field_is_named() -> None:

@@ -16,12 +16,16 @@ edge_app = typer.Typer(help="Run the device agent.", no_args_is_help=True)
 
 def _result_line(r: Any, truth: int | None = None) -> str:
     mark = ""
-    if truth is not None:
+    if truth is not None and r.prediction is not None:
         mark = " [green]✓[/]" if r.prediction.label == str(truth) else f" [red]✗ (truth {truth})[/]"
     hard = f" [yellow]hard: {', '.join(r.reasons)}[/]" if r.reasons else ""
+    if r.prediction is not None:
+        answer = f"{escape(r.prediction.label)} ({r.prediction.confidence:.2f})"
+    else:
+        answer = f"{len(r.detections or [])} objects"
     return (
-        f"{r.device_id} #{r.seq:<5} {escape(r.source_ref):<16} → {escape(r.prediction.label)} "
-        f"({r.prediction.confidence:.2f}) {r.state.lower()} {r.latency_ms:6.1f} ms{hard}{mark}"
+        f"{r.device_id} #{r.seq:<5} {escape(r.source_ref):<16} → {answer} "
+        f"{r.state.lower()} {r.latency_ms:6.1f} ms{hard}{mark}"
     )
 
 

@@ -89,6 +89,8 @@ class Scoreboard:
     escalated_ids: set[str] = field(default_factory=set)
 
     def add(self, result: env.LocalResult) -> None:
+        if result.prediction is None:  # the digits demo classifies; a detection row is not scored here
+            return
         right = result.prediction.label == str(label_of(Path(result.source_ref)))
         if result.answered_by == "edge" and result.trace_id not in self.edge_answer:
             self.edge_answer[result.trace_id] = right
@@ -211,7 +213,7 @@ async def run_demo(
     refs = [r.source_ref for r in finals]
     escalated = [r for r in finals if r.trace_id in board.escalated_ids]
     local = [r for r in finals if r.trace_id not in board.escalated_ids]
-    right = [r.prediction.label == str(label_of(Path(r.source_ref))) for r in finals]
+    right = [r.prediction is not None and r.prediction.label == str(label_of(Path(r.source_ref))) for r in finals]
     bytes_up = sum(a.meter.total("bytes_escalated_total") for a in agents)
     result = {
         "devices": devices,
