@@ -561,3 +561,33 @@ def write_model_meta(src: str | Path, dst: str | Path, meta: ModelMeta) -> None:
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, meta.model_dump_json()
     atomic_write(Path(dst), model.SerializeToString())
+
+
+def inspect_report(reading: ModelReading) -> dict[str, Any]:
+    """``edgewire model inspect``'s answer as plain data (its ``--json``)."""
+    meta = reading.meta
+    g = reading.graph
+    return {
+        "file": reading.path,
+        "inputs": [{"name": t.name, "shape": list(t.shape)} for t in g.inputs],
+        "outputs": [{"name": t.name, "shape": list(t.shape)} for t in g.outputs],
+        "metadata_source": reading.source,
+        "exporter_metadata": {k: v for k, v in g.metadata.items() if k != META_KEY},
+        "task": meta.task if meta else None,
+        "format": meta.detect.format if meta and meta.detect else None,
+        "labels": list(meta.labels) if meta else None,
+        "inferred": reading.inferred,
+        "missing": reading.missing,
+        "problems": reading.problems,
+        "usable": meta is not None,
+        "fill_command": None if meta is not None and reading.source == "edgewire" else reading.fill_command(),
+        "meta": meta.model_dump(mode="json") if meta else None,
+    }
+
+
+def annotate_model(src: str | Path, dst: str | Path, overrides: Overrides | None = None) -> ModelReading:
+    """Write ``src`` to ``dst`` with edgewire's entry, inferred as far as the file allows and
+    completed by ``overrides``; a ModelError names what is still missing."""
+    reading = read_model(src, GraphInfo.from_file(src), overrides)
+    write_model_meta(src, dst, reading.require())
+    return reading
