@@ -257,12 +257,15 @@ class ModelReading:
     inferred: dict[str, str] = dataclass_field(default_factory=dict)
     missing: list[str] = dataclass_field(default_factory=list)
     problems: list[str] = dataclass_field(default_factory=list)
+    #: Flags the fix needs beyond the missing fields (``--task detect`` for a detector declared
+    #: as a classifier).
+    fix_flags: list[str] = dataclass_field(default_factory=list)
 
     def fill_command(self) -> str:
         """The command that writes the entry, with a flag for each missing field."""
         path = Path(self.path)
         out = path.with_name(f"{path.stem}.edgewire{path.suffix}")
-        flags = "".join(f" {FILL_FLAGS[m]}" for m in self.missing)
+        flags = "".join(f" {FILL_FLAGS[m]}" for m in self.missing) + "".join(f" {f}" for f in self.fix_flags)
         return f"edgewire model annotate {path} --out {out}{flags}"
 
     def refusal(self) -> str:
@@ -378,12 +381,20 @@ def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None =
         reading = ModelReading(path, graph, "edgewire")
         meta = parse_model_meta(raw, f"{path} (ONNX metadata)")
         changes = {k: v for k, v in _meta_changes(meta, o).items() if v is not None}
-        if changes:
-            meta = _rebuild(meta, changes)
         reading.inferred = {"everything": f"the '{META_KEY}' entry"}
+        if changes:
+            try:
+                meta = _rebuild(meta, changes, graph)
+            except ValidationError as exc:
+                reading.problems.append(_problems(exc))
+                return reading
         problem = output_problem(meta, graph)
         if problem:
             reading.problems.append(problem)
+            out = graph.output(meta.output)
+            seen = _task_of(out, (meta.input.height, meta.input.width)) if out is not None else None
+            if seen is not None and seen[0] != meta.task:
+                reading.fix_flags.append(f"--task {seen[0]}")
         else:
             reading.meta = meta
         return reading
@@ -484,7 +495,7 @@ def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None =
             detect=DetectSpec(format=fmt, stride=stride if isinstance(stride, int) else 32) if detecting else None,  # type: ignore[arg-type]
         )
     except ValidationError as exc:
-        reading.problems.append("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        reading.problems.append(_problems(exc))
         return reading
     problem = output_problem(meta, graph)
     if problem:
@@ -513,7 +524,11 @@ def _meta_changes(meta: ModelMeta, o: Overrides) -> dict[str, Any]:
     }
 
 
-def _rebuild(meta: ModelMeta, changes: dict[str, Any]) -> ModelMeta:
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the entry'}: {e['msg']}" for e in exc.errors())
+
+
+def _rebuild(meta: ModelMeta, changes: dict[str, Any], graph: GraphInfo) -> ModelMeta:
     data = meta.model_dump()
     inp = data["input"]
     for key in ("layout", "color", "resize", "scale", "mean", "std", "pad_value"):
@@ -531,6 +546,11 @@ def _rebuild(meta: ModelMeta, changes: dict[str, Any]) -> ModelMeta:
         data["detect"] = {**(data.get("detect") or {}), "format": changes["format"]}
     if data["task"] == "classify":
         data["detect"] = None
+    elif data.get("detect") is None and (out := graph.output(data["output"])) is not None:
+        # Declared a detector now: its format from the output's shape, as for a fresh model.
+        seen = _task_of(out, (inp["shape"][2], inp["shape"][3]) if inp["layout"] == "NCHW" else inp["shape"][1:3])
+        if seen is not None and seen[1] is not None:
+            data["detect"] = {"format": seen[1]}
     return ModelMeta.model_validate(data)
 
 
