@@ -393,8 +393,8 @@ class EdgeAgent:
             escalate = self.config.detect.escalate
             for j in out.objects.hard:
                 i = out.ok[j]
-                if escalate.send == "crops":
-                    out.crops[i] = crops_of(images[j], out.objects.frames[j], escalate)
+                if escalate.send == "crops" and (crops := crops_of(images[j], out.objects.frames[j], escalate)):
+                    out.crops[i] = crops
                     out.payloads[i] = b""
                     continue
                 try:
