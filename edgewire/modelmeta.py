@@ -391,10 +391,7 @@ def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None =
         problem = output_problem(meta, graph)
         if problem:
             reading.problems.append(problem)
-            out = graph.output(meta.output)
-            seen = _task_of(out, (meta.input.height, meta.input.width)) if out is not None else None
-            if seen is not None and seen[0] != meta.task:
-                reading.fix_flags.append(f"--task {seen[0]}")
+            reading.fix_flags += _fix_flags(meta, graph)
         else:
             reading.meta = meta
         return reading
@@ -500,9 +497,22 @@ def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None =
     problem = output_problem(meta, graph)
     if problem:
         reading.problems.append(problem)
+        reading.fix_flags += _fix_flags(meta, graph)
     else:
         reading.meta = meta
     return reading
+
+
+def _fix_flags(meta: ModelMeta, graph: GraphInfo) -> list[str]:
+    """The flags that repair what :func:`output_problem` found: the task the output shows, or
+    labels matching the output's class count."""
+    out = graph.output(meta.output)
+    if out is None:
+        return [f"--output {graph.outputs[0].name}"] if graph.outputs else []
+    seen = _task_of(out, (meta.input.height, meta.input.width))
+    if seen is not None and seen[0] != meta.task:
+        return [f"--task {seen[0]}"]
+    return ["--labels LABELS.txt"]
 
 
 def _meta_changes(meta: ModelMeta, o: Overrides) -> dict[str, Any]:
