@@ -1,0 +1,332 @@
+"""A simulated fleet against Mosquitto, bridges and the embedded Triton, in one run.
+
+    python bench/fleet.py [--devices 1000] [--rate 0.3] [--phase-s 30] [--data DEMO_DIR]
+
+Phases, each measured on its own:
+  connect      every device connects (paced), retained presence and last will in place
+  bridges_1    escalations at --rate per device with one bridge: rate, p50/p99, CPU per process
+  bridges_2    the same with a second bridge on the shared subscription ($share, MQTT 5)
+  storm        Mosquitto SIGKILLed and restarted (persistence on): time until every device is
+               back, the peak reconnect rate, escalations continuing throughout
+  drain        escalations stop; every owed request must be answered (lost), none run twice
+  rollout      a 1 MiB model pushed with a 5% canary: time until every device reports it active,
+               the distributor's fetches and the broker's bytes
+
+CPU is read from /proc/<pid>/stat (utime + stime, the process and its children) for the broker,
+each bridge, Triton and this process (the simulated fleet). The machine's every core is shared
+between them, so the process that saturates first is where the limit is. The last line printed
+is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from edgewire import delivery
+from edgewire.cloud_bridge.model_repository import write_python_repository
+from edgewire.cloud_bridge.triton_server import EmbeddedTriton
+from edgewire.demo.models import build_demo
+from edgewire.fleet.history import History
+from edgewire.fleet.rollout import push_model
+from edgewire.fleet.sim import Fleet, SimSettings, anonymous_identities, load_frames, percentile
+from edgewire.ports import free_port, wait_port
+from edgewire.session import MqttSession
+
+TICK = os.sysconf("SC_CLK_TCK")
+FILES = 16_384  # open files for the broker and this process: one socket per device and then some
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live children, from /proc/<pid>/stat."""
+    total = 0.0
+    try:
+        pids = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return 0.0
+    for one in pids:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
+    return total
+
+
+def raise_file_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, FILES), hard), hard))
+
+
+class Mosquitto:
+    """The bench's broker: persistence on, no connection limit, $SYS every second."""
+
+    def __init__(self, work: Path) -> None:
+        self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(self.exe).exists():
+            raise SystemExit("this benchmark needs mosquitto (apt-get install -y mosquitto)")
+        self.port = free_port()
+        self.conf = work / "mosquitto.conf"
+        (work / "mosquitto-data").mkdir(exist_ok=True)
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+            "max_connections -1\nmax_inflight_messages 0\nmax_queued_messages 10000\n"
+            f"persistence true\npersistence_location {work / 'mosquitto-data'}/\nautosave_interval 5\n"
+            "sys_interval 1\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "-c", str(self.conf)], stderr=subprocess.DEVNULL, preexec_fn=raise_file_limit
+        )
+        wait_port(self.port)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class SysBytes:
+    """The broker's $SYS/broker/bytes/sent, followed on a session of its own."""
+
+    def __init__(self, port: int) -> None:
+        self.session = MqttSession("bench-sys", "127.0.0.1", port, protocol="5")
+        self.sent = 0.0
+
+    async def follow(self) -> None:
+        await self.session.subscribe("$SYS/broker/bytes/sent", qos=0)
+        async for message in self.session.messages():
+            self.sent = float(bytes(message.payload))
+
+
+async def phase(fleet: Fleet, seconds: float, pids: dict[str, int]) -> dict[str, object]:
+    """Escalate for ``seconds`` and measure what answered in that window, and who spent the CPU."""
+    for device in fleet.devices:
+        device.stats.round_trip_ms.clear()
+    answered0 = sum(d.stats.answered for d in fleet.devices)
+    cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+    t0 = time.monotonic()
+    await asyncio.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    cpu = {name: cpu_s(pid) - cpu0[name] for name, pid in pids.items()}
+    answered = sum(d.stats.answered for d in fleet.devices) - answered0
+    latencies = [ms for d in fleet.devices for ms in d.stats.round_trip_ms]
+    per_k = 1000 / max(1, answered)
+    return {
+        "escalations_per_s": round(answered / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 50), 1),
+        "p99_ms": round(percentile(latencies, 99), 1),
+        "owed_at_end": fleet.owed,
+        "cpu_s_per_1000": {name: round(v * per_k, 3) for name, v in cpu.items()},
+        "cpu_share_of_one_core": {name: round(v / elapsed, 2) for name, v in cpu.items()},
+    }
+
+
+def start_bridge(triton_grpc: str, port: int, k: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgewire.cli",
+            "bridge",
+            "--triton",
+            f"grpc://{triton_grpc}",
+            "--broker",
+            f"mqtt://127.0.0.1:{port}",
+            "--id",
+            f"bench-bridge-{k}",
+        ]
+    )
+
+
+async def storm(fleet: Fleet, broker: Mosquitto) -> dict[str, object]:
+    """SIGKILL the broker under the whole fleet and start it again at once."""
+    broker.kill()
+    t_kill = time.monotonic()
+    while True:  # every session has seen its link drop
+        if not fleet.connected:
+            break
+        await asyncio.sleep(0.02)
+    broker.start()
+    t_up = time.monotonic()
+    samples: list[tuple[float, int]] = []
+    while True:
+        now, up = time.monotonic(), fleet.connected
+        samples.append((now, up))
+        if up == len(fleet.devices) or now - t_up > 180:
+            break
+        await asyncio.sleep(0.05)
+    peak = 0.0
+    for i, (t, n) in enumerate(samples):  # connections per second over any half second
+        later = [(t2, n2) for t2, n2 in samples[i:] if t2 - t <= 0.5]
+        t2, n2 = later[-1]
+        if t2 > t:
+            peak = max(peak, (n2 - n) / (t2 - t))
+    return {
+        "reconnect_all_s": round(samples[-1][0] - t_up, 2),
+        "all_down_after_kill_s": round(t_up - t_kill, 2),
+        "devices_back": samples[-1][1],
+        "peak_reconnects_per_s": round(peak, 1),
+    }
+
+
+async def rollout(fleet: Fleet, port: int, work: Path, sysbytes: SysBytes, canary_percent: float) -> dict[str, object]:
+    artefact = work / "fleet-model.plan"
+    artefact.write_bytes(os.urandom(1 << 20))
+    manifest = delivery.build_manifest(artefact, name="fleet-model", version="1")
+    bytes0 = sysbytes.sent
+    t0 = time.monotonic()
+    async with MqttSession("bench-operator", "127.0.0.1", port, protocol="5") as operator:
+        await operator.wait_connected(10)
+        result = await push_model(
+            operator,
+            artefact,
+            manifest,
+            history=History(work / "history"),
+            canary_percent=canary_percent,
+            probation_s=2.0,
+            timeout_s=120,
+            quiet_s=2.0,
+        )
+    pushed_s = time.monotonic() - t0
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if all(d.models.get("fleet-model") == "1" for d in fleet.devices):
+            break
+        await asyncio.sleep(0.1)
+    all_active_s = time.monotonic() - t0
+    await asyncio.sleep(2.5)  # one more $SYS interval, so the bytes include the last chunks
+    return {
+        "rollout_outcome": result.outcome,
+        "canaries": len(result.canaries),
+        "rollout_promoted_s": round(pushed_s, 2),
+        "rollout_all_active_s": round(all_active_s, 2),
+        "devices_active": sum(1 for d in fleet.devices if d.models.get("fleet-model") == "1"),
+        "chunks_received_by_devices": sum(d.stats.chunks for d in fleet.devices),
+        "fetch_requests": sum(d.stats.fetches for d in fleet.devices),
+        "broker_bytes_sent_mib": round((sysbytes.sent - bytes0) / (1 << 20), 1),
+    }
+
+
+async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    raise_file_limit()
+    frames = load_frames(build_demo(args.data or work / "demo").frames_dir)
+    repo = work / "repo"
+    write_python_repository(repo, [build_demo(args.data or work / "demo").cloud_model])
+    broker = Mosquitto(work)
+    broker.start()
+    bridges: list[subprocess.Popen[bytes]] = []
+    distributor = subprocess.Popen(
+        [sys.executable, "-m", "edgewire.cli", "distributor", "--broker", f"mqtt://127.0.0.1:{broker.port}",
+         "--store", str(work / "store"), "--id", "bench-distributor"]
+    )  # fmt: skip
+    settings = SimSettings(
+        port=broker.port,
+        escalations_per_s=args.rate,
+        deadline_ms=args.deadline_ms,
+        telemetry_interval_s=5.0,
+        reconnect_min_s=args.reconnect_window_s,
+        reconnect_max_s=30.0,
+        connect_per_s=args.connect_per_s,
+    )
+    fleet = Fleet(anonymous_identities(args.devices, "fleet-"), settings, frames)
+    sysbytes = SysBytes(broker.port)
+    out: dict[str, object] = {"devices": args.devices, "rate_per_device": args.rate}
+    async with EmbeddedTriton(repo, workdir=work) as triton, sysbytes.session:
+        follower = asyncio.create_task(sysbytes.follow())
+        try:
+            bridges.append(start_bridge(triton.grpc_url, broker.port, 0))
+            await asyncio.sleep(args.settle_s)  # the bridge's subscription in place before any request
+            t0 = time.monotonic()
+            connect_s = await fleet.start(connect_timeout_s=300)
+            out["connect_all_s"] = round(connect_s, 2)
+            out["devices_connected"] = fleet.connected
+            out["rss_kib_per_device"] = round((fleet_rss_kib() - fleet._rss0) / args.devices, 1)  # noqa: SLF001
+            pids = {"broker": broker.proc.pid, "bridge0": bridges[0].pid, "triton": triton._proc.pid,  # noqa: SLF001
+                    "fleet": os.getpid()}  # fmt: skip
+            await asyncio.sleep(3)  # first escalations in flight: the warm-up is not measured
+            out["bridges_1"] = await phase(fleet, args.phase_s, pids)
+            bridges.append(start_bridge(triton.grpc_url, broker.port, 1))
+            await asyncio.sleep(args.settle_s)
+            pids["bridge1"] = bridges[1].pid
+            out["bridges_2"] = await phase(fleet, args.phase_s, pids)
+            out.update(await storm(fleet, broker))
+            await asyncio.sleep(5)  # escalations continue on the restored links
+            await fleet.stop_escalating()
+            drained = await fleet.drain(120)
+            summary = fleet.summary(time.monotonic() - t0)
+            out["lost"] = summary["lost"]
+            out["drained"] = drained
+            out["duplicates"] = summary["duplicates"]
+            out["redelivered"] = summary["redelivered"]
+            out["escalations_total"] = summary["escalations_answered"]
+            out["statuses"] = summary["statuses"]
+            out["fleet_cpu_ms_per_device_s"] = summary["cpu_ms_per_device_s"]
+            if not args.no_rollout:
+                out.update(await rollout(fleet, broker.port, work, sysbytes, args.canary_percent))
+        finally:
+            follower.cancel()
+            await fleet.close()
+            for bridge in bridges:
+                bridge.terminate()
+            distributor.terminate()
+            for proc in [*bridges, distributor]:
+                proc.wait(30)
+            broker.stop()
+    steady = out["bridges_1"]
+    assert isinstance(steady, dict)
+    out["escalations_per_s"] = steady["escalations_per_s"]
+    out["p50_ms"] = steady["p50_ms"]
+    out["p99_ms"] = steady["p99_ms"]
+    out["broker_cpu_s"] = steady["cpu_s_per_1000"]["broker"]
+    out["bridge_cpu_s"] = steady["cpu_s_per_1000"]["bridge0"]
+    return out
+
+
+def fleet_rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=0.3, help="escalations per device per second")
+    parser.add_argument("--deadline-ms", type=int, default=60_000)
+    parser.add_argument("--phase-s", type=float, default=30.0, help="seconds of each measured phase")
+    parser.add_argument("--settle-s", type=float, default=4.0, help="wait for a new bridge's subscription")
+    parser.add_argument("--connect-per-s", type=float, default=500.0, help="paced connects at start")
+    parser.add_argument("--reconnect-window-s", type=float, default=2.0, help="the devices' reconnect_min_s")
+    parser.add_argument("--canary-percent", type=float, default=5.0)
+    parser.add_argument("--no-rollout", action="store_true")
+    parser.add_argument("--data", type=Path, default=None, help="reuse a demo folder")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = asyncio.run(main_async(args, Path(tmp)))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
