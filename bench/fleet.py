@@ -111,11 +111,16 @@ class SysBytes:
     def __init__(self, port: int) -> None:
         self.session = MqttSession("bench-sys", "127.0.0.1", port, protocol="5")
         self.sent = 0.0
+        self.chunk_publishes = 0  # chunks published on the broker (one copy each, seen here)
 
     async def follow(self) -> None:
         await self.session.subscribe("$SYS/broker/bytes/sent", qos=0)
+        await self.session.subscribe("model/chunk/#", qos=0)
         async for message in self.session.messages():
-            self.sent = float(bytes(message.payload))
+            if message.topic.startswith("model/chunk/"):
+                self.chunk_publishes += 1
+            else:
+                self.sent = float(bytes(message.payload))
 
 
 async def phase(fleet: Fleet, seconds: float, pids: dict[str, int]) -> dict[str, object]:
@@ -193,7 +198,7 @@ async def rollout(fleet: Fleet, port: int, work: Path, sysbytes: SysBytes, canar
     artefact = work / "fleet-model.plan"
     artefact.write_bytes(os.urandom(1 << 20))
     manifest = delivery.build_manifest(artefact, name="fleet-model", version="1")
-    bytes0 = sysbytes.sent
+    bytes0, chunks0 = sysbytes.sent, sysbytes.chunk_publishes
     t0 = time.monotonic()
     async with MqttSession("bench-operator", "127.0.0.1", port, protocol="5") as operator:
         await operator.wait_connected(10)
@@ -223,6 +228,7 @@ async def rollout(fleet: Fleet, port: int, work: Path, sysbytes: SysBytes, canar
         "devices_active": sum(1 for d in fleet.devices if d.models.get("fleet-model") == "1"),
         "chunks_received_by_devices": sum(d.stats.chunks for d in fleet.devices),
         "fetch_requests": sum(d.stats.fetches for d in fleet.devices),
+        "chunk_publishes": sysbytes.chunk_publishes - chunks0,
         "broker_bytes_sent_mib": round((sysbytes.sent - bytes0) / (1 << 20), 1),
     }
 
@@ -278,6 +284,9 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
             out["drained"] = drained
             out["duplicates"] = summary["duplicates"]
             out["redelivered"] = summary["redelivered"]
+            out["duplicates_where"] = summary["duplicates_where"]
+            out["answered_by"] = summary["answered_by"]
+            out["resent_overdue"] = summary["resent_overdue"]
             out["escalations_total"] = summary["escalations_answered"]
             out["statuses"] = summary["statuses"]
             out["fleet_cpu_ms_per_device_s"] = summary["cpu_ms_per_device_s"]

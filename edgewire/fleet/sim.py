@@ -31,7 +31,7 @@ import resource
 import secrets
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +113,8 @@ class SimSettings:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
     keepalive: int = 60
+    # A request the broker took and no answer came for goes again after this long (doubling).
+    resend_after_s: float = 10.0
     # Ask the distributor for missing chunks after this long without one.
     fetch_after_s: float = 2.0
     # New connections opened per second at start (a fleet powering up is not one instant).
@@ -127,11 +129,26 @@ class DeviceStats:
     duplicates: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     round_trip_ms: list[float] = field(default_factory=list)
+    answered_by: dict[str, int] = field(default_factory=dict)
+    duplicates_where: dict[str, int] = field(default_factory=dict)
+    resent_overdue: int = 0
     telemetry: int = 0
     chunks: int = 0
     fetches: int = 0
     model_active: dict[str, str] = field(default_factory=dict)
     model_active_at: dict[str, float] = field(default_factory=dict)
+
+
+class _Owed:
+    """One escalation waiting for its answer."""
+
+    __slots__ = ("created", "due", "request", "wait_s")
+
+    def __init__(self, request: bytes, created: float, wait_s: float) -> None:
+        self.request = request
+        self.created = created
+        self.wait_s = wait_s
+        self.due = float("inf")  # not sent yet
 
 
 class _Download:
@@ -196,8 +213,8 @@ class SimDevice:
             reconnect_max_s=settings.reconnect_max_s,
         )
         self.reply_to = topics.RESULT.build(device_id=self.device_id)
-        # trace id -> (encoded request, time first sent); waiting for its answer.
-        self.owed: dict[str, tuple[bytes, float]] = {}
+        # trace id -> what is owed an answer (its request, when made, when next due again).
+        self.owed: dict[str, _Owed] = {}
         self.first_answer: dict[str, bytes] = {}
         self.queue: deque[str] = deque()
         self._wake = asyncio.Event()
@@ -250,7 +267,7 @@ class SimDevice:
             content_type=frame.content_type,
             reply_to=self.reply_to,
         )
-        self.owed[trace_id] = (env.encode(request), time.perf_counter())
+        self.owed[trace_id] = _Owed(env.encode(request), time.perf_counter(), self.settings.resend_after_s)
         self.queue.append(trace_id)
         self._wake.set()
         return trace_id
@@ -277,8 +294,9 @@ class SimDevice:
                 continue
             topic = topics.REQUEST.build(device_id=self.device_id, trace_id=trace_id)
             try:
-                await self.session.publish(topic, owed[0], qos=1, timeout=None)
+                await self.session.publish(topic, owed.request, qos=1, timeout=None)
                 self.stats.sent += 1
+                owed.due = time.perf_counter() + owed.wait_s
             except NotConnected:
                 self.queue.appendleft(trace_id)
                 await asyncio.sleep(0.05)
@@ -286,7 +304,7 @@ class SimDevice:
     async def _watch_link(self) -> None:
         """After each reconnect every owed request goes again, paced: the broker may or may not
         have taken the ones in flight when the link dropped; the bridge answers a repeat from its
-        dedupe without running it again."""
+        dedupe without running it again. One whose answer is overdue goes again too."""
         seen = 1
         while True:
             await asyncio.sleep(0.2)
@@ -294,6 +312,15 @@ class SimDevice:
             if connects > seen and self.session.connected:
                 seen = connects
                 await self._replay([t for t in self.owed if t not in self.queue])
+            now = time.perf_counter()
+            overdue = [t for t, o in self.owed.items() if o.due <= now]
+            for trace_id in overdue:  # the answer was lost somewhere: ask again, less often each time
+                owed = self.owed[trace_id]
+                owed.wait_s *= 2
+                owed.due = float("inf")
+                self.stats.resent_overdue += 1
+            if overdue:
+                await self._replay(overdue)
 
     async def _replay(self, trace_ids: list[str]) -> None:
         gap = 1.0 / self.settings.replay_per_s
@@ -314,12 +341,15 @@ class SimDevice:
                 self.stats.redelivered += 1
             else:
                 self.stats.duplicates += 1
-                log.warning("%s: %s answered twice, differently", self.device_id, result.trace_id)
+                earlier = env.decode(env.Result, first).bridge_id
+                where = "by the same bridge" if earlier == result.bridge_id else "by two bridges"
+                self.stats.duplicates_where[where] = self.stats.duplicates_where.get(where, 0) + 1
             return
         self.first_answer[result.trace_id] = payload
         self.stats.answered += 1
         self.stats.statuses[result.status] = self.stats.statuses.get(result.status, 0) + 1
-        self.stats.round_trip_ms.append((time.perf_counter() - owed[1]) * 1000)
+        self.stats.round_trip_ms.append((time.perf_counter() - owed.created) * 1000)
+        self.stats.answered_by[result.bridge_id] = self.stats.answered_by.get(result.bridge_id, 0) + 1
 
     # -- what arrives ------------------------------------------------------------------------
 
@@ -442,6 +472,14 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _sum_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for one in counts:
+        for key, n in one.items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return 0.0
@@ -517,6 +555,9 @@ class Fleet:
             "lost": self.owed,
             "duplicates": sum(d.stats.duplicates for d in self.devices),
             "redelivered": sum(d.stats.redelivered for d in self.devices),
+            "duplicates_where": _sum_counts(d.stats.duplicates_where for d in self.devices),
+            "answered_by": _sum_counts(d.stats.answered_by for d in self.devices),
+            "resent_overdue": sum(d.stats.resent_overdue for d in self.devices),
             "telemetry_sent": sum(d.stats.telemetry for d in self.devices),
             "reconnects": sum(max(0, d.session.connects - 1) for d in self.devices),
             "cpu_s": round(cpu, 2),
