@@ -356,8 +356,11 @@ class SimDevice:
     async def _receive(self) -> None:
         async for message in self.session.messages():
             try:
-                payload = bytes(message.payload)
                 topic = message.topic
+                if topic.startswith("model/chunk/") and not self._wants_chunk(topic):
+                    self.stats.chunks += 1  # every device subscribed to a version gets every resend
+                    continue
+                payload = bytes(message.payload)
                 if topic == self.reply_to:
                     self._take_result(payload)
                 elif topic.startswith("model/announce/"):
@@ -367,6 +370,20 @@ class SimDevice:
                     await self._chunk(env.decode(env.Chunk, payload))
             except DecodeError as exc:
                 log.warning("%s: dropped a malformed message on %s: %s", self.device_id, message.topic, exc)
+
+    def _wants_chunk(self, topic: str) -> bool:
+        """Whether a chunk is one this device still lacks, read from its topic alone: a resend
+        for another device is dropped without copying or decoding its payload."""
+        levels = topic.split("/")
+        if len(levels) != 5:
+            return False
+        download = self._downloads.get(levels[2])
+        return (
+            download is not None
+            and download.manifest.version == levels[3]
+            and levels[4].isdigit()
+            and int(levels[4]) not in download.chunks
+        )
 
     async def _announce(self, manifest: env.Manifest) -> None:
         if not delivery.targets_match(manifest.targets, self.device_id, self.identity.profile, self.identity.fleet):
