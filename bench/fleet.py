@@ -146,7 +146,16 @@ async def phase(fleet: Fleet, seconds: float, pids: dict[str, int]) -> dict[str,
     }
 
 
-def start_bridge(triton_grpc: str, port: int, k: int) -> subprocess.Popen[bytes]:
+def bridge_runs(metrics_port: int) -> float:
+    """Requests a bridge ran (its requests_total, every status), from its Prometheus endpoint."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("edgewire_requests_total{"))
+
+
+def start_bridge(triton_grpc: str, port: int, k: int, metrics_port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -159,6 +168,8 @@ def start_bridge(triton_grpc: str, port: int, k: int) -> subprocess.Popen[bytes]
             f"mqtt://127.0.0.1:{port}",
             "--id",
             f"bench-bridge-{k}",
+            "--metrics-port",
+            str(metrics_port),
         ]
     )
 
@@ -253,14 +264,17 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
         reconnect_min_s=args.reconnect_window_s,
         reconnect_max_s=30.0,
         connect_per_s=args.connect_per_s,
+        replay=args.replay,
+        fetch_after_s=args.fetch_after_s,
     )
     fleet = Fleet(anonymous_identities(args.devices, "fleet-"), settings, frames)
     sysbytes = SysBytes(broker.port)
-    out: dict[str, object] = {"devices": args.devices, "rate_per_device": args.rate}
+    out: dict[str, object] = {"devices": args.devices, "rate_per_device": args.rate, "replay": args.replay}
     async with EmbeddedTriton(repo, workdir=work) as triton, sysbytes.session:
         follower = asyncio.create_task(sysbytes.follow())
         try:
-            bridges.append(start_bridge(triton.grpc_url, broker.port, 0))
+            metrics_ports = [free_port(), free_port()]
+            bridges.append(start_bridge(triton.grpc_url, broker.port, 0, metrics_ports[0]))
             await asyncio.sleep(args.settle_s)  # the bridge's subscription in place before any request
             t0 = time.monotonic()
             connect_s = await fleet.start(connect_timeout_s=300)
@@ -271,7 +285,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                     "fleet": os.getpid()}  # fmt: skip
             await asyncio.sleep(3)  # first escalations in flight: the warm-up is not measured
             out["bridges_1"] = await phase(fleet, args.phase_s, pids)
-            bridges.append(start_bridge(triton.grpc_url, broker.port, 1))
+            bridges.append(start_bridge(triton.grpc_url, broker.port, 1, metrics_ports[1]))
             await asyncio.sleep(args.settle_s)
             pids["bridge1"] = bridges[1].pid
             out["bridges_2"] = await phase(fleet, args.phase_s, pids)
@@ -288,6 +302,11 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
             out["answered_by"] = summary["answered_by"]
             out["resent_overdue"] = summary["resent_overdue"]
             out["escalations_total"] = summary["escalations_answered"]
+            made = sum(d._seq for d in fleet.devices)  # noqa: SLF001 - requests the fleet made
+            runs = sum(bridge_runs(p) for p in metrics_ports)
+            out["requests_made"] = made
+            out["bridge_runs"] = runs
+            out["runs_twice"] = runs - made
             out["statuses"] = summary["statuses"]
             out["fleet_cpu_ms_per_device_s"] = summary["cpu_ms_per_device_s"]
             if not args.no_rollout:
@@ -327,6 +346,10 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=4.0, help="wait for a new bridge's subscription")
     parser.add_argument("--connect-per-s", type=float, default=500.0, help="paced connects at start")
     parser.add_argument("--reconnect-window-s", type=float, default=2.0, help="the devices' reconnect_min_s")
+    parser.add_argument(
+        "--replay", choices=["all", "unacknowledged"], default="all", help="owed requests sent again on reconnect"
+    )
+    parser.add_argument("--fetch-after-s", type=float, default=2.0, help="the devices' wait before fetching chunks")
     parser.add_argument("--canary-percent", type=float, default=5.0)
     parser.add_argument("--no-rollout", action="store_true")
     parser.add_argument("--data", type=Path, default=None, help="reuse a demo folder")

@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -115,6 +116,9 @@ class SimSettings:
     keepalive: int = 60
     # A request the broker took and no answer came for goes again after this long (doubling).
     resend_after_s: float = 10.0
+    # After a reconnect, send again every owed request (what the device's forwarder does), or
+    # only those the broker never acknowledged, leaving acknowledged ones to resend_after_s.
+    replay: Literal["all", "unacknowledged"] = "all"
     # Ask the distributor for missing chunks after this long without one.
     fetch_after_s: float = 2.0
     # New connections opened per second at start (a fleet powering up is not one instant).
@@ -311,7 +315,7 @@ class SimDevice:
             connects = self.session.connects
             if connects > seen and self.session.connected:
                 seen = connects
-                await self._replay([t for t in self.owed if t not in self.queue])
+                await self._replay([t for t, o in self.owed.items() if self._replays(o) and t not in self.queue])
             now = time.perf_counter()
             overdue = [t for t, o in self.owed.items() if o.due <= now]
             for trace_id in overdue:  # the answer was lost somewhere: ask again, less often each time
@@ -321,6 +325,10 @@ class SimDevice:
                 self.stats.resent_overdue += 1
             if overdue:
                 await self._replay(overdue)
+
+    def _replays(self, owed: _Owed) -> bool:
+        # An acknowledged request has a finite due time; one never acknowledged has none.
+        return self.settings.replay == "all" or owed.due == float("inf")
 
     async def _replay(self, trace_ids: list[str]) -> None:
         gap = 1.0 / self.settings.replay_per_s
