@@ -152,7 +152,8 @@ def bridge_runs(metrics_port: int) -> float:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("edgewire_requests_total{"))
+    lines = [line for line in text.splitlines() if line.startswith("edgewire_requests_total{")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
 def start_bridge(triton_grpc: str, port: int, k: int, metrics_port: int) -> subprocess.Popen[bytes]:
@@ -205,7 +206,9 @@ async def storm(fleet: Fleet, broker: Mosquitto) -> dict[str, object]:
     }
 
 
-async def rollout(fleet: Fleet, port: int, work: Path, sysbytes: SysBytes, canary_percent: float) -> dict[str, object]:
+async def rollout(
+    fleet: Fleet, port: int, work: Path, sysbytes: SysBytes, canary_percent: float, max_rss_mib: int
+) -> dict[str, object]:
     artefact = work / "fleet-model.plan"
     artefact.write_bytes(os.urandom(1 << 20))
     manifest = delivery.build_manifest(artefact, name="fleet-model", version="1")
@@ -225,14 +228,19 @@ async def rollout(fleet: Fleet, port: int, work: Path, sysbytes: SysBytes, canar
         )
     pushed_s = time.monotonic() - t0
     deadline = time.monotonic() + 180
+    stopped = None
     while time.monotonic() < deadline:
         if all(d.models.get("fleet-model") == "1" for d in fleet.devices):
+            break
+        if fleet_rss_kib() > max_rss_mib * 1024:  # the machine is shared: never run it out of memory
+            stopped = f"simulator past {max_rss_mib} MiB"
             break
         await asyncio.sleep(0.1)
     all_active_s = time.monotonic() - t0
     await asyncio.sleep(2.5)  # one more $SYS interval, so the bytes include the last chunks
     return {
         "rollout_outcome": result.outcome,
+        "rollout_stopped": stopped,
         "canaries": len(result.canaries),
         "rollout_promoted_s": round(pushed_s, 2),
         "rollout_all_active_s": round(all_active_s, 2),
@@ -310,7 +318,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
             out["statuses"] = summary["statuses"]
             out["fleet_cpu_ms_per_device_s"] = summary["cpu_ms_per_device_s"]
             if not args.no_rollout:
-                out.update(await rollout(fleet, broker.port, work, sysbytes, args.canary_percent))
+                out.update(await rollout(fleet, broker.port, work, sysbytes, args.canary_percent, args.max_rss_mib))
         finally:
             follower.cancel()
             await fleet.close()
@@ -352,6 +360,7 @@ def main() -> None:
     parser.add_argument("--fetch-after-s", type=float, default=2.0, help="the devices' wait before fetching chunks")
     parser.add_argument("--canary-percent", type=float, default=5.0)
     parser.add_argument("--no-rollout", action="store_true")
+    parser.add_argument("--max-rss-mib", type=int, default=3072, help="stop the rollout if the simulator grows past")
     parser.add_argument("--data", type=Path, default=None, help="reuse a demo folder")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
