@@ -238,8 +238,11 @@ class SimDevice:
             asyncio.create_task(self._watch_link(), name=f"{name}-link"),
             asyncio.create_task(self._telemetry(), name=f"{name}-telemetry"),
         ]
+        self.start_escalating()
+
+    def start_escalating(self) -> None:
         if self.settings.escalations_per_s > 0:
-            self._tasks.append(asyncio.create_task(self._escalate(), name=f"{name}-escalate"))
+            self._tasks.append(asyncio.create_task(self._escalate(), name=f"{self.device_id}-escalate"))
 
     async def stop_escalating(self) -> None:
         for task in self._tasks:
@@ -543,6 +546,10 @@ class Fleet:
     @property
     def owed(self) -> int:
         return sum(len(d.owed) for d in self.devices)
+
+    def start_escalating(self) -> None:
+        for device in self.devices:
+            device.start_escalating()
 
     async def stop_escalating(self) -> None:
         await asyncio.gather(*(d.stop_escalating() for d in self.devices))
