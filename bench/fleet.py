@@ -10,7 +10,7 @@ Phases, each measured on its own:
                back, the peak reconnect rate, escalations continuing throughout
   drain        escalations stop; every owed request must be answered (lost), none run twice
   rollout      a 1 MiB model pushed with a 5% canary: time until every device reports it active,
-               the distributor's fetches and the broker's bytes
+               the devices' fetches, the chunk publishes and the chunk bytes delivered
 
 CPU is read from /proc/<pid>/stat (utime + stime, the process and its children) for the broker,
 each bridge, Triton and this process (the simulated fleet). The machine's every core is shared
@@ -72,7 +72,7 @@ def raise_file_limit() -> None:
 
 
 class Mosquitto:
-    """The bench's broker: persistence on, no connection limit, $SYS every second."""
+    """The bench's broker: persistence on, no connection limit."""
 
     def __init__(self, work: Path) -> None:
         self.exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -85,7 +85,7 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
             "max_connections -1\nmax_inflight_messages 0\nmax_queued_messages 10000\n"
             f"persistence true\npersistence_location {work / 'mosquitto-data'}/\nautosave_interval 5\n"
-            "sys_interval 1\n"
+            ""
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -106,22 +106,17 @@ class Mosquitto:
             self.proc.wait(10)
 
 
-class SysBytes:
-    """The broker's $SYS/broker/bytes/sent, followed on a session of its own."""
+class ChunkCounter:
+    """Chunks published on the broker, one copy each, seen on a session of its own."""
 
     def __init__(self, port: int) -> None:
-        self.session = MqttSession("bench-sys", "127.0.0.1", port, protocol="5")
-        self.sent = 0.0
-        self.chunk_publishes = 0  # chunks published on the broker (one copy each, seen here)
+        self.session = MqttSession("bench-chunks", "127.0.0.1", port, protocol="5")
+        self.publishes = 0
 
     async def follow(self) -> None:
-        await self.session.subscribe("$SYS/broker/bytes/sent", qos=0)
         await self.session.subscribe("model/chunk/#", qos=0)
-        async for message in self.session.messages():
-            if message.topic.startswith("model/chunk/"):
-                self.chunk_publishes += 1
-            else:
-                self.sent = float(bytes(message.payload))
+        async for _ in self.session.messages():
+            self.publishes += 1
 
 
 async def phase(fleet: Fleet, seconds: float, pids: dict[str, int]) -> dict[str, object]:
@@ -241,12 +236,12 @@ async def storm_and_drain(fleet: Fleet, broker: Mosquitto, runs: BridgeRuns) -> 
 
 
 async def rollout(
-    fleet: Fleet, port: int, work: Path, sysbytes: SysBytes, canary_percent: float, max_rss_mib: int
+    fleet: Fleet, port: int, work: Path, counter: ChunkCounter, canary_percent: float, max_rss_mib: int
 ) -> dict[str, object]:
     artefact = work / "fleet-model.plan"
     artefact.write_bytes(os.urandom(1 << 20))
     manifest = delivery.build_manifest(artefact, name="fleet-model", version="1")
-    bytes0, chunks0 = sysbytes.sent, sysbytes.chunk_publishes
+    chunks0 = counter.publishes
     t0 = time.monotonic()
     async with MqttSession("bench-operator", "127.0.0.1", port, protocol="5") as operator:
         await operator.wait_connected(10)
@@ -271,7 +266,6 @@ async def rollout(
             break
         await asyncio.sleep(0.1)
     all_active_s = time.monotonic() - t0
-    await asyncio.sleep(2.5)  # one more $SYS interval, so the bytes include the last chunks
     return {
         "rollout_outcome": result.outcome,
         "rollout_stopped": stopped,
@@ -280,9 +274,9 @@ async def rollout(
         "rollout_all_active_s": round(all_active_s, 2),
         "devices_active": sum(1 for d in fleet.devices if d.models.get("fleet-model") == "1"),
         "chunks_received_by_devices": sum(d.stats.chunks for d in fleet.devices),
+        "chunk_mib_delivered": round(sum(d.stats.chunks for d in fleet.devices) * manifest.chunk_size / (1 << 20), 1),
         "fetch_requests": sum(d.stats.fetches for d in fleet.devices),
-        "chunk_publishes": sysbytes.chunk_publishes - chunks0,
-        "broker_bytes_sent_mib": round((sysbytes.sent - bytes0) / (1 << 20), 1),
+        "chunk_publishes": counter.publishes - chunks0,
     }
 
 
@@ -310,10 +304,10 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
         fetch_after_s=args.fetch_after_s,
     )
     fleet = Fleet(anonymous_identities(args.devices, "fleet-"), settings, frames)
-    sysbytes = SysBytes(broker.port)
+    chunk_counter = ChunkCounter(broker.port)
     out: dict[str, object] = {"devices": args.devices, "rate_per_device": args.rate, "replay": args.replay}
-    async with EmbeddedTriton(repo, workdir=work) as triton, sysbytes.session:
-        follower = asyncio.create_task(sysbytes.follow())
+    async with EmbeddedTriton(repo, workdir=work) as triton, chunk_counter.session:
+        follower = asyncio.create_task(chunk_counter.follow())
         try:
             metrics_ports = [free_port(), free_port()]
             bridges.append(start_bridge(triton.grpc_url, broker.port, 0, metrics_ports[0]))
@@ -349,7 +343,8 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
             out["statuses"] = summary["statuses"]
             out["fleet_cpu_ms_per_device_s"] = summary["cpu_ms_per_device_s"]
             if not args.no_rollout:
-                out.update(await rollout(fleet, broker.port, work, sysbytes, args.canary_percent, args.max_rss_mib))
+                pushed = await rollout(fleet, broker.port, work, chunk_counter, args.canary_percent, args.max_rss_mib)
+                out.update(pushed)
         finally:
             follower.cancel()
             await fleet.close()
@@ -388,7 +383,7 @@ def main() -> None:
     parser.add_argument(
         "--replay", choices=["all", "unacknowledged"], default="all", help="owed requests sent again on reconnect"
     )
-    parser.add_argument("--fetch-after-s", type=float, default=2.0, help="the devices' wait before fetching chunks")
+    parser.add_argument("--fetch-after-s", type=float, default=5.0, help="the devices' wait before fetching chunks")
     parser.add_argument("--canary-percent", type=float, default=5.0)
     parser.add_argument("--no-rollout", action="store_true")
     parser.add_argument("--max-rss-mib", type=int, default=3072, help="stop the rollout if the simulator grows past")
