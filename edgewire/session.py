@@ -2,10 +2,9 @@
 
 Shaped like aiomqtt's client: an async context manager and an async iterator of messages.
 Underneath it reconnects with capped exponential backoff and full jitter (edgewire.backoff),
-restores subscriptions, and keeps a
-retained presence: a birth message after each connect and a last-will the broker publishes if
-the process vanishes. It speaks MQTT 5 where the broker does and falls back to 3.1.1 where it
-does not (amqtt refuses an MQTT 5 CONNECT).
+restores subscriptions, and keeps a retained presence: a birth message after each connect and a
+last-will the broker publishes if the process vanishes. It speaks MQTT 5 where the broker does
+and falls back to 3.1.1 where it does not (amqtt refuses an MQTT 5 CONNECT).
 
 Throughput comes from edgewire.mqtt_fastpath, installed on each connection's client when the
 installed paho-mqtt and aiomqtt are the tested releases; without it (``EDGEWIRE_MQTT_FASTPATH=0``,

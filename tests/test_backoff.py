@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from edgewire import mqtt_fastpath
 from edgewire.backoff import Backoff
 from edgewire.config import BrokerSettings, parse_yaml_model
 from edgewire.errors import ConfigError
@@ -47,9 +48,17 @@ def test_the_cap_below_the_window_is_refused_in_config() -> None:
         Backoff(0.0, 1.0)
 
 
-async def test_sessions_dropped_by_a_broker_kill_all_return_spread_over_the_window(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", ["fast", "plain"])
+async def test_sessions_dropped_by_a_broker_kill_all_return_spread_over_the_window(
+    tmp_path: Path, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGKILL the broker under 30 sessions and start it again on the same port at once: every
-    session comes back, and their reconnects are spread over the first window."""
+    session comes back, and their reconnects are spread over the first window (on both of the
+    session's paths)."""
+    if path == "plain":
+        monkeypatch.setenv(mqtt_fastpath.ENV_SWITCH, "0")
+    else:
+        monkeypatch.delenv(mqtt_fastpath.ENV_SWITCH, raising=False)
     window_s = 2.0
     broker = Mosquitto(tmp_path)
     await asyncio.to_thread(broker.start)
@@ -62,6 +71,7 @@ async def test_sessions_dropped_by_a_broker_kill_all_return_spread_over_the_wind
             await session.__aenter__()
         for session in sessions:
             await session.wait_connected(20)
+            assert session.fast_path is (path == "fast")
         assert broker.proc is not None
         broker.proc.kill()
         broker.proc.wait()
