@@ -198,7 +198,10 @@ class BrokerSettings(StrictModel):
     # announces and config published while the device was offline reach it when it returns.
     persistent_session: bool = True
     session_expiry_s: int = Field(7 * 86_400, ge=0)
-    reconnect_min_s: float = Field(0.2, gt=0)
+    # Reconnect backoff (capped exponential, full jitter): the first retry after a lost link is
+    # drawn from [0, reconnect_min_s], so a fleet dropped by a broker restart comes back spread
+    # over that window; each failed attempt doubles the window up to reconnect_max_s.
+    reconnect_min_s: float = Field(1.0, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
     # At start a device waits this long for the broker, then runs anyway (answering locally).
     startup_wait_s: float = Field(5.0, ge=0)
@@ -216,6 +219,15 @@ class BrokerSettings(StrictModel):
         except ValueError:
             raise ValueError("port must be a number 1-65535") from None
         return v
+
+    @model_validator(mode="after")
+    def _backoff(self) -> BrokerSettings:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(
+                f"reconnect_max_s ({self.reconnect_max_s}) is below reconnect_min_s ({self.reconnect_min_s}) "
+                "-- the cap must be at least the first window"
+            )
+        return self
 
     @property
     def uses_mdns(self) -> bool:

@@ -1,10 +1,10 @@
 """One MQTT connection that outlives network drops, shared by every edgewire component.
 
 Shaped like aiomqtt's client: an async context manager and an async iterator of messages.
-Underneath it reconnects with capped exponential backoff, restores subscriptions, and keeps a
-retained presence: a birth message after each connect and a last-will the broker publishes if
-the process vanishes. It speaks MQTT 5 where the broker does and falls back to 3.1.1 where it
-does not (amqtt refuses an MQTT 5 CONNECT).
+Underneath it reconnects with capped exponential backoff and full jitter (edgewire.backoff),
+restores subscriptions, and keeps a retained presence: a birth message after each connect and a
+last-will the broker publishes if the process vanishes. It speaks MQTT 5 where the broker does
+and falls back to 3.1.1 where it does not (amqtt refuses an MQTT 5 CONNECT).
 
 Throughput comes from edgewire.mqtt_fastpath, installed on each connection's client when the
 installed paho-mqtt and aiomqtt are the tested releases; without it (``EDGEWIRE_MQTT_FASTPATH=0``,
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 import socket
 import threading
@@ -34,6 +33,7 @@ from paho.mqtt.properties import Properties
 from edgewire import envelopes as env
 from edgewire import mqtt_fastpath, topics
 from edgewire.aio import cancel_and_wait
+from edgewire.backoff import Backoff
 from edgewire.errors import EdgewireError
 from edgewire.metrics import Meter
 
@@ -102,7 +102,7 @@ class MqttSession:
         self._keepalive = keepalive
         self._protocol: MqttVersion = protocol
         self._presence = presence
-        self._backoff = (reconnect_min_s, reconnect_max_s)
+        self._backoff = Backoff(reconnect_min_s, reconnect_max_s)
         # A persistent session keeps the client's subscriptions and queued QoS 1 messages at the
         # broker while it is away (clean session off / clean start off with an expiry).
         self._persistent = persistent
@@ -432,17 +432,16 @@ class MqttSession:
         return client, sender
 
     async def _run(self) -> None:
-        delay = self._backoff[0]
         while not self._closing:
             try:
                 client, sender = await self._connect()
             except (aiomqtt.MqttError, OSError, EdgewireError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
-                log.debug("%s: connect failed: %s; retry in %.1fs", self.client_id, self.last_error, delay)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, self._backoff[1])
+                delay = self._backoff.next_delay()
+                log.debug("%s: connect failed: %s; retry in %.2fs", self.client_id, self.last_error, delay)
+                await asyncio.sleep(delay)
                 continue
-            delay = self._backoff[0]
+            self._backoff.reset()
             self.last_error = None
             try:
                 await self._serve(client, sender)
@@ -463,7 +462,8 @@ class MqttSession:
                 with contextlib.suppress(Exception):
                     await client.__aexit__(None, None, None)
             if not self._closing:
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                # Every client of a restarted broker lost it at once: spread the first retry.
+                await asyncio.sleep(self._backoff.next_delay())
 
     async def _serve(self, client: aiomqtt.Client, sender: _Sender) -> None:
         for topic_filter, qos in self._subscriptions.items():

@@ -171,6 +171,9 @@ async def test_held_acknowledgements_are_redelivered_to_the_next_session(
     again = MqttSession(client_id, broker.host, broker.port, **options)
     async with again:
         got = await take(again.messages(), 10)
+        # A persistent session's queued messages can arrive before the session has restored
+        # its subscriptions and birth, i.e. before it reports itself connected.
+        await again.wait_connected(10)
         connected(path, again)
     assert observed(got) == [(t, p, 1, False) for t, p in held]
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from edgewire.cli import broker, cloud, demo, device, discover, flash, keys, model, watch
+from edgewire.cli import broker, cloud, demo, device, discover, flash, keys, model, sim, watch
 from edgewire.cli import config as remote_config
 
 app = typer.Typer(help="edgewire: MQTT-first AI inference for fleets of edge devices.", no_args_is_help=True)
@@ -40,3 +40,4 @@ app.command()(model.distributor)
 app.add_typer(model.model_app, name="model")
 app.command()(demo.demo)
 app.command("eval")(demo.evaluate)
+app.command()(sim.sim)

@@ -26,6 +26,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from edgewire.config import DeviceConfig, StrictModel, deep_merge, format_validation_error, load_yaml_model
 from edgewire.errors import ConfigError
+from edgewire.fleet import sites as fleet_sites
 from edgewire.profiles import available_profiles
 
 DEVICE_CONFIG = "etc/edgewire/device.yaml"
@@ -73,6 +74,15 @@ class Fleet(StrictModel):
     signing_public_key: str | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
     devices: list[DeviceEntry] = Field(min_length=1)
+    # Site brokers bridged to a central one (edgewire.fleet.sites); a site's devices talk only to it.
+    central: fleet_sites.Central | None = None
+    sites: list[fleet_sites.Site] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _sites_need_central(self) -> Fleet:
+        if self.sites and self.central is None:
+            raise ValueError("'sites' bridge to a central broker: add 'central: {url: mqtt://HOST:PORT}'")
+        return self
 
     @field_validator("defaults")
     @classmethod
@@ -119,6 +129,7 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
     seen: dict[str, int] = {}
     out: list[Rendered] = []
     unit = _unit_text()
+    site_devices: dict[str, list[str]] = {}
     for index, entry in enumerate(fleet.devices):
         ids = [entry.id] if entry.id else entry.range.ids()  # type: ignore[union-attr]
         for device_id in ids:
@@ -134,6 +145,10 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
                 continue
             doc = deep_merge(fleet.defaults, entry.overrides)
             doc = deep_merge(doc, {"device_id": device_id, "fleet": fleet.fleet, "broker": fleet.broker})
+            site = fleet_sites.site_of(fleet.sites, device_id)
+            if site is not None:
+                doc["broker"] = {**doc["broker"], "url": site.url}
+                site_devices.setdefault(site.name, []).append(device_id)
             password = entry.password or (
                 hmac.new(fleet.credentials_secret.encode(), device_id.encode(), hashlib.sha256).hexdigest()[:32]
                 if fleet.credentials_secret
@@ -168,6 +183,9 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
         raise ConfigError(f"invalid fleet {fleet_file} (nothing was written):\n" + "\n".join(problems))
     if select and not out:
         raise ConfigError(f"no device of {fleet_file} matches --devices {select!r}")
+    if fleet.sites and fleet.central is not None and not select:
+        brokers = fleet_sites.render_brokers(fleet.central, fleet.sites, site_devices, secret=fleet.credentials_secret)
+        out += [Rendered(folder, files) for folder, files in brokers.items()]
     return out
 
 
