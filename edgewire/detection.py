@@ -28,6 +28,9 @@ Geometry: every image is resized into the model's input by :func:`fit_geometry` 
 as Ultralytics does it: scale to fit keeping the aspect ratio, pad the rest around the centre;
 ``stretch``; ``center_crop``) and :meth:`Geometry.to_source` undoes it exactly, clipping boxes
 to the source image.
+
+OpenCV is imported where it is used: model metadata (``edgewire.modelmeta``) reads this
+module's format names and shape rules on hosts that only push models and have no OpenCV.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import cv2
 import numpy as np
 
 from edgewire.envelopes import Detection
@@ -129,6 +131,8 @@ def letterbox(
     image: np.ndarray, dst_w: int, dst_h: int, resize: Resize = "letterbox", pad_value: int = LETTERBOX_PAD
 ) -> tuple[np.ndarray, Geometry]:
     """The image fitted into ``dst_w`` x ``dst_h`` as :func:`fit_geometry` says, and that geometry."""
+    import cv2
+
     h, w = image.shape[:2]
     g = fit_geometry(w, h, dst_w, dst_h, resize)
     interp = cv2.INTER_AREA if g.new_w < w else cv2.INTER_LINEAR
@@ -266,6 +270,8 @@ def nms(
     OpenCV's ``NMSBoxesBatched`` does the greedy pass in C++ (no Python loop per box); boxes of
     different classes never suppress each other.
     """
+    import cv2
+
     if len(scores) == 0:
         return np.zeros(0, np.int64)
     xywh = boxes.astype(np.float32).copy()
@@ -324,6 +330,8 @@ def _decode_end2end(rows: np.ndarray, s: DecodeSettings) -> Detections:
 
 def _decode_probmap(prob: np.ndarray, input_hw: tuple[int, int], s: DecodeSettings) -> Detections:
     """One H x W map: contours of the thresholded map as boxes in model-input pixels."""
+    import cv2
+
     mh, mw = prob.shape
     binary = (prob > s.map_threshold).astype(np.uint8)
     contours, _ = cv2.findContours(binary, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)

@@ -12,13 +12,19 @@ so an operator sees one wording for one fault wherever it is found.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgewire.detection import FORMAT_SHAPES, LETTERBOX_PAD, OutputFormat, class_count, recognise_format
 from edgewire.errors import ModelError
+
+Task = Literal["classify", "detect"]
 
 META_KEY = "edgewire"
 
@@ -49,6 +55,8 @@ class InputSpec(BaseModel):
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     dtype: Literal["float32"] = "float32"
+    #: Gray level of the border a letterbox adds (Ultralytics trains on 114).
+    pad_value: int = Field(0, ge=0, le=255)
 
     @property
     def height(self) -> int:
@@ -77,6 +85,16 @@ class InputSpec(BaseModel):
         return v
 
 
+class DetectSpec(BaseModel):
+    """How a detector's output reads (see edgewire.detection for the formats)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: OutputFormat
+    #: The network's largest stride; inputs are multiples of it.
+    stride: int = Field(32, ge=1)
+
+
 class ModelMeta(BaseModel):
     """Identity, labels, input and output contract of one model artefact."""
 
@@ -84,11 +102,27 @@ class ModelMeta(BaseModel):
 
     name: str
     version: str
-    task: Literal["classification"] = "classification"
+    task: Task = "classify"
     labels: tuple[str, ...]
     input: InputSpec
     output: str = Field(description="output tensor name in the graph")
     output_kind: Literal["probabilities", "logits"] = "probabilities"
+    #: Required for ``task: detect``, absent for ``classify``.
+    detect: DetectSpec | None = None
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _old_task_name(cls, v: object) -> object:
+        # Entries written before detection existed say "classification".
+        return "classify" if v == "classification" else v
+
+    @model_validator(mode="after")
+    def _detect_needs_format(self) -> ModelMeta:
+        if self.task == "detect" and self.detect is None:
+            raise ValueError("task 'detect' needs 'detect' (its output format)")
+        if self.task == "classify" and self.detect is not None:
+            raise ValueError("'detect' is only for task 'detect'")
+        return self
 
 
 def parse_model_meta(raw: str | None, source: str) -> ModelMeta:
@@ -124,3 +158,406 @@ def onnx_model_meta(metadata: Mapping[str, str], path: str | Path) -> ModelMeta:
     onnx package's ``metadata_props`` give it, so the device and the repository writer refuse a
     broken file with the same words."""
     return parse_model_meta(metadata.get(META_KEY), f"{path} (ONNX metadata)")
+
+
+# ---- reading a model as it arrives --------------------------------------------------------
+
+#: A graph dimension: an int, or None where the graph leaves it open (a name or -1).
+Dim = int | None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[Dim, ...]
+
+    def shape_text(self) -> str:
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What a model file says about itself: its tensors and its metadata entries."""
+
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    metadata: Mapping[str, str]
+
+    @staticmethod
+    def from_session(session: Any) -> GraphInfo:
+        """From an ``onnxruntime.InferenceSession`` (the device has one already)."""
+
+        def tensors(items: Any) -> tuple[TensorInfo, ...]:
+            return tuple(
+                TensorInfo(t.name, tuple(d if isinstance(d, int) and d > 0 else None for d in t.shape)) for t in items
+            )
+
+        return GraphInfo(
+            tensors(session.get_inputs()),
+            tensors(session.get_outputs()),
+            dict(session.get_modelmeta().custom_metadata_map),
+        )
+
+    @staticmethod
+    def from_file(path: str | Path) -> GraphInfo:
+        """From an ONNX file, through onnxruntime (which refuses a file that is no model)."""
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise ModelError(f"{path}: not a loadable ONNX model ({type(exc).__name__}: {exc})") from None
+        return GraphInfo.from_session(session)
+
+    def output(self, name: str) -> TensorInfo | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What an operator states about a model (``edgewire model annotate`` flags); None: infer it."""
+
+    name: str | None = None
+    version: str | None = None
+    task: Task | None = None
+    format: OutputFormat | None = None
+    labels: tuple[str, ...] | None = None
+    input_size: tuple[int, int] | None = None  # height, width
+    layout: Literal["NCHW", "NHWC"] | None = None
+    color: Literal["gray", "bgr", "rgb"] | None = None
+    resize: Literal["stretch", "center_crop", "letterbox"] | None = None
+    scale: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    pad_value: int | None = None
+    output: str | None = None
+
+
+#: A missing field and the ``edgewire model annotate`` flag that fills it.
+FILL_FLAGS: dict[str, str] = {
+    "task": "--task classify|detect",
+    "labels": "--labels LABELS.txt",
+    "input size": "--input-size HxW",
+    "color": "--color rgb|bgr",
+    "output format": "--format yolov5|yolov8|end2end|probmap",
+}
+
+
+@dataclass
+class ModelReading:
+    """What edgewire makes of a model file: its contract, where each part came from, and what
+    nothing in the file says (``missing``, named as ``FILL_FLAGS`` keys) or what contradicts the
+    graph (``problems``). ``meta`` is None unless nothing is missing and nothing is wrong."""
+
+    path: str
+    graph: GraphInfo
+    source: Literal["edgewire", "exporter", "graph"]
+    meta: ModelMeta | None = None
+    #: field -> where its value came from ("graph", "exporter metadata 'names'", "default", ...).
+    inferred: dict[str, str] = dataclass_field(default_factory=dict)
+    missing: list[str] = dataclass_field(default_factory=list)
+    problems: list[str] = dataclass_field(default_factory=list)
+
+    def fill_command(self) -> str:
+        """The command that writes the entry, with a flag for each missing field."""
+        path = Path(self.path)
+        out = path.with_name(f"{path.stem}.edgewire{path.suffix}")
+        flags = "".join(f" {FILL_FLAGS[m]}" for m in self.missing)
+        return f"edgewire model annotate {path} --out {out}{flags}"
+
+    def refusal(self) -> str:
+        """One message naming every missing field or problem and the command that fixes it."""
+        parts = []
+        if self.missing:
+            parts.append(f"nothing in the model says its {', '.join(self.missing)}")
+        parts += self.problems
+        return f"{self.path}: {'; '.join(parts)}; fix: {self.fill_command()}"
+
+    def require(self) -> ModelMeta:
+        if self.meta is None:
+            raise ModelError(self.refusal())
+        return self.meta
+
+
+def _literal(text: str | None) -> Any:
+    """An exporter's Python-literal metadata value (Ultralytics writes ``str(dict)``), or None."""
+    if not text:
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+
+
+def _exporter_labels(metadata: Mapping[str, str]) -> tuple[str, ...] | None:
+    names = _literal(metadata.get("names"))
+    if isinstance(names, dict) and names and all(isinstance(k, int) for k in names):
+        return tuple(str(names.get(i, f"class{i}")) for i in range(max(names) + 1))
+    if isinstance(names, list | tuple) and names:
+        return tuple(str(n) for n in names)
+    return None
+
+
+def _exporter_size(metadata: Mapping[str, str]) -> tuple[int, int] | None:
+    size = _literal(metadata.get("imgsz"))
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return int(size[0]), int(size[1])
+    return None
+
+
+def _task_of(output: TensorInfo, input_hw: tuple[Dim, Dim]) -> tuple[Task, OutputFormat | None] | None:
+    if len(output.shape) == 2:
+        return "classify", None
+    fmt = recognise_format(output.shape, input_hw)
+    return ("detect", fmt) if fmt is not None else None
+
+
+def fits_format(fmt: OutputFormat, shape: tuple[Dim, ...]) -> bool:
+    """Whether an output of ``shape`` can be read as ``fmt`` (declared formats are taken as
+    declared where the shape allows it: ``[B, N, 6]`` fits both yolov5 and end2end)."""
+    if fmt == "probmap":
+        return len(shape) == 4 and shape[1] == 1
+    if len(shape) != 3:
+        return False
+    if fmt == "end2end":
+        return shape[2] == 6
+    if fmt == "yolov5":
+        return shape[2] is None or shape[2] >= 6
+    return shape[1] is None or shape[1] >= 5
+
+
+def expected_output(meta: ModelMeta) -> str:
+    if meta.task == "classify":
+        return f"[B, {len(meta.labels)}] (one score per label)"
+    assert meta.detect is not None
+    return FORMAT_SHAPES[meta.detect.format]
+
+
+def output_problem(meta: ModelMeta, graph: GraphInfo) -> str | None:
+    """Why the graph's outputs do not fit what ``meta`` declares, or None: checked when a model
+    loads, so a mismatch is refused there and never reaches a frame."""
+    out = graph.output(meta.output)
+    if out is None:
+        return f"metadata names output '{meta.output}', graph has {[o.name for o in graph.outputs]}"
+    inp = next((t for t in graph.inputs if t.name == meta.input.name), None)
+    if inp is None:
+        return f"metadata names input '{meta.input.name}', graph has {[i.name for i in graph.inputs]}"
+    shape = out.shape
+    declared = f"a {meta.task} model" + (f" with output format {meta.detect.format}" if meta.detect else "")
+    fits = True
+    if meta.task == "classify":
+        fits = len(shape) == 2 and (shape[1] is None or shape[1] == len(meta.labels))
+    else:
+        assert meta.detect is not None
+        fits = fits_format(meta.detect.format, shape)
+        count = class_count(meta.detect.format, shape) if fits else None
+        if count is not None and meta.detect.format != "probmap" and count != len(meta.labels):
+            return (
+                f"output '{out.name}' has shape {out.shape_text()}: {count} classes, but {len(meta.labels)} labels "
+                "are declared (give one label per class with --labels)"
+            )
+    if fits:
+        return None
+    found = _task_of(out, (meta.input.height, meta.input.width))
+    hint = ""
+    if found is not None:
+        hint = f" (it reads as a {found[0]} model" + (f", format {found[1]}" if found[1] else "") + ")"
+    return f"output '{out.name}' has shape {out.shape_text()}{hint}, but {declared} needs {expected_output(meta)}"
+
+
+def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None = None) -> ModelReading:
+    """Everything edgewire can tell about a model: its own entry if it has one (``overrides``
+    replacing parts of it), else exporter metadata (Ultralytics' ``names``, ``imgsz``,
+    ``stride``, ``task``) and the graph's shapes; what stays unknown is listed in ``missing``."""
+    o = overrides or Overrides()
+    path = str(path)
+    raw = graph.metadata.get(META_KEY)
+    if raw:
+        reading = ModelReading(path, graph, "edgewire")
+        meta = parse_model_meta(raw, f"{path} (ONNX metadata)")
+        changes = {k: v for k, v in _meta_changes(meta, o).items() if v is not None}
+        if changes:
+            meta = _rebuild(meta, changes)
+        reading.inferred = {"everything": f"the '{META_KEY}' entry"}
+        problem = output_problem(meta, graph)
+        if problem:
+            reading.problems.append(problem)
+        else:
+            reading.meta = meta
+        return reading
+    exporter = {k: graph.metadata[k] for k in ("names", "imgsz", "stride", "task") if k in graph.metadata}
+    reading = ModelReading(path, graph, "exporter" if exporter else "graph")
+    inferred = reading.inferred
+    if not graph.inputs or not graph.outputs:
+        reading.problems.append("the graph has no input or no output")
+        return reading
+
+    # Input: layout and channels from the shape, size from the graph or the exporter.
+    inp = graph.inputs[0]
+    if len(inp.shape) != 4:
+        reading.problems.append(f"input '{inp.name}' has shape {inp.shape_text()}; an image input has 4 dimensions")
+        return reading
+    layout = o.layout
+    if layout is None:
+        layout = "NHWC" if inp.shape[3] in (1, 3) and inp.shape[1] not in (1, 3) else "NCHW"
+        inferred["input layout"] = "graph"
+    channels = inp.shape[1] if layout == "NCHW" else inp.shape[3]
+    hw = (inp.shape[2], inp.shape[3]) if layout == "NCHW" else (inp.shape[1], inp.shape[2])
+    size: tuple[int, int] | None = o.input_size
+    if size is None and hw[0] is not None and hw[1] is not None:
+        size, inferred["input size"] = (hw[0], hw[1]), "graph"
+    if size is None and (exported := _exporter_size(graph.metadata)) is not None:
+        size, inferred["input size"] = exported, "exporter metadata 'imgsz'"
+    if size is None:
+        reading.missing.append("input size")
+    if channels is None:
+        channels = 1 if o.color == "gray" else 3
+    color = o.color
+    if color is None and channels == 1:
+        color, inferred["color"] = "gray", "graph (1 channel)"
+    elif color is None and exporter:
+        color, inferred["color"] = "rgb", "exporter (Ultralytics models take RGB)"
+    elif color is None:
+        reading.missing.append("color")
+
+    # Output: the task and format from its shape, unless stated.
+    out = graph.output(o.output) if o.output else graph.outputs[0]
+    if out is None:
+        reading.problems.append(f"no output '{o.output}' in the graph ({[t.name for t in graph.outputs]})")
+        return reading
+    seen = _task_of(out, size or (None, None))
+    task: Task | None = o.task
+    exporter_task = graph.metadata.get("task")
+    if task is None and exporter_task in ("classify", "detect"):
+        task, inferred["task"] = exporter_task, "exporter metadata 'task'"  # type: ignore[assignment]
+    if task is None and seen is not None:
+        task, inferred["task"] = seen[0], f"output shape {out.shape_text()}"
+    if task is None:
+        reading.missing.append("task")
+    fmt: OutputFormat | None = o.format
+    if task == "detect" and fmt is None:
+        if seen is not None and seen[1] is not None:
+            fmt, inferred["output format"] = seen[1], f"output shape {out.shape_text()}"
+        else:
+            reading.missing.append("output format")
+
+    labels = o.labels
+    if labels is None and (labels := _exporter_labels(graph.metadata)) is not None:
+        inferred["labels"] = f"exporter metadata 'names' ({len(labels)})"
+    if labels is None and fmt == "probmap":
+        labels, inferred["labels"] = ("text",), "probability map (one class)"
+    if labels is None:
+        reading.missing.append("labels")
+
+    detecting = task == "detect"
+    resize = o.resize or ("letterbox" if detecting else "stretch")
+    if o.resize is None:
+        inferred["resize"] = "default for the task"
+    if o.scale is None and o.mean is None and o.std is None:
+        inferred["normalisation"] = "default (pixel / 255)"
+    if reading.missing or reading.problems or size is None or color is None or task is None or labels is None:
+        return reading
+    stride = _literal(graph.metadata.get("stride"))
+    shape = (
+        (inp.shape[0] or -1, channels, size[0], size[1]) if layout == "NCHW" else (inp.shape[0] or -1, *size, channels)
+    )
+    try:
+        meta = ModelMeta(
+            name=o.name or Path(path).stem,
+            version=o.version or "1",
+            task=task,
+            labels=labels,
+            input=InputSpec(
+                name=inp.name,
+                shape=shape,  # type: ignore[arg-type]
+                layout=layout,
+                color=color,
+                resize=resize,
+                scale=o.scale if o.scale is not None else 1.0 / 255.0,
+                mean=o.mean or (0.0,),
+                std=o.std or (1.0,),
+                pad_value=o.pad_value if o.pad_value is not None else (LETTERBOX_PAD if detecting else 0),
+            ),
+            output=out.name,
+            detect=DetectSpec(format=fmt, stride=stride if isinstance(stride, int) else 32) if detecting else None,  # type: ignore[arg-type]
+        )
+    except ValidationError as exc:
+        reading.problems.append("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        return reading
+    problem = output_problem(meta, graph)
+    if problem:
+        reading.problems.append(problem)
+    else:
+        reading.meta = meta
+    return reading
+
+
+def _meta_changes(meta: ModelMeta, o: Overrides) -> dict[str, Any]:
+    return {
+        "name": o.name,
+        "version": o.version,
+        "task": o.task,
+        "labels": o.labels,
+        "output": o.output,
+        "format": o.format,
+        "input_size": o.input_size,
+        "layout": o.layout,
+        "color": o.color,
+        "resize": o.resize,
+        "scale": o.scale,
+        "mean": o.mean,
+        "std": o.std,
+        "pad_value": o.pad_value,
+    }
+
+
+def _rebuild(meta: ModelMeta, changes: dict[str, Any]) -> ModelMeta:
+    data = meta.model_dump()
+    inp = data["input"]
+    for key in ("layout", "color", "resize", "scale", "mean", "std", "pad_value"):
+        if key in changes:
+            inp[key] = changes[key]
+    if "input_size" in changes:
+        h, w = changes["input_size"]
+        b = inp["shape"][0]
+        c = inp["shape"][1] if inp["layout"] == "NCHW" else inp["shape"][3]
+        inp["shape"] = (b, c, h, w) if inp["layout"] == "NCHW" else (b, h, w, c)
+    for key in ("name", "version", "task", "labels", "output"):
+        if key in changes:
+            data[key] = changes[key]
+    if "format" in changes:
+        data["detect"] = {**(data.get("detect") or {}), "format": changes["format"]}
+    if data["task"] == "classify":
+        data["detect"] = None
+    return ModelMeta.model_validate(data)
+
+
+def resolve_model_meta(path: str | Path, graph: GraphInfo) -> ModelReading:
+    """The contract a device serves a model by, or a ModelError naming what is missing or wrong.
+
+    A model with edgewire's entry is taken as it says (after checking its outputs); one without
+    is read from its exporter's metadata and its graph, and the reading says what was inferred.
+    """
+    reading = read_model(path, graph)
+    reading.require()
+    return reading
+
+
+def write_model_meta(src: str | Path, dst: str | Path, meta: ModelMeta) -> None:
+    """Copy the ONNX file ``src`` to ``dst`` with ``meta`` as its ``edgewire`` entry (other
+    entries kept). Needs the ``onnx`` package (``pip install 'edgewire[models]'``)."""
+    try:
+        import onnx
+    except ImportError:
+        raise ModelError("writing model metadata needs the onnx package: pip install 'edgewire[models]'") from None
+    from edgewire.durable import atomic_write
+
+    model = onnx.load(str(src))
+    kept = [p for p in model.metadata_props if p.key != META_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = META_KEY, meta.model_dump_json()
+    atomic_write(Path(dst), model.SerializeToString())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from edgewire.detection import Geometry, fit_geometry
 from edgewire.errors import DecodeError
 from edgewire.image_header import image_size
 from edgewire.modelmeta import InputSpec
@@ -99,14 +100,20 @@ class Preprocessor:
                 y0 = (h - ch) // 2
                 image = image[y0 : y0 + ch, :]
         elif spec.resize == "letterbox":
-            scale = min(spec.width / w, spec.height / h)
-            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-            resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
-            canvas = np.zeros((spec.height, spec.width, *image.shape[2:]), dtype=image.dtype)
-            y0, x0 = (spec.height - nh) // 2, (spec.width - nw) // 2
-            canvas[y0 : y0 + nh, x0 : x0 + nw] = resized
-            return canvas
+            g = fit_geometry(w, h, spec.width, spec.height, "letterbox")
+            resized = cv2.resize(image, (g.new_w, g.new_h), interpolation=cv2.INTER_AREA)
+            left, top = int(g.pad_x), int(g.pad_y)
+            right, bottom = spec.width - g.new_w - left, spec.height - g.new_h - top
+            border = (spec.pad_value,) * 3
+            return cv2.copyMakeBorder(resized, top, bottom, left, right, cv2.BORDER_CONSTANT, value=border)
         return cv2.resize(image, self._size, interpolation=cv2.INTER_AREA)
+
+    def geometry(self, image: np.ndarray) -> Geometry:
+        """Where ``image`` lands in the input (a detector's boxes are brought back by it).
+        Exact for stretch and letterbox; for center_crop within a pixel (the crop is taken
+        before the resize here)."""
+        h, w = image.shape[:2]
+        return fit_geometry(w, h, self.spec.width, self.spec.height, self.spec.resize)
 
     def batch(self, images: list[np.ndarray]) -> np.ndarray:
         """Stack resized frames into the model's layout and value range."""

@@ -159,13 +159,16 @@ def test_directory_named_onnx_is_not_found(tmp_path: Path) -> None:
         OnnxEngine(path)
 
 
-def test_model_without_edgewire_metadata(tmp_path: Path) -> None:
+def test_model_without_edgewire_metadata_is_refused_naming_only_what_the_graph_cannot_say(tmp_path: Path) -> None:
+    # Its graph gives the input (1 channel: gray, 1x10) and the task (a [N, 10] output): only
+    # the labels are unknown, and the refusal names them and the command that fills them.
     path = tiny_model(tmp_path / "plain.onnx")
     with pytest.raises(ModelError) as info:
         OnnxEngine(path)
-    message = str(info.value)
-    assert str(path) in message
-    assert f"no '{META_KEY}' entry" in message
+    assert str(info.value) == (
+        f"{path}: nothing in the model says its labels; "
+        f"fix: edgewire model annotate {path} --out {tmp_path / 'plain.edgewire.onnx'} --labels LABELS.txt"
+    )
 
 
 @pytest.mark.parametrize("raw", ["{not json", '{"name": "x"}', "[]"])
@@ -222,15 +225,17 @@ def test_fixed_batch_model_runs_a_partial_batch(tmp_path: Path, n: int) -> None:
 # ---- choosing a backend ---------------------------------------------------------------------
 
 
-def test_no_backend_for_a_tensorrt_plan(tmp_path: Path) -> None:
-    plan = tmp_path / "model.plan"
+@pytest.mark.parametrize("suffix", [".plan", ".engine"])
+def test_a_tensorrt_engine_is_refused_saying_what_runs_it(tmp_path: Path, suffix: str) -> None:
+    plan = tmp_path / f"model{suffix}"
     plan.write_bytes(b"\0" * 16)
     with pytest.raises(ModelError) as info:
         create_engine(plan, load_profile("jetson-orin-nano-8gb"))
     message = str(info.value)
-    assert "no backend of profile 'jetson-orin-nano-8gb'" in message
-    assert "'.plan'" in message
-    assert str(plan) in message
+    assert message.startswith(f"{plan}: a TensorRT engine is built for one GPU and TensorRT version")
+    assert "runs only on the 'tensorrt' backend, on the Jetson it was built on" in message
+    assert "profile 'jetson-orin-nano-8gb'" in message
+    assert "Serve the ONNX export instead" in message
 
 
 def test_no_backend_when_the_profile_lacks_onnxruntime(demo_models: DemoArtifacts) -> None:

@@ -21,7 +21,6 @@ REMEDY = "edgewire.cloud_bridge.model_repository, which copies it into config.pb
 
 # (raw entry, what the message must say is wrong); None is an entry that is not there at all.
 BROKEN = {
-    "missing": (None, f"no '{META_KEY}' entry, so the model's input, labels and output are unknown"),
     "not_json": ("{not json", f"the '{META_KEY}' entry is not JSON (Invalid JSON"),
     "wrong_fields": ('{"name": "tiny"}', f"the '{META_KEY}' entry is not a valid ModelMeta (version: Field required"),
     "wrong_value": (
@@ -41,7 +40,7 @@ def _refusal(action: object) -> str:
 def test_the_three_readers_refuse_a_broken_entry_alike(
     case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    raw, what = BROKEN[case]
+    raw, what = BROKEN[case]  # (a missing entry is inferred on the device: tests/test_model_reading.py)
     path = tiny_model(tmp_path / "broken.onnx", raw_meta=raw)
     on_device = _refusal(lambda: OnnxEngine(path))
     by_repository = _refusal(lambda: write_python_repository(tmp_path / "repo", [path]))
@@ -59,6 +58,15 @@ def test_the_three_readers_refuse_a_broken_entry_alike(
     assert what in on_device
     assert on_device.endswith(REMEDY)
     assert not (tmp_path / "repo").exists()
+
+
+def test_the_bridge_readers_refuse_a_model_without_its_entry_alike(tmp_path: Path) -> None:
+    path = tiny_model(tmp_path / "plain.onnx")
+    missing = f"no '{META_KEY}' entry, so the model's input, labels and output are unknown"
+    by_repository = _refusal(lambda: write_python_repository(tmp_path / "repo", [path]))
+    from_triton = _refusal(lambda: model_meta_from_config({"name": "tiny", "parameters": {}}))
+    assert by_repository.startswith(f"{path} (ONNX metadata): {missing}")
+    assert from_triton.startswith(f"config.pbtxt of Triton model 'tiny': {missing}")
 
 
 def test_an_empty_entry_counts_as_missing() -> None:

@@ -18,7 +18,8 @@ class Engine(ABC):
 
     @abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Run one batch in the model's input layout; return class probabilities, N x classes."""
+        """Run one batch in the model's input layout. A classifier returns class probabilities,
+        N x classes; a detector its raw output, batch first, for ``edgewire.detection`` to decode."""
 
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release the backend's resources."""

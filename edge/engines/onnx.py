@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from edgewire.errors import ModelError
-from edgewire.modelmeta import onnx_model_meta
+from edgewire.modelmeta import GraphInfo, read_model
 from edgewire.profiles import OnnxRuntimeSettings
 
 from .base import Engine, to_probabilities
+
+log = logging.getLogger(__name__)
 
 
 class OnnxEngine(Engine):
@@ -33,10 +36,18 @@ class OnnxEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise ModelError(f"{path}: not a loadable ONNX model ({type(exc).__name__}: {exc})") from None
         self.path = path
-        self.meta = onnx_model_meta(self.session.get_modelmeta().custom_metadata_map, path)
-        names = {i.name for i in self.session.get_inputs()}
-        if self.meta.input.name not in names:
-            raise ModelError(f"{path}: metadata names input '{self.meta.input.name}', graph has {sorted(names)}")
+        # Refused here, at load, when the outputs fit no task the model declares or shows: a
+        # frame never meets a model it cannot be read by.
+        self.reading = read_model(path, GraphInfo.from_session(self.session))
+        self.meta = self.reading.require()
+        if self.reading.source != "edgewire":
+            log.info(
+                "%s: no edgewire entry; inferred from the %s: %s",
+                path,
+                "exporter's metadata and the graph" if self.reading.source == "exporter" else "graph",
+                ", ".join(f"{k} from {v}" for k, v in self.reading.inferred.items()),
+            )
+        self._classify = self.meta.task == "classify"
         self._fixed_batch = self.meta.input.shape[0] if self.meta.input.shape[0] > 0 else None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -54,4 +65,4 @@ class OnnxEngine(Engine):
                     chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
                 parts.append(self.session.run(out, {feeds_name: chunk})[0][:n])
             result = np.concatenate(parts)
-        return to_probabilities(self.meta, result)
+        return to_probabilities(self.meta, result) if self._classify else result
