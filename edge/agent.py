@@ -29,6 +29,7 @@ from edgewire import __version__, sdnotify, topics
 from edgewire import envelopes as env
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import DeviceConfig
+from edgewire.detection import decode_batch
 from edgewire.errors import DecodeError, ModelError, SourceError, TopicError
 from edgewire.metrics import Meter
 from edgewire.modelmeta import ModelMeta
@@ -46,6 +47,7 @@ from .local_results import LocalRows, answered_here
 from .local_stream import LocalStream
 from .mode import DEGRADED, DeviceMode
 from .model_updater import ModelUpdater
+from .object_judge import ObjectVerdicts, crops_of
 from .remote_config import RemoteConfig
 from .sources import Frame, QueueSource, chunks, open_source
 from .state import DeviceState
@@ -65,6 +67,10 @@ class _Batch:
     #: Indices in ``frames`` of the frames decoded, in order; ``verdicts`` are theirs.
     ok: list[int] = field(default_factory=list)
     verdicts: Verdicts | None = None
+    #: A detector's verdicts instead (``verdicts`` stays None).
+    objects: ObjectVerdicts | None = None
+    #: Crops of the uncertain boxes of hard frames, by index in ``frames`` (``send: crops``).
+    crops: dict[int, list[env.Crop]] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)
     #: Encoded bytes of the hard frames, by index in ``frames``, read on the worker thread.
     payloads: dict[int, bytes] = field(default_factory=dict)
@@ -153,7 +159,7 @@ class EdgeAgent:
 
     def load_model(self, path: str | Path) -> ActiveModel:
         """Load a model ready to serve (blocking: call it off the event loop when serving)."""
-        return load_model(path, self.profile, self.config.judge)
+        return load_model(path, self.profile, self.config.judge, self.config.detect)
 
     def swap_model(self, new: ActiveModel) -> ActiveModel:
         """Serve ``new`` from the next batch on; returns the model it replaced (not closed: a
@@ -342,6 +348,8 @@ class EdgeAgent:
             out.ok.append(i)
         if not images:
             return out
+        if model.detects:
+            return self._detect(out, images, model)
         sharp = [sharpness(img) for img in images] if model.judge.wants_sharpness else None
         t0 = time.perf_counter()
         try:
@@ -362,6 +370,37 @@ class EdgeAgent:
                     log.warning("%s: cannot escalate %s: %s", self.config.device_id, group[i].ref, exc)
         return out
 
+    def _detect(self, out: _Batch, images: list[np.ndarray], model: ActiveModel) -> _Batch:
+        """The detector's half of :meth:`_infer`: letterbox, infer, decode with NMS, judge each
+        object, and read what goes up for the hard frames (the frame or crops of its boxes)."""
+        assert model.objects is not None and model.meta.detect is not None
+        geometries = [model.pre.geometry(img) for img in images]
+        t0 = time.perf_counter()
+        try:
+            raw = model.engine.infer(model.pre.batch(images))
+            spec = model.meta.input
+            found = decode_batch(raw, model.meta.detect.format, geometries, model.decode, (spec.height, spec.width))
+        except Exception:
+            log.exception("%s: inference failed for a batch of %d", self.config.device_id, len(images))
+            out.failures.update({i: "inference" for i in out.ok})
+            out.ok = []
+            return out
+        out.infer_s = time.perf_counter() - t0
+        out.objects = model.objects.judge_batch(found, images if model.objects.settings.min_sharpness else None)
+        if self.config.cloud is not None:
+            escalate = self.config.detect.escalate
+            for j in out.objects.hard:
+                i = out.ok[j]
+                if escalate.send == "crops":
+                    out.crops[i] = crops_of(images[j], out.objects.frames[j], escalate)
+                    out.payloads[i] = b""
+                    continue
+                try:
+                    out.payloads[i] = out.frames[i].encoded()
+                except (OSError, SourceError) as exc:
+                    log.warning("%s: cannot escalate %s: %s", self.config.device_id, out.frames[i].ref, exc)
+        return out
+
     async def _finish(self, session: MqttSession, batch: _Batch, stream: LocalStream | None = None) -> None:
         m = self.meter
         m.inc("frames_total", len(batch.frames))
@@ -370,6 +409,9 @@ class EdgeAgent:
             log.warning("%s: frame %s skipped: %s failed", self.config.device_id, batch.frames[i].ref, reason)
         if self.updater is not None:
             self.updater.observe(batch.model.meta.version, len(batch.ok), len(batch.failures), batch.infer_s)
+        if batch.objects is not None:
+            await self._finish_objects(session, batch, stream)
+            return
         verdicts = batch.verdicts
         if verdicts is None or not len(verdicts):
             return
@@ -416,8 +458,48 @@ class EdgeAgent:
         self._last_done = time.monotonic()
         await self._publish_local(session, results, stream)
 
+    async def _finish_objects(self, session: MqttSession, batch: _Batch, stream: LocalStream | None) -> None:
+        """:meth:`_finish` for a detector's batch: every frame's detections on ``local/``, the
+        hard ones escalated with their frame or their crops."""
+        objects = batch.objects
+        assert objects is not None
+        if not len(objects):
+            return
+        frames, meta, esc = batch.frames, batch.model.meta, self.escalations
+        results: list[env.LocalResult] = []
+        completed = len(objects)
+        hard = set(objects.hard)
+        for j, i in enumerate(batch.ok):
+            frame, judged = frames[i], objects.frames[j]
+            task = Task(trace_id=f"{self._run_id}-{frame.seq}", seq=frame.seq, source_ref=frame.ref, created=frame.ts)
+            task.detections = objects.wire(j)
+            task.reasons = judged.reasons if j in hard else ()
+            task.model, task.version = meta.name, meta.version
+            task.to(TaskState.JUDGED)
+            payload = batch.payloads.get(i)
+            sendable = j in hard and payload is not None and esc is not None
+            waits = sendable and esc is not None and esc.may_wait()
+            if waits:
+                task.to(TaskState.PENDING_CLOUD)
+                completed -= 1
+            else:
+                task.degraded = j in hard
+                task.to(TaskState.COMPLETE)
+            result = self._local_result(task, None)
+            results.append(result)
+            if sendable and esc is not None and payload is not None and (waits or esc.queues_offline):
+                esc.escalate(task, result, payload, frame.content_type, crops=batch.crops.get(i))
+        if hard:
+            self.meter.inc("frames_hard_total", len(hard))
+            self.meter.inc("objects_uncertain_total", sum(int(objects.frames[j].uncertain.sum()) for j in hard))
+        self.meter.inc("objects_total", sum(len(f.detections) for f in objects.frames))
+        if completed:
+            self.meter.inc("frames_completed_total", completed)
+        self._last_done = time.monotonic()
+        await self._publish_local(session, results, stream)
+
     def _local_result(self, task: Task, sharp: float | None) -> env.LocalResult:
-        assert task.prediction is not None
+        assert task.prediction is not None or task.detections is not None
         return env.LocalResult(
             trace_id=task.trace_id,
             device_id=self.config.device_id,
@@ -427,6 +509,7 @@ class EdgeAgent:
             state=task.state.value,
             answered_by=task.answered_by,
             prediction=task.prediction,
+            detections=task.detections,
             reasons=list(task.reasons),
             sharpness=sharp,
             model=task.model or self.meta.name,
@@ -501,6 +584,6 @@ class EdgeAgent:
     def _reconfigure(self, config: DeviceConfig) -> None:
         """Take settings that apply at once (judge, escalation, publishing)."""
         self.config = config
-        self.model = self.model.judged_by(config.judge)
+        self.model = self.model.judged_by(config.judge, config.detect)
         if self.escalations is not None and config.cloud is not None:
             self.escalations.cloud = config.cloud

@@ -76,6 +76,17 @@ def final_outcome(
                 "model": answer.model or first.model,
                 "version": answer.version or first.version,
             }
+    elif answer is not None and answer.status == "ok" and answer.detections is not None:
+        # A detector's frame: the cloud's objects replace the device's (the bridge merged them
+        # by its own policy: replace, relabel or union).
+        update = {
+            "degraded": False,
+            "state": TaskState.COMPLETE.value,
+            "detections": answer.detections,
+            "answered_by": "cloud",
+            "model": answer.model or first.model,
+            "version": answer.version or first.version,
+        }
     elif unfinished:
         # unavailable / rejected / expired, or no answer in time: the local answer stands, flagged.
         state = TaskState.COMPLETE if answer is not None else TaskState.TIMEOUT
@@ -199,8 +210,17 @@ class Escalations:
             return False
         return True
 
-    def escalate(self, task: Task, first: env.LocalResult, payload: bytes, content_type: str) -> None:
-        """Send ``task``'s frame to the cloud. A PENDING_CLOUD task waits for its answer from now
+    def escalate(
+        self,
+        task: Task,
+        first: env.LocalResult,
+        payload: bytes,
+        content_type: str,
+        *,
+        crops: list[env.Crop] | None = None,
+    ) -> None:
+        """Send ``task``'s frame (or, for a detector, the ``crops`` of its uncertain objects with
+        an empty ``payload``) to the cloud. A PENDING_CLOUD task waits for its answer from now
         on; the requests escalated in one turn of the event loop share one durable commit."""
         waits = task.state is TaskState.PENDING_CLOUD
         if waits:
@@ -210,16 +230,26 @@ class Escalations:
         deadline = (
             task.created + self.cloud.deadline_ms / 1000.0 if waits else time.time() + self.cloud.offline_deadline_s
         )
-        entry = self._request(task, first, payload, content_type, deadline)
+        entry = self._request(task, first, payload, content_type, deadline, crops or [])
         if not self._unrecorded:
             self._spawn(self._record())
         self._unrecorded.append(_Escalation(task, first, entry))
 
     def _request(
-        self, task: Task, first: env.LocalResult, payload: bytes, content_type: str, deadline: float
+        self,
+        task: Task,
+        first: env.LocalResult,
+        payload: bytes,
+        content_type: str,
+        deadline: float,
+        crops: list[env.Crop],
     ) -> OutboxEntry:
-        assert task.prediction is not None
+        assert task.prediction is not None or task.detections is not None
+        detecting = task.detections is not None
         request = env.Request(
+            task="detect" if detecting else "classify",
+            detections=task.detections or [],
+            crops=crops,
             trace_id=task.trace_id,
             device_id=self.device_id,
             fleet=self.fleet,

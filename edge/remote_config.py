@@ -32,7 +32,7 @@ from .state import DeviceState
 
 log = logging.getLogger(__name__)
 
-LIVE_SECTIONS = frozenset({"judge", "cloud", "publish"})
+LIVE_SECTIONS = frozenset({"judge", "detect", "cloud", "publish"})
 
 
 class Outcome:

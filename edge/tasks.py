@@ -11,7 +11,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from edgewire.envelopes import Prediction
+from edgewire.envelopes import Detection, Prediction
 from edgewire.errors import TaskStateError
 
 
@@ -41,6 +41,8 @@ class Task:
     created: float
     state: TaskState = TaskState.RAW
     prediction: Prediction | None = None
+    #: A detector's objects (the frame's answer instead of ``prediction``).
+    detections: list[Detection] | None = None
     reasons: tuple[str, ...] = ()
     answered_by: str = "edge"
     #: Model that gave ``prediction`` when it was not the device's own (a cloud answer).

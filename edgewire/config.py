@@ -265,6 +265,69 @@ class JudgeSettings(StrictModel):
     min_sharpness: float | None = Field(None, ge=0)
 
 
+class ClassRule(StrictModel):
+    """One class's own uncertainty band, replacing ``detect.judge``'s floor and ceiling for it."""
+
+    floor: float = Field(ge=0, le=1)
+    ceiling: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ClassRule:
+        if self.floor > self.ceiling:
+            raise ValueError(f"floor {self.floor} above ceiling {self.ceiling}: lower the floor or raise the ceiling")
+        return self
+
+
+class ObjectJudgeSettings(StrictModel):
+    """When a detected object is uncertain, and when a frame goes to the cloud for it."""
+
+    # A box scoring in [floor, ceiling) is uncertain; at or above the ceiling it is sure.
+    floor: float = Field(0.25, ge=0, le=1)
+    ceiling: float = Field(0.6, ge=0, le=1)
+    # Labels always escalated (a class the edge model is known to confuse); a class index the
+    # model's labels do not name is always uncertain too.
+    escalate_labels: list[str] = Field(default_factory=list)
+    # A box whose shorter side is below this many source pixels is uncertain (0: off).
+    min_box_px: float = Field(0.0, ge=0)
+    # A box whose crop's Laplacian variance is below this is uncertain (blurred); null: off.
+    min_sharpness: float | None = Field(None, ge=0)
+    # A frame escalates when it holds at least this many uncertain boxes.
+    min_uncertain: int = Field(1, ge=1)
+    # Per label: its own floor and ceiling.
+    classes: dict[str, ClassRule] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ObjectJudgeSettings:
+        if self.floor > self.ceiling:
+            raise ValueError(f"floor {self.floor} above ceiling {self.ceiling}: lower the floor or raise the ceiling")
+        return self
+
+
+class DetectEscalation(StrictModel):
+    """What goes up for a frame with uncertain objects."""
+
+    # frame: the whole encoded frame; crops: only the uncertain boxes (plus margin), as JPEGs
+    # with their coordinates (Request.crops), which saves uplink bytes.
+    send: Literal["frame", "crops"] = "frame"
+    # Margin around each crop, as a fraction of the box's width and height.
+    crop_margin: float = Field(0.15, ge=0, le=2)
+    crop_quality: int = Field(90, ge=10, le=100)
+
+
+class DetectSettings(StrictModel):
+    """Detectors only (a model whose metadata says ``task: detect``): decode, judge, escalate."""
+
+    # Boxes scoring below this are no objects at all.
+    score_threshold: float = Field(0.25, ge=0, le=1)
+    iou_threshold: float = Field(0.45, gt=0, le=1)
+    max_detections: int = Field(100, ge=1, le=10_000)
+    # Probability-map detectors (DB text): pixel threshold and how far boxes grow.
+    map_threshold: float = Field(0.3, gt=0, lt=1)
+    unclip_ratio: float = Field(1.6, ge=0, le=10)
+    judge: ObjectJudgeSettings = Field(default_factory=ObjectJudgeSettings)
+    escalate: DetectEscalation = Field(default_factory=DetectEscalation)
+
+
 class OutboxSettings(StrictModel):
     """Where escalations wait until the broker has them, and what happens when it fills up."""
 
@@ -362,6 +425,7 @@ class DeviceConfig(StrictModel):
     source: SourceSettings
     model: ModelSettings
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    detect: DetectSettings = Field(default_factory=DetectSettings)
     cloud: CloudSettings | None = None
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)

@@ -276,9 +276,8 @@ def nms(
         return np.zeros(0, np.int64)
     xywh = boxes.astype(np.float32).copy()
     xywh[:, 2:] -= xywh[:, :2]
-    keep = cv2.dnn.NMSBoxesBatched(
-        xywh, scores.astype(np.float32), classes.astype(np.int32), 0.0, float(iou_threshold), top_k=int(max_detections)
-    )
+    # top_k stays 0 (all): OpenCV applies it to the candidates before suppressing, not after.
+    keep = cv2.dnn.NMSBoxesBatched(xywh, scores.astype(np.float32), classes.astype(np.int32), 0.0, float(iou_threshold))
     keep = np.asarray(keep, dtype=np.int64).reshape(-1)
     # OpenCV returns them by descending score already; a stable sort makes ties deterministic.
     order = np.argsort(-scores[keep], kind="stable")
@@ -334,7 +333,7 @@ def _decode_probmap(prob: np.ndarray, input_hw: tuple[int, int], s: DecodeSettin
 
     mh, mw = prob.shape
     binary = (prob > s.map_threshold).astype(np.uint8)
-    contours, _ = cv2.findContours(binary, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return Detections.empty()
     rects = np.array([cv2.boundingRect(c) for c in contours], dtype=np.float32).reshape(-1, 4)

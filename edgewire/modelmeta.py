@@ -257,12 +257,15 @@ class ModelReading:
     inferred: dict[str, str] = dataclass_field(default_factory=dict)
     missing: list[str] = dataclass_field(default_factory=list)
     problems: list[str] = dataclass_field(default_factory=list)
+    #: Flags the fix needs beyond the missing fields (``--task detect`` for a detector declared
+    #: as a classifier).
+    fix_flags: list[str] = dataclass_field(default_factory=list)
 
     def fill_command(self) -> str:
         """The command that writes the entry, with a flag for each missing field."""
         path = Path(self.path)
         out = path.with_name(f"{path.stem}.edgewire{path.suffix}")
-        flags = "".join(f" {FILL_FLAGS[m]}" for m in self.missing)
+        flags = "".join(f" {FILL_FLAGS[m]}" for m in self.missing) + "".join(f" {f}" for f in self.fix_flags)
         return f"edgewire model annotate {path} --out {out}{flags}"
 
     def refusal(self) -> str:
@@ -378,12 +381,20 @@ def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None =
         reading = ModelReading(path, graph, "edgewire")
         meta = parse_model_meta(raw, f"{path} (ONNX metadata)")
         changes = {k: v for k, v in _meta_changes(meta, o).items() if v is not None}
-        if changes:
-            meta = _rebuild(meta, changes)
         reading.inferred = {"everything": f"the '{META_KEY}' entry"}
+        if changes:
+            try:
+                meta = _rebuild(meta, changes, graph)
+            except ValidationError as exc:
+                reading.problems.append(_problems(exc))
+                return reading
         problem = output_problem(meta, graph)
         if problem:
             reading.problems.append(problem)
+            out = graph.output(meta.output)
+            seen = _task_of(out, (meta.input.height, meta.input.width)) if out is not None else None
+            if seen is not None and seen[0] != meta.task:
+                reading.fix_flags.append(f"--task {seen[0]}")
         else:
             reading.meta = meta
         return reading
@@ -484,7 +495,7 @@ def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None =
             detect=DetectSpec(format=fmt, stride=stride if isinstance(stride, int) else 32) if detecting else None,  # type: ignore[arg-type]
         )
     except ValidationError as exc:
-        reading.problems.append("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        reading.problems.append(_problems(exc))
         return reading
     problem = output_problem(meta, graph)
     if problem:
@@ -513,7 +524,11 @@ def _meta_changes(meta: ModelMeta, o: Overrides) -> dict[str, Any]:
     }
 
 
-def _rebuild(meta: ModelMeta, changes: dict[str, Any]) -> ModelMeta:
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the entry'}: {e['msg']}" for e in exc.errors())
+
+
+def _rebuild(meta: ModelMeta, changes: dict[str, Any], graph: GraphInfo) -> ModelMeta:
     data = meta.model_dump()
     inp = data["input"]
     for key in ("layout", "color", "resize", "scale", "mean", "std", "pad_value"):
@@ -531,6 +546,11 @@ def _rebuild(meta: ModelMeta, changes: dict[str, Any]) -> ModelMeta:
         data["detect"] = {**(data.get("detect") or {}), "format": changes["format"]}
     if data["task"] == "classify":
         data["detect"] = None
+    elif data.get("detect") is None and (out := graph.output(data["output"])) is not None:
+        # Declared a detector now: its format from the output's shape, as for a fresh model.
+        seen = _task_of(out, (inp["shape"][2], inp["shape"][3]) if inp["layout"] == "NCHW" else inp["shape"][1:3])
+        if seen is not None and seen[1] is not None:
+            data["detect"] = {"format": seen[1]}
     return ModelMeta.model_validate(data)
 
 
@@ -561,3 +581,33 @@ def write_model_meta(src: str | Path, dst: str | Path, meta: ModelMeta) -> None:
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, meta.model_dump_json()
     atomic_write(Path(dst), model.SerializeToString())
+
+
+def inspect_report(reading: ModelReading) -> dict[str, Any]:
+    """``edgewire model inspect``'s answer as plain data (its ``--json``)."""
+    meta = reading.meta
+    g = reading.graph
+    return {
+        "file": reading.path,
+        "inputs": [{"name": t.name, "shape": list(t.shape)} for t in g.inputs],
+        "outputs": [{"name": t.name, "shape": list(t.shape)} for t in g.outputs],
+        "metadata_source": reading.source,
+        "exporter_metadata": {k: v for k, v in g.metadata.items() if k != META_KEY},
+        "task": meta.task if meta else None,
+        "format": meta.detect.format if meta and meta.detect else None,
+        "labels": list(meta.labels) if meta else None,
+        "inferred": reading.inferred,
+        "missing": reading.missing,
+        "problems": reading.problems,
+        "usable": meta is not None,
+        "fill_command": None if meta is not None and reading.source == "edgewire" else reading.fill_command(),
+        "meta": meta.model_dump(mode="json") if meta else None,
+    }
+
+
+def annotate_model(src: str | Path, dst: str | Path, overrides: Overrides | None = None) -> ModelReading:
+    """Write ``src`` to ``dst`` with edgewire's entry, inferred as far as the file allows and
+    completed by ``overrides``; a ModelError names what is still missing."""
+    reading = read_model(src, GraphInfo.from_file(src), overrides)
+    write_model_meta(src, dst, reading.require())
+    return reading

@@ -169,3 +169,29 @@ async def broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
             yield BrokerHandle("mosquitto", "127.0.0.1", m.port)
         finally:
             await asyncio.to_thread(m.stop)
+
+
+#: The PaddleOCR PP-OCRv4 text detector as the rapidocr_onnxruntime wheel ships it: a real
+#: foreign model (no edgewire metadata, open input size, probability-map output). The wheel is
+#: fetched at set-up by `.ci/run` (pip download --no-deps: its opencv-python would clash with
+#: opencv-python-headless), never at test time.
+RAPIDOCR_WHEEL_GLOB = "rapidocr_onnxruntime-*.whl"
+PADDLE_DET_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
+
+
+@pytest.fixture(scope="session")
+def paddle_text_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The PP-OCRv4 det model unpacked from the wheel under .cache/wheels, or a skip naming the
+    set-up step (a failure under EDGEWIRE_NO_SKIPS=1)."""
+    import zipfile
+
+    wheels = sorted((ROOT / ".cache" / "wheels").glob(RAPIDOCR_WHEEL_GLOB))
+    if not wheels:
+        pytest.skip(
+            "the rapidocr_onnxruntime wheel is not under .cache/wheels; fetch it with "
+            "`pip download -q --no-deps --dest .cache/wheels rapidocr_onnxruntime==1.4.4`"
+        )
+    target = tmp_path_factory.mktemp("paddle") / "ch_PP-OCRv4_det_infer.onnx"
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        target.write_bytes(wheel.read(PADDLE_DET_MEMBER))
+    return target

@@ -349,3 +349,43 @@ def test_duplicate_keys_are_refused_with_both_lines(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_device_config(path)
     assert f"{path}:6: device_id: duplicate key (first on line 1)" in str(info.value)
+
+
+# ---- detectors ----------------------------------------------------------------------------
+
+
+def test_detect_section_loads_with_its_judge_and_escalation(tmp_path: Path) -> None:
+    text = VALID + textwrap.dedent(
+        """\
+        detect:
+          score_threshold: 0.3
+          judge:
+            floor: 0.3
+            ceiling: 0.7
+            escalate_labels: [forklift]
+            min_box_px: 12
+            classes:
+              person: {floor: 0.4, ceiling: 0.9}
+          escalate:
+            send: crops
+            crop_margin: 0.25
+        """
+    )
+    cfg = load_device_config(write(tmp_path, text))
+    assert cfg.detect.judge.classes["person"].ceiling == 0.9
+    assert cfg.detect.escalate.send == "crops" and cfg.detect.judge.escalate_labels == ["forklift"]
+
+
+def test_detect_floor_above_ceiling_names_the_line_and_the_fix(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "detect:\n  judge:\n    floor: 0.8\n    ceiling: 0.5\n")
+    message = config_error(path)
+    assert (
+        f"{path}:8: detect.judge: Value error, floor 0.8 above ceiling 0.5: lower the floor or raise the ceiling"
+        in message
+    )
+
+
+def test_detect_escalation_sends_only_frames_or_crops(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "detect:\n  escalate:\n    send: boxes\n")
+    message = config_error(path)
+    assert f"{path}:9: detect.escalate.send: Input should be 'frame' or 'crops'" in message

@@ -1,4 +1,5 @@
-"""``edgewire model`` and ``edgewire distributor``: model versions onto the fleet and back."""
+"""``edgewire model`` and ``edgewire distributor``: a model as exported made ready (inspect,
+annotate), model versions onto the fleet and back."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from edgewire.cli.common import (
 from edgewire.errors import EdgewireError
 
 model_app = typer.Typer(
-    help="Push a model version to the fleet over MQTT (optionally behind a canary), watch it land, roll it back.",
+    help="Inspect and annotate a model as exported; push a version to the fleet over MQTT (optionally behind a "
+    "canary), watch it land, roll it back.",
     no_args_is_help=True,
 )
 
@@ -230,3 +232,148 @@ def model_rollback(
     except EdgewireError as exc:
         raise fail(exc) from None
     out.print(f"{name}: announced {target.version}" + (f" (was {replaced})" if replaced else ""), highlight=False)
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{flag} takes numbers separated by commas, e.g. 0.485,0.456,0.406") from None
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        h, w = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
+    except ValueError:
+        raise typer.BadParameter("--input-size takes HxW (e.g. 640x640) or one number for a square") from None
+    return h, w
+
+
+@model_app.command("inspect")
+def model_inspect(
+    file: Annotated[Path, typer.Argument(help="an ONNX model, as exported or already annotated")],
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+) -> None:
+    """What edgewire reads from a model: its inputs and outputs, the task and output format it
+    recognises, the metadata it found (edgewire's or an exporter's), and what is missing with
+    the command that fills it. Exits 1 when a device would refuse the model."""
+    from edgewire.modelmeta import GraphInfo, inspect_report, read_model
+
+    try:
+        report = inspect_report(read_model(file, GraphInfo.from_file(file)))
+    except EdgewireError as exc:
+        raise fail(exc) from None
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        lines = [f"{report['file']}"]
+        lines += [f"  input  {t['name']} {_shape(t['shape'])}" for t in report["inputs"]]
+        lines += [f"  output {t['name']} {_shape(t['shape'])}" for t in report["outputs"]]
+        source = {"edgewire": "edgewire entry", "exporter": "exporter metadata + graph", "graph": "graph only"}
+        lines.append(f"  metadata: {source[report['metadata_source']]}")
+        for key, value in report["exporter_metadata"].items():
+            lines.append(f"    {key}: {value if len(value) <= 100 else value[:97] + '...'}")
+        if report["task"]:
+            fmt = f", format {report['format']}" if report["format"] else ""
+            lines.append(f"  task: {report['task']}{fmt}, {len(report['labels'])} label(s)")
+        for key, where in report["inferred"].items():
+            lines.append(f"  inferred {key} from {where}")
+        if report["missing"]:
+            lines.append(f"  missing: {', '.join(report['missing'])}")
+        for problem in report["problems"]:
+            lines.append(f"  problem: {problem}")
+        if report["usable"]:
+            lines.append(
+                "  a device loads it as it is"
+                + ("" if report["metadata_source"] == "edgewire" else f"; to write the entry: {report['fill_command']}")
+            )
+        else:
+            lines.append(f"  a device refuses it; fix: {report['fill_command']}")
+        out.print("\n".join(lines), highlight=False, markup=False)
+    if not report["usable"]:
+        raise typer.Exit(1)
+
+
+def _shape(shape: list[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+@model_app.command("annotate")
+def model_annotate(
+    file: Annotated[Path, typer.Argument(help="the ONNX model to annotate")],
+    out_file: Annotated[Path, typer.Option("--out", help="where to write the annotated model")],
+    task: Annotated[str | None, typer.Option("--task", help="classify or detect (default: from the outputs)")] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="detector output: yolov5, yolov8, end2end or probmap")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="text file, one label per line, class 0 first")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="model name (default: the file's stem)")] = None,
+    version: Annotated[str | None, typer.Option("--version", help="model version (default: 1)")] = None,
+    input_size: Annotated[
+        str | None, typer.Option("--input-size", help="HxW, for inputs the graph leaves open")
+    ] = None,
+    input_layout: Annotated[str | None, typer.Option("--input-layout", help="NCHW or NHWC")] = None,
+    color: Annotated[str | None, typer.Option("--color", help="gray, bgr or rgb")] = None,
+    resize: Annotated[str | None, typer.Option("--resize", help="letterbox, stretch or center_crop")] = None,
+    scale: Annotated[float | None, typer.Option("--scale", help="pixel multiplier before mean/std (1/255)")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="per-channel mean after scaling, e.g. 0.5,0.5,0.5")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="per-channel std after scaling, e.g. 0.5,0.5,0.5")] = None,
+    pad_value: Annotated[int | None, typer.Option("--pad-value", help="letterbox border grey (0-255)")] = None,
+    output: Annotated[str | None, typer.Option("--output", help="output tensor to read (default: the first)")] = None,
+) -> None:
+    """Write edgewire's metadata entry into a copy of a model, inferring all the file allows
+    (a standard YOLO export needs no flags); flags state what it cannot say or override it."""
+    from edgewire.modelmeta import Overrides, annotate_model
+
+    choices = {
+        "--task": (task, ("classify", "detect")),
+        "--format": (fmt, ("yolov5", "yolov8", "end2end", "probmap")),
+        "--input-layout": (input_layout, ("NCHW", "NHWC")),
+        "--color": (color, ("gray", "bgr", "rgb")),
+        "--resize": (resize, ("letterbox", "stretch", "center_crop")),
+    }
+    for flag, (value, allowed) in choices.items():
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+    label_list: tuple[str, ...] | None = None
+    if labels is not None:
+        try:
+            label_list = tuple(line.strip() for line in labels.read_text().splitlines() if line.strip())
+        except OSError as exc:
+            raise fail(exc) from None
+    overrides = Overrides(
+        name=name,
+        version=version,
+        task=task,  # type: ignore[arg-type]
+        format=fmt,  # type: ignore[arg-type]
+        labels=label_list,
+        input_size=_size(input_size),
+        layout=input_layout,  # type: ignore[arg-type]
+        color=color,  # type: ignore[arg-type]
+        resize=resize,  # type: ignore[arg-type]
+        scale=scale,
+        mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"),
+        pad_value=pad_value,
+        output=output,
+    )
+    try:
+        reading = annotate_model(file, out_file, overrides)
+    except EdgewireError as exc:
+        raise fail(exc) from None
+    meta = reading.meta
+    assert meta is not None
+    fmt_text = f", format {meta.detect.format}" if meta.detect else ""
+    out.print(
+        f"wrote {out_file}: {meta.name} {meta.version}, task {meta.task}{fmt_text}, {len(meta.labels)} label(s), "
+        f"input {meta.input.name} {list(meta.input.shape)} {meta.input.layout} {meta.input.color} {meta.input.resize}",
+        highlight=False,
+        markup=False,
+    )
