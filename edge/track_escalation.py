@@ -14,13 +14,19 @@ applied to its boxes in the frames that follow, until the track ends.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgewire import envelopes as env
+from edgewire.config import TrackSettings
 from edgewire.detection import iou
 
-__all__ = ["CloudLabel", "OncePerTrack"]
+from .object_judge import FrameObjects
+from .tracker import IouTracker
+
+__all__ = ["CloudLabel", "ObjectTracks", "OncePerTrack", "TrackedFrame"]
 
 
 @dataclass(frozen=True)
@@ -88,3 +94,56 @@ class OncePerTrack:
         """Tracks that ended: their questions and answers are dropped."""
         for track_id in track_ids:
             self._asked.pop(track_id, None)
+
+
+@dataclass(frozen=True)
+class TrackedFrame:
+    """One frame after tracking: its detections (track ids set, the cloud's sticky answers
+    applied to boxes not asked about again), whether it goes up, and the crops that do."""
+
+    detections: list[env.Detection]
+    escalate: bool
+    crops: list[env.Crop] | None
+
+
+class ObjectTracks:
+    """The device's side of once-per-track escalation: a tracker and the per-track questions,
+    fed in frame order (the event loop's order of finished batches)."""
+
+    def __init__(self, settings: TrackSettings) -> None:
+        self.tracker = IouTracker(settings.iou_threshold, settings.max_missed)
+        self.once = OncePerTrack(settings.min_box_iou, settings.score_delta)
+
+    def observe(
+        self, frame: FrameObjects, detections: Sequence[env.Detection], crops: list[env.Crop] | None
+    ) -> TrackedFrame:
+        """Track this frame's boxes; the frame goes up only for uncertain boxes whose track has
+        not been asked about (or changed since), and only their crops go with it."""
+        update = self.tracker.update(frame.detections.boxes)
+        self.once.forget(update.ended)
+        out: list[env.Detection] = []
+        asked: list[list[float]] = []
+        for j, det in enumerate(detections):
+            track_id = int(update.ids[j])
+            changes: dict[str, object] = {"track_id": track_id}
+            if bool(frame.uncertain[j]) and self.once.should_escalate(track_id, det.box, det.score):
+                asked.append(det.box)
+            elif (answer := self.once.sticky(track_id)) is not None:
+                changes.update(label=answer.label, class_index=answer.class_index, score=answer.score)
+            out.append(det.model_copy(update=changes))
+        escalate = frame.hard and bool(asked)
+        sent = None
+        if crops is not None:
+            ids = {tuple(d.box): d.track_id for d in out}
+            wanted = {tuple(b) for b in asked}
+            sent = [c.model_copy(update={"track_id": ids.get(tuple(c.box))}) for c in crops if tuple(c.box) in wanted]
+        return TrackedFrame(out, escalate, sent)
+
+    def answered(self, results: Sequence[env.LocalResult]) -> None:
+        """Keep the cloud's answers for their tracks (final results of escalated frames)."""
+        for result in results:
+            if result.answered_by != "cloud" or not result.detections:
+                continue
+            for det in result.detections:
+                if det.track_id is not None:
+                    self.once.answered(det.track_id, CloudLabel(det.label, det.class_index, det.score))

@@ -23,8 +23,10 @@ def models_demo(
     out_dir: Annotated[Path, typer.Option("--out", help="folder for models/ and frames/")] = Path("demo-data"),
     image_format: Annotated[str, typer.Option("--format", help="jpg or png")] = "jpg",
 ) -> None:
-    """Train the demo edge and cloud models and the digit detector on scikit-learn's digits, and
-    write the held-out frames (the detector is reused while its code and libraries are unchanged)."""
+    """Train the demo edge and cloud models, the digit detector and its crop classifier on
+    scikit-learn's digits, and write the held-out frames (the detect models are reused while their
+    code and libraries are unchanged)."""
+    from edgewire.demo.crop_classifier import build_crop_classifier
     from edgewire.demo.detector import build_detector
     from edgewire.demo.models import build_demo
 
@@ -32,10 +34,13 @@ def models_demo(
     out.print(f"edge model   {arts.edge_model}  accuracy {arts.edge_accuracy:.3f}")
     out.print(f"cloud model  {arts.cloud_model}  accuracy {arts.cloud_accuracy:.3f}")
     out.print(f"frames       {arts.frames_dir}")
-    console.print("… training the digit detector (cached by content)")
-    built = build_detector(arts.edge_model.parent)
-    how = "reused" if built.cached else f"trained in {built.train_seconds:.1f} s"
-    out.print(f"detector     {built.path}  {how}")
+    console.print("… the detect demo's detector and crop classifier (cached by content)")
+    for kind, built in (
+        ("detector", build_detector(arts.edge_model.parent)),
+        ("crops", build_crop_classifier(arts.edge_model.parent)),
+    ):
+        how = "reused" if built.cached else f"trained in {built.train_seconds:.1f} s"
+        out.print(f"{kind:<12} {built.path}  {how}")
 
 
 def demo(

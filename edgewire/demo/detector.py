@@ -19,29 +19,24 @@ and a regressor (box centre offset and size, in cells). The ONNX graph is the sa
 
 It carries Ultralytics-style metadata (``names``, ``imgsz``, ``stride``, ``task``, ``batch``)
 and no ``edgewire`` entry, so the device reaches it by exactly the path a user's YOLO export
-takes. Training is deterministic and cached by content: a rebuild with the same code, settings
-and library versions reuses the file.
+takes. Training is deterministic and cached by content (``edgewire.demo.build_cache``): a
+rebuild with the same code, settings and library versions reuses the file.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgewire.demo.build_cache import Built, cached_build
 from edgewire.demo.scenes import FRAME_H, FRAME_W, Scene, scenes
-from edgewire.durable import atomic_write
 
 __all__ = [
     "DETECTOR_NAME",
     "NUM_CLASSES",
-    "TrainedDetector",
     "build_detector",
     "cell_features",
     "letterbox_input",
@@ -72,15 +67,6 @@ CLS_MAX_ITER = 60
 REG_HIDDEN = (64,)
 REG_MAX_ITER = 120
 MLP_SEED = 0
-
-
-@dataclass(frozen=True)
-class TrainedDetector:
-    """Where the detector is and how it was trained (``cached``: reused from an earlier build)."""
-
-    path: Path
-    cached: bool
-    train_seconds: float
 
 
 def letterbox_input(images: list[np.ndarray]) -> np.ndarray:
@@ -294,38 +280,9 @@ def to_onnx(clf: Any, reg: Any) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-def _cache_key() -> str:
-    """Changes when anything that shapes the model does: this code, the scenes, the libraries."""
-    digest = hashlib.sha256()
-    for module in ("detector.py", "scenes.py"):
-        digest.update(Path(__file__).with_name(module).read_bytes())
-    for dist in ("scikit-learn", "skl2onnx", "onnx", "numpy", "opencv-python-headless"):
-        try:
-            digest.update(f"{dist}={importlib.metadata.version(dist)}".encode())
-        except importlib.metadata.PackageNotFoundError:
-            digest.update(f"{dist}=?".encode())
-    return digest.hexdigest()
-
-
-def build_detector(models_dir: Path, *, force: bool = False) -> TrainedDetector:
+def build_detector(models_dir: Path, *, force: bool = False) -> Built:
     """Train and export the detector into ``models_dir/digits-detect.onnx``, unless a build from
-    the same code and libraries is already there (its key sits beside it)."""
-    import time
-
-    models_dir = Path(models_dir)
-    path = models_dir / f"{DETECTOR_NAME}.onnx"
-    key_file = models_dir / f"{DETECTOR_NAME}.key.json"
-    key = _cache_key()
-    if not force and path.is_file() and key_file.is_file():
-        try:
-            if json.loads(key_file.read_text()).get("key") == key:
-                return TrainedDetector(path, cached=True, train_seconds=0.0)
-        except (OSError, ValueError):
-            pass
-    t0 = time.perf_counter()
-    clf, reg = train()
-    data = to_onnx(clf, reg)
-    seconds = time.perf_counter() - t0
-    atomic_write(path, data)
-    atomic_write(key_file, (json.dumps({"key": key, "train_seconds": round(seconds, 2)}) + "\n").encode())
-    return TrainedDetector(path, cached=False, train_seconds=seconds)
+    the same code and libraries is already there."""
+    here = Path(__file__).parent
+    sources = [here / "detector.py", here / "scenes.py"]
+    return cached_build(Path(models_dir) / f"{DETECTOR_NAME}.onnx", sources, lambda: to_onnx(*train()), force=force)
