@@ -53,8 +53,20 @@ def demo(
         int, typer.Option(min=1, help="how long a device waits for the cloud before its own answer stands")
     ] = DEFAULT_CLOUD_DEADLINE_MS,
     as_json: Annotated[bool, typer.Option("--json", help="no live view; end with one JSON summary line")] = False,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="classify: devices classify single digits; detect: a device detects digits in camera sequences "
+            "and the cloud relabels the uncertain ones (scored by mAP@0.5)"
+        ),
+    ] = "classify",
 ) -> None:
     """Embedded broker, embedded cloud (Triton + bridge) and N devices playing the demo digits."""
+    if task == "detect":
+        _demo_detect(out_dir, as_json)
+        return
+    if task != "classify":
+        raise fail(ValueError(f"--task must be classify or detect, not {task!r}"))
     from edgewire.demo.run import run_demo
 
     # Piped or logged output has no terminal to fit: give it room rather than wrap at 80 columns.
@@ -76,6 +88,20 @@ def demo(
         raise fail(exc) from None
     if as_json:
         print(json.dumps(summary))
+
+
+def _demo_detect(out_dir: Path, as_json: bool) -> None:
+    from edgewire.demo.detect_run import run_detect_demo, summary_text
+
+    say = None if as_json else (lambda m: console.print(m, highlight=False))
+    try:
+        summary = asyncio.run(run_detect_demo(out_dir, say=say))
+    except EdgewireError as exc:
+        raise fail(exc) from None
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        out.print(summary_text(summary), highlight=False, soft_wrap=True)
 
 
 def evaluate(

@@ -51,7 +51,7 @@ from edgewire.demo.scenes import scene_sequence
 from edgewire.durable import atomic_write
 from edgewire.ports import free_port
 
-__all__ = ["DetectFrames", "detect_device_config", "run_detect_demo", "write_detect_frames"]
+__all__ = ["DetectFrames", "detect_device_config", "run_detect_demo", "summary_text", "write_detect_frames"]
 
 SEQUENCES = 20
 FRAMES_PER_SEQUENCE = 10
@@ -231,3 +231,23 @@ async def run_detect_demo(out_dir: Path, *, say: Callable[[str], None] | None = 
         "seconds": round(time.monotonic() - started, 1),
     }
     return result
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    """The closing summary, one figure a line, saying what each is."""
+    esc, req, size = result["escalations_per_frame"], result["requests_per_frame"], result["bytes_per_escalation"]
+    return "\n".join(
+        [
+            f"mAP@0.5 on {result['frames']} frames ({result['objects']} digits), against the true boxes:",
+            f"  edge only            {result['map50_edge']:.3f}  the device's detector alone",
+            f"  joint                {result['map50_joint']:.3f}  uncertain objects relabelled in the cloud, "
+            "once per track",
+            f"  joint, every frame   {result['map50_joint_untracked']:.3f}  the same without tracking",
+            f"objects sent up per frame: {esc['tracking']} with tracking, {esc['no_tracking']} without "
+            f"({result['escalations_saved']} escalations saved); "
+            f"requests per frame {req['tracking']} / {req['no_tracking']}",
+            f"bytes per escalation: {size['crops']} with crops of the uncertain boxes, "
+            f"{size['frame']} with whole frames",
+            f"{result['timeouts']} escalations not answered in time; {result['seconds']} s",
+        ]
+    )
