@@ -13,7 +13,10 @@ files in micro-batches of the same size on a pool of as many threads as the pipe
 workers, ``cv2.imread``, a letterbox, an ``InferenceSession`` with the device profile's thread
 settings, the YOLOv8 decode (best class, threshold, ``cv2.dnn.NMSBoxesBatched``) and the
 letterbox undone -- and nothing else. Rounds alternate who goes first; medians are reported.
-The last line is one JSON object.
+On a shared machine frame rates swing with other load, so the CPU time each side spends per
+frame (all its threads; the pipeline's start and stop included, which only counts against it)
+is reported too: ``cpu_ratio`` is the frame-rate ratio the two would have on a machine of their
+own. The last line is one JSON object.
 
     python bench/detect.py [--rounds 3] [--frames 1000] [--workers 2] [--batch 16] [--data DIR]
 """
@@ -150,6 +153,7 @@ def main() -> None:
             session = bare_session(model, load_profile(DeviceConfig.model_fields["profile"].default))
             bare_fps(session, files[:64], args.batch, args.workers)  # warm caches
             figures: dict[str, list[float]] = {"bare": [], "pipeline": []}
+            cpu: dict[str, list[float]] = {"bare": [], "pipeline": []}
             for r in range(args.rounds):
                 order = [
                     ("bare", lambda: bare_fps(session, bare_files, args.batch, args.workers)),
@@ -161,9 +165,15 @@ def main() -> None:
                     ),
                 ]
                 for name, run in order if r % 2 == 0 else order[::-1]:
+                    cpu0 = time.process_time()
                     figures[name].append(run())
+                    cpu[name].append((time.process_time() - cpu0) / len(bare_files))
                 b, p = figures["bare"][-1], figures["pipeline"][-1]
-                print(f"round {r + 1}: bare {b:6.0f} fps   pipeline {p:6.0f} fps (ratio {p / b:4.2f})")
+                cb, cp = cpu["bare"][-1] * 1e6, cpu["pipeline"][-1] * 1e6
+                print(
+                    f"round {r + 1}: bare {b:6.0f} fps   pipeline {p:6.0f} fps (ratio {p / b:4.2f})   "
+                    f"CPU per frame: bare {cb:6.0f} us, pipeline {cp:6.0f} us (ratio {cb / cp:4.2f})"
+                )
         finally:
             proc.terminate()
             proc.wait(10)
@@ -179,6 +189,9 @@ def main() -> None:
         "pipeline_ratio": round(statistics.median(p / b for p, b in pairs), 3),
         "pipeline_fps": round(statistics.median(figures["pipeline"]), 1),
         "bare_fps": round(statistics.median(figures["bare"]), 1),
+        "cpu_ratio": round(statistics.median(b / p for b, p in zip(cpu["bare"], cpu["pipeline"], strict=True)), 3),
+        "bare_cpu_us_per_frame": round(statistics.median(cpu["bare"]) * 1e6, 1),
+        "pipeline_cpu_us_per_frame": round(statistics.median(cpu["pipeline"]) * 1e6, 1),
         "workers": args.workers,
         "batch": args.batch,
         "frames": quality["frames"],
