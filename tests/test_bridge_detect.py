@@ -21,7 +21,6 @@ from edgewire import envelopes as env
 from edgewire.cloud_bridge.model_repository import write_python_repository
 from edgewire.cloud_bridge.rules import RuleSet
 from edgewire.cloud_bridge.triton_server import EmbeddedTriton
-from edgewire.demo import detector
 from edgewire.demo.models import DemoArtifacts
 from edgewire.demo.scenes import scenes
 from edgewire.detection import DecodeSettings, decode_batch, iou
@@ -32,15 +31,6 @@ from .conftest import BrokerHandle, Mosquitto
 from .test_bridge_e2e import ResultReader, RunningBridge, request
 
 MARGIN = 6
-
-
-@pytest.fixture(scope="module")
-def detector_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's detector, trained on fewer scenes (seconds): the same graph, a weaker model."""
-    clf, reg = detector.train(scene_count=80)
-    path = tmp_path_factory.mktemp("detector") / f"{detector.DETECTOR_NAME}.onnx"
-    path.write_bytes(detector.to_onnx(clf, reg))
-    return path
 
 
 @pytest.fixture
@@ -116,10 +106,10 @@ def _detect_locally(model: Path, frame: np.ndarray) -> list[env.Detection]:
 
 
 async def test_relabel_replace_and_union_on_a_real_triton(
-    mqtt: BrokerHandle, demo: DemoArtifacts, detector_model: Path, tmp_path: Path
+    mqtt: BrokerHandle, demo: DemoArtifacts, demo_detector: Path, tmp_path: Path
 ) -> None:
     repo = tmp_path / "repo"
-    assert write_python_repository(repo, [demo.cloud_model, detector_model]) == ["digits-cloud", "digits-detect"]
+    assert write_python_repository(repo, [demo.cloud_model, demo_detector]) == ["digits-cloud", "digits-detect"]
     scene = scenes(1, seed=31)[0]
     frame_jpeg = _jpeg(scene.image)
     frame = cv2.imdecode(np.frombuffer(frame_jpeg, np.uint8), cv2.IMREAD_COLOR)
@@ -157,7 +147,7 @@ async def test_relabel_replace_and_union_on_a_real_triton(
     assert bridge.meter.total("triton_calls_total") >= 1
 
     # replace: the detector's boxes on the whole frame, tracks inherited from overlapping device boxes.
-    cloud = _detect_locally(detector_model, frame)
+    cloud = _detect_locally(demo_detector, frame)
     assert cloud, "the detector found nothing to compare"
     replaced = results["replace-1"].detections
     assert replaced is not None and results["replace-1"].model == "digits-detect"

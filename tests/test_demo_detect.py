@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,3 +97,37 @@ def test_mean_ap50_of_a_hand_computed_case() -> None:
     assert mean_ap50([a, b]) == pytest.approx((5 / 9 + 0.0) / 2)
     perfect = ImageEval(a.gt_boxes, np.ones(3), a.gt_classes, a.gt_boxes, a.gt_classes)
     assert mean_ap50([perfect]) == pytest.approx(1.0)
+
+
+def test_crop_classifier_onnx_computes_what_the_sklearn_model_does() -> None:
+    from edgewire.demo import crop_classifier
+    from edgewire.modelmeta import GraphInfo, read_model
+
+    clf = crop_classifier.train(count=40)
+    data = crop_classifier.to_onnx(clf)
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    scene = scenes(1, seed=8)[0]
+    features = crop_classifier.crop_features(scene.image, scene.boxes)
+    (probs,) = session.run(None, {"image": features.reshape(-1, 1, 16, 16)})
+    np.testing.assert_allclose(probs, clf.predict_proba(features), rtol=1e-4, atol=1e-5)
+    meta = read_model("crops.onnx", GraphInfo.from_session(session)).require()
+    assert meta.labels[-1] == "background" and meta.task == "classify"
+
+
+def test_models_are_rebuilt_only_when_what_shapes_them_changes(tmp_path: Path) -> None:
+    from edgewire.demo.build_cache import cached_build
+
+    source = tmp_path / "recipe.py"
+    source.write_text("v1")
+    builds: list[int] = []
+
+    def build() -> bytes:
+        builds.append(1)
+        return b"model-%d" % len(builds)
+
+    first = cached_build(tmp_path / "m.onnx", [source], build)
+    again = cached_build(tmp_path / "m.onnx", [source], build)
+    assert (first.cached, again.cached, len(builds)) == (False, True, 1)
+    source.write_text("v2")
+    changed = cached_build(tmp_path / "m.onnx", [source], build)
+    assert not changed.cached and changed.path.read_bytes() == b"model-2"
