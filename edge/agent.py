@@ -359,13 +359,15 @@ class EdgeAgent:
         t0 = time.perf_counter()
         try:
             probs = model.engine.infer(model.pre.batch(images))
+            # Judged inside the guard: an output the load-time check could not pin (open
+            # dimensions) fails this batch, counted, never the device.
+            out.verdicts = model.judge.judge_batch(probs, sharp)
         except Exception:
             log.exception("%s: inference failed for a batch of %d", self.config.device_id, len(images))
             out.failures.update({i: "inference" for i in out.ok})
             out.ok = []
             return out
         out.infer_s = time.perf_counter() - t0
-        out.verdicts = model.judge.judge_batch(probs, sharp)
         if self.config.cloud is not None:
             for j in out.verdicts.hard:
                 i = out.ok[j]
@@ -396,8 +398,8 @@ class EdgeAgent:
             escalate = self.config.detect.escalate
             for j in out.objects.hard:
                 i = out.ok[j]
-                if escalate.send == "crops":
-                    out.crops[i] = crops_of(images[j], out.objects.frames[j], escalate)
+                if escalate.send == "crops" and (crops := crops_of(images[j], out.objects.frames[j], escalate)):
+                    out.crops[i] = crops
                     out.payloads[i] = b""
                     continue
                 try:

@@ -59,7 +59,15 @@ class LocalRows:
 
 def _envelope(row: Row) -> env.LocalResult:
     """Rows are built by the device from its own values, so they are not validated again."""
-    return env.LocalResult.model_construct(**{**row, "prediction": env.Prediction.model_construct(**row["prediction"])})
+    prediction = row.get("prediction")
+    detections = row.get("detections")
+    return env.LocalResult.model_construct(
+        **{
+            **row,
+            "prediction": env.Prediction.model_construct(**prediction) if prediction is not None else None,
+            "detections": [env.Detection.model_construct(**d) for d in detections] if detections is not None else None,
+        }
+    )
 
 
 def answered_here(
@@ -86,6 +94,7 @@ def answered_here(
                 "state": "COMPLETE",
                 "answered_by": "edge",
                 "prediction": {"label": label, "class_index": index, "confidence": conf, "margin": margin},
+                "detections": None,
                 "reasons": list(reasons),
                 "sharpness": sharp,
                 "model": model,

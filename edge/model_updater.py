@@ -27,6 +27,7 @@ from edgewire import signing, topics
 from edgewire.aio import spawn
 from edgewire.config import DeliverySettings
 from edgewire.delivery import targets_match
+from edgewire.detection import decode_batch
 from edgewire.errors import DecodeError, EdgewireError
 from edgewire.metrics import Meter
 from edgewire.profiles import DeviceProfile
@@ -319,10 +320,16 @@ class ModelUpdater:
             t0 = time.perf_counter()
             out = model.engine.infer(model.pre.batch([golden]))
             timings.append((time.perf_counter() - t0) * 1000.0)
-        expected = (1, len(meta.labels))
-        if out is None or tuple(out.shape) != expected:
-            got = None if out is None else tuple(out.shape)
-            raise StoreError(f"golden input gave output shape {got}, expected {expected}")
+        if meta.detect is not None:
+            # A detector's output must decode (its format was checked against the graph at load).
+            if out is None or len(out) != 1:
+                raise StoreError(f"golden input gave {None if out is None else len(out)} outputs, expected 1")
+            decode_batch(out, meta.detect.format, [model.pre.geometry(golden)], model.decode, (spec.height, spec.width))
+        else:
+            expected = (1, len(meta.labels))
+            if out is None or tuple(out.shape) != expected:
+                got = None if out is None else tuple(out.shape)
+                raise StoreError(f"golden input gave output shape {got}, expected {expected}")
         if not np.all(np.isfinite(out)):
             raise StoreError("golden input gave non-finite output")
         budget = self.device.profile.limits.latency_budget_ms

@@ -1,13 +1,22 @@
 """What a model declares about itself, so devices need no per-model code.
 
-Every ONNX artefact edgewire ships carries one metadata entry, ``edgewire``, whose value is
-the JSON form of :class:`ModelMeta`. Preprocessing, labels and the output's meaning are read
-from it; a model without it is refused with a clear error instead of being guessed at.
+Every model edgewire serves has a contract, :class:`ModelMeta`: task (``classify`` or
+``detect``), labels, how a frame becomes its input, which output to read and, for a detector, the
+output's format (:mod:`edgewire.detection`). It is stored as JSON under the ONNX metadata entry
+``edgewire``.
 
-The entry is read in three places (the device's engine, the Triton repository writer, and
-the bridge asking Triton for a served model's config), all through :func:`parse_model_meta`
-(:func:`onnx_model_meta` for an ONNX file's metadata),
-so an operator sees one wording for one fault wherever it is found.
+A model can arrive without that entry. :func:`read_model` then reads what its exporter wrote
+(Ultralytics: ``names``, ``imgsz``, ``stride``, ``task``) and what its graph shows (input layout,
+channels and size; task and format from the output's shape), and returns a :class:`ModelReading`:
+the contract when nothing is missing, else the exact missing fields and the
+``edgewire model annotate`` command that fills them. The same reading checks a declared contract
+against the graph (:func:`output_problem`), so a detector declared as a classifier is refused
+when it loads, never on a frame. The device's engine, ``edgewire model inspect`` and
+``edgewire model annotate`` all read models through it.
+
+The bridge reads a served model's entry (Triton's ``config.pbtxt``, the repository writer)
+through :func:`parse_model_meta` (:func:`onnx_model_meta` for an ONNX file's metadata), which
+requires the entry, so an operator sees one wording for one fault wherever it is found.
 """
 
 from __future__ import annotations
@@ -391,10 +400,7 @@ def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None =
         problem = output_problem(meta, graph)
         if problem:
             reading.problems.append(problem)
-            out = graph.output(meta.output)
-            seen = _task_of(out, (meta.input.height, meta.input.width)) if out is not None else None
-            if seen is not None and seen[0] != meta.task:
-                reading.fix_flags.append(f"--task {seen[0]}")
+            reading.fix_flags += _fix_flags(meta, graph)
         else:
             reading.meta = meta
         return reading
@@ -500,9 +506,22 @@ def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None =
     problem = output_problem(meta, graph)
     if problem:
         reading.problems.append(problem)
+        reading.fix_flags += _fix_flags(meta, graph)
     else:
         reading.meta = meta
     return reading
+
+
+def _fix_flags(meta: ModelMeta, graph: GraphInfo) -> list[str]:
+    """The flags that repair what :func:`output_problem` found: the task the output shows, or
+    labels matching the output's class count."""
+    out = graph.output(meta.output)
+    if out is None:
+        return [f"--output {graph.outputs[0].name}"] if graph.outputs else []
+    seen = _task_of(out, (meta.input.height, meta.input.width))
+    if seen is not None and seen[0] != meta.task:
+        return [f"--task {seen[0]}"]
+    return ["--labels LABELS.txt"]
 
 
 def _meta_changes(meta: ModelMeta, o: Overrides) -> dict[str, Any]:
@@ -552,17 +571,6 @@ def _rebuild(meta: ModelMeta, changes: dict[str, Any], graph: GraphInfo) -> Mode
         if seen is not None and seen[1] is not None:
             data["detect"] = {"format": seen[1]}
     return ModelMeta.model_validate(data)
-
-
-def resolve_model_meta(path: str | Path, graph: GraphInfo) -> ModelReading:
-    """The contract a device serves a model by, or a ModelError naming what is missing or wrong.
-
-    A model with edgewire's entry is taken as it says (after checking its outputs); one without
-    is read from its exporter's metadata and its graph, and the reading says what was inferred.
-    """
-    reading = read_model(path, graph)
-    reading.require()
-    return reading
 
 
 def write_model_meta(src: str | Path, dst: str | Path, meta: ModelMeta) -> None:

@@ -95,3 +95,25 @@ def test_rows_of_envelopes_encode_as_the_envelope_and_give_them_back() -> None:
     assert all(a is b for a, b in zip(rows.envelopes(), want, strict=True))
     decoded = env.decode(env.LocalResults, rows.encode("cam-01"))
     assert decoded.results == want
+
+
+def test_a_detectors_rows_come_back_as_the_same_envelopes() -> None:
+    det = env.Detection(box=[1.0, 2.0, 30.0, 40.0], score=0.5, class_index=1, label="dog")
+    result = env.LocalResult(
+        trace_id="run-0",
+        device_id="cam-01",
+        seq=0,
+        source_ref="f0.jpg",
+        ts=1.0,
+        state="COMPLETE",
+        answered_by="edge",
+        detections=[det],
+        reasons=["uncertain_score"],
+        model="pets",
+        version="1",
+        degraded=True,
+        latency_ms=3.0,
+    )
+    rows = LocalRows.of([result])
+    assert list(LocalRows(rows.rows).envelopes()) == [result]
+    assert rows.encode("cam-01") == env.encode(env.LocalResults(device_id="cam-01", results=[result]))

@@ -32,13 +32,18 @@ from edgewire.edge.agent import EdgeAgent
 from edgewire.fleet.history import History
 from edgewire.fleet.push import announce, publish_chunks, push
 from edgewire.fleet.rollout import push_model
-from edgewire.modelmeta import META_KEY
+from edgewire.modelmeta import META_KEY, ModelMeta
 from edgewire.session import MqttSession
 
 from .conftest import BrokerHandle, until
 from .test_edge_integration import Reader, spawn_edge_run
+from .test_model_reading import yolo_model
 
 NAME = "digits-edge"
+
+
+def onnx_model_meta_raw(path: Path) -> str:
+    return next(p.value for p in onnx.load(str(path)).metadata_props if p.key == META_KEY)
 
 
 def variant(src: Path, dst: Path, version: str, *, slow: int = 0) -> Path:
@@ -171,7 +176,9 @@ async def test_push_installs_on_every_device_while_frames_keep_flowing(fleet: Fl
     assert installed.read_bytes() == v2.read_bytes()
 
 
-@pytest.mark.parametrize("fault", ["wrong_sha256", "bad_signature", "truncated", "unknown_format", "corrupt_chunk"])
+@pytest.mark.parametrize(
+    "fault", ["wrong_sha256", "bad_signature", "truncated", "unknown_format", "corrupt_chunk", "detector_as_classifier"]
+)
 async def test_bad_artefacts_are_refused_and_the_active_model_stays(
     fleet: Fleet, demo: DemoArtifacts, fault: str
 ) -> None:
@@ -181,6 +188,16 @@ async def test_bad_artefacts_are_refused_and_the_active_model_stays(
         key = signing.load_private(signing.generate()[0])
     if fault == "truncated":
         v2.write_bytes(v2.read_bytes()[: v2.stat().st_size // 2])
+    if fault == "detector_as_classifier":
+        # A YOLO-layout detector whose entry says it is the fleet's classifier: refused by the
+        # standby validation when it loads, never served.
+        edge = ModelMeta.model_validate_json(onnx_model_meta_raw(demo.edge_model))
+        labels = tuple(f"c{i}" for i in range(2))
+        meta = edge.model_copy(update={"version": "2.0.0", "labels": labels, "output": "output0"})
+        meta = meta.model_copy(
+            update={"input": meta.input.model_copy(update={"name": "images", "shape": (-1, 3, 64, 64), "color": "rgb"})}
+        )
+        yolo_model(v2, {META_KEY: meta.model_dump_json()})
     manifest = build_manifest(v2, name=NAME, version="2.0.0", chunk_size=4096, private_key=key)
     if fault == "wrong_sha256":
         manifest = manifest.model_copy(update={"sha256": "0" * 64})
@@ -221,6 +238,7 @@ async def test_bad_artefacts_are_refused_and_the_active_model_stays(
         "bad_signature": "signature",
         "truncated": "not a loadable ONNX model",
         "unknown_format": "unknown format 'pytorch'",
+        "detector_as_classifier": "has shape [?, 6, 20] (it reads as a detect model, format yolov8), but a classify",
     }[fault]
     assert expected in reason, reason
 

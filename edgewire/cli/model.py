@@ -294,7 +294,8 @@ def model_inspect(
             )
         else:
             lines.append(f"  a device refuses it; fix: {report['fill_command']}")
-        out.print("\n".join(lines), highlight=False, markup=False)
+        # soft_wrap: the fix command stays one line to copy, whatever the terminal's width.
+        out.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
     if not report["usable"]:
         raise typer.Exit(1)
 
