@@ -24,6 +24,7 @@ from edgewire import envelopes as env
 from edgewire import sdnotify, topics
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import BrokerSettings
+from edgewire.detection import DecodeSettings, decode_batch
 from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
 from edgewire.preprocess import ImageRejected, Preprocessor, decode
@@ -31,7 +32,7 @@ from edgewire.session import InboundMessage, MqttSession, NotConnected, presence
 
 from . import detect_merge
 from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
-from .dispatch import Dispatcher, Unavailable
+from .dispatch import Answer, Dispatcher, Unavailable
 from .rules import Route, RuleSet
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ class Bridge:
                 detections, answers = await self._relabel(req, route, metas)
             else:
                 detections, answers = await self._detect(req, route, metas, merge)
-        except detect_merge.NothingToClassify as exc:
+        except detect_merge.Unanswerable as exc:
             return self._result(device_id, trace_id, received, "rejected", reason=str(exc))
         except (Unavailable, EdgewireError) as exc:
             status = "expired" if time.time() >= req.deadline else "unavailable"
@@ -300,7 +301,7 @@ class Bridge:
 
     async def _relabel(
         self, req: env.Request, route: Route, metas: dict[str, Any]
-    ) -> tuple[list[env.Detection], list[Any]]:
+    ) -> tuple[list[env.Detection], list[Answer]]:
         pres = {m: self._preprocessor(m, meta) for m, meta in metas.items()}
         gray = all(pre.gray for pre in pres.values())
         pieces, boxes = detect_merge.pieces_to_classify(req, gray)
@@ -318,16 +319,14 @@ class Bridge:
 
     async def _detect(
         self, req: env.Request, route: Route, metas: dict[str, Any], merge: str
-    ) -> tuple[list[env.Detection], list[Any]]:
-        from edgewire.detection import DecodeSettings, decode_batch
-
+    ) -> tuple[list[env.Detection], list[Answer]]:
         pres = {m: self._preprocessor(m, meta) for m, meta in metas.items()}
         try:
             frame = decode(req.payload, all(pre.gray for pre in pres.values()))
         except ImageRejected as exc:
-            raise detect_merge.NothingToClassify(f"replace and union need the whole frame: {exc}") from None
+            raise detect_merge.Unanswerable(f"replace and union need the whole frame: {exc}") from None
         if frame is None or frame.size == 0:
-            raise detect_merge.NothingToClassify(f"replace and union need the whole frame: {NOT_AN_IMAGE}")
+            raise detect_merge.Unanswerable(f"replace and union need the whole frame: {NOT_AN_IMAGE}")
         answer = await self.dispatcher.run(route, {m: pre.batch([frame]) for m, pre in pres.items()}, req.deadline)
         model = answer.model if answer.model in metas else route.route_to[0]
         meta = metas[model]

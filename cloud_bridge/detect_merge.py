@@ -34,8 +34,9 @@ NMS_IOU = 0.45
 TRACK_IOU = 0.5
 
 
-class NothingToClassify(DecodeError):
-    """A relabel request with no crop, no detection, or images that do not decode."""
+class Unanswerable(DecodeError):
+    """A detect request that cannot be answered as its route asks: nothing to classify, no frame
+    to detect on, or images that do not decode. Answered ``rejected`` with this reason."""
 
 
 def _cut(image: np.ndarray, box: Sequence[float], origin: Sequence[int]) -> np.ndarray:
@@ -68,7 +69,7 @@ def pieces_to_classify(request: Request, gray: bool) -> tuple[list[np.ndarray], 
             pieces.append(_cut(frame, det.box, (0, 0)))
             boxes.append(det)
     else:
-        raise NothingToClassify("a relabel needs crops or detections in the request; it has neither")
+        raise Unanswerable("a relabel needs crops or detections in the request; it has neither")
     return pieces, boxes
 
 
@@ -76,9 +77,9 @@ def _decoded(payload: bytes, gray: bool) -> np.ndarray:
     try:
         image = decode(payload, gray)
     except ImageRejected as exc:
-        raise NothingToClassify(str(exc)) from None
+        raise Unanswerable(str(exc)) from None
     if image is None or image.size == 0:
-        raise NothingToClassify("a crop or frame in the request is not a decodable image")
+        raise Unanswerable("a crop or frame in the request is not a decodable image")
     return image
 
 

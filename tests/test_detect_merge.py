@@ -73,5 +73,5 @@ def test_pieces_are_crops_cut_to_their_boxes_or_boxes_cut_from_the_frame() -> No
     assert boxes == [d] and pieces[0].shape == (10, 15) and (pieces[0] == 255).all()
     pieces, boxes = detect_merge.pieces_to_classify(req([d], payload=png.tobytes()), gray=True)
     assert boxes == [d] and pieces[0].shape == (10, 15) and (pieces[0] == 255).all()
-    with pytest.raises(detect_merge.NothingToClassify, match="neither"):
+    with pytest.raises(detect_merge.Unanswerable, match="neither"):
         detect_merge.pieces_to_classify(req([]), gray=True)
