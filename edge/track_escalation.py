@@ -131,12 +131,13 @@ class ObjectTracks:
             elif (answer := self.once.sticky(track_id)) is not None:
                 changes.update(label=answer.label, class_index=answer.class_index, score=answer.score)
             out.append(det.model_copy(update=changes))
-        escalate = frame.hard and bool(asked)
         sent = None
         if crops is not None:
             ids = {tuple(d.box): d.track_id for d in out}
             wanted = {tuple(b) for b in asked}
             sent = [c.model_copy(update={"track_id": ids.get(tuple(c.box))}) for c in crops if tuple(c.box) in wanted]
+        # A frame sent as crops goes up only with a crop to carry (a box too thin to cut has none).
+        escalate = frame.hard and bool(asked) and (sent is None or bool(sent))
         return TrackedFrame(out, escalate, sent)
 
     def answered(self, results: Sequence[env.LocalResult]) -> None:
