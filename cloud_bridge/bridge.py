@@ -24,14 +24,16 @@ from edgewire import envelopes as env
 from edgewire import sdnotify, topics
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import BrokerSettings
+from edgewire.detection import DecodeSettings, decode_batch
 from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
 from edgewire.preprocess import ImageRejected, Preprocessor, decode
 from edgewire.session import InboundMessage, MqttSession, NotConnected, presence_factory
 
+from . import detect_merge
 from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
-from .dispatch import Dispatcher, Unavailable
-from .rules import RuleSet
+from .dispatch import Answer, Dispatcher, Unavailable
+from .rules import Route, RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +228,8 @@ class Bridge:
             metas = {m: await self.dispatcher.model_meta(m) for m in route.route_to}
         except (Unavailable, EdgewireError) as exc:
             return self._result(device_id, trace_id, received, "unavailable", reason=str(exc))
+        if req.task == "detect":
+            return await self._answer_detect(req, route, metas, received)
         if self.decoder is None or len(self._inflight) <= self.inline_decode_max_inflight:
             tensors = self._tensors(req.payload, metas)
             if tensors is None:
@@ -255,13 +259,105 @@ class Bridge:
             prediction=answer.prediction,
         )
 
+    async def _answer_detect(
+        self, req: env.Request, route: Route, metas: dict[str, Any], received: float
+    ) -> env.Result:
+        """A detect request: crops relabelled by a classifier, or the frame run by a detector and
+        merged with the device's list (cloud_bridge.detect_merge). Decoded on the loop: a
+        request's crops are small, and a frame is decoded once for every target."""
+        device_id, trace_id = req.device_id, req.trace_id
+        tasks = {meta.task for meta in metas.values()}
+        if len(tasks) > 1:
+            reason = f"route {route.name!r} mixes classifiers and detectors; a detect request needs one kind"
+            return self._result(device_id, trace_id, received, "rejected", reason=reason)
+        merge = route.merge or ("replace" if tasks == {"detect"} else "relabel")
+        if (merge == "relabel") != (tasks == {"classify"}):
+            kind = "a classifier" if merge == "relabel" else "a detector"
+            reason = f"route {route.name!r}: merge '{merge}' needs {kind}, and {', '.join(metas)} is not"
+            return self._result(device_id, trace_id, received, "rejected", reason=reason)
+        dispatched = time.time()
+        try:
+            if merge == "relabel":
+                detections, answers = await self._relabel(req, route, metas)
+            else:
+                detections, answers = await self._detect(req, route, metas, merge)
+        except detect_merge.Unanswerable as exc:
+            return self._result(device_id, trace_id, received, "rejected", reason=str(exc))
+        except (Unavailable, EdgewireError) as exc:
+            status = "expired" if time.time() >= req.deadline else "unavailable"
+            return self._result(device_id, trace_id, received, status, reason=str(exc), dispatched=dispatched)
+        lead = answers[0] if answers else None
+        return self._result(
+            device_id,
+            trace_id,
+            received,
+            "ok",
+            dispatched=dispatched,
+            inference_ms=max((a.inference_ms for a in answers), default=0.0),
+            model=lead.model if lead else route.route_to[0],
+            version=lead.version if lead else metas[route.route_to[0]].version,
+            detections=detections,
+        )
+
+    async def _relabel(
+        self, req: env.Request, route: Route, metas: dict[str, Any]
+    ) -> tuple[list[env.Detection], list[Answer]]:
+        pres = {m: self._preprocessor(m, meta) for m, meta in metas.items()}
+        gray = all(pre.gray for pre in pres.values())
+        pieces, boxes = detect_merge.pieces_to_classify(req, gray)
+        # One dispatch per piece, all in this pass of the loop: the batcher sends them as one call.
+        answers = await asyncio.gather(
+            *(
+                self.dispatcher.run(route, {m: pre.batch([piece]) for m, pre in pres.items()}, req.deadline)
+                for piece in pieces
+            )
+        )
+        predictions = [a.prediction for a in answers]
+        if any(p is None for p in predictions):
+            raise Unavailable(f"route {route.name!r}: a classifier gave no prediction")
+        return detect_merge.relabel(req, boxes, predictions), list(answers)
+
+    async def _detect(
+        self, req: env.Request, route: Route, metas: dict[str, Any], merge: str
+    ) -> tuple[list[env.Detection], list[Answer]]:
+        pres = {m: self._preprocessor(m, meta) for m, meta in metas.items()}
+        try:
+            frame = decode(req.payload, all(pre.gray for pre in pres.values()))
+        except ImageRejected as exc:
+            raise detect_merge.Unanswerable(f"replace and union need the whole frame: {exc}") from None
+        if frame is None or frame.size == 0:
+            raise detect_merge.Unanswerable(f"replace and union need the whole frame: {NOT_AN_IMAGE}")
+        answer = await self.dispatcher.run(route, {m: pre.batch([frame]) for m, pre in pres.items()}, req.deadline)
+        model = answer.model if answer.model in metas else route.route_to[0]
+        meta = metas[model]
+        if answer.output is None or meta.detect is None:
+            raise Unavailable(f"{model}: a detector gave no output")
+        found = decode_batch(
+            answer.output[None],
+            meta.detect.format,
+            [pres[model].geometry(frame)],
+            DecodeSettings(),
+            input_hw=(meta.input.height, meta.input.width),
+        )[0]
+        cloud = found.to_wire(meta.labels)
+        merged = (
+            detect_merge.union(req.detections, cloud)
+            if merge == "union"
+            else detect_merge.replace(req.detections, cloud)
+        )
+        return merged, [answer]
+
+    def _preprocessor(self, model: str, meta: Any) -> Preprocessor:
+        pre = self._pre.get(model)
+        if pre is None:
+            pre = self._pre[model] = Preprocessor(meta.input)
+        return pre
+
     def _tensors(self, payload: bytes, metas: dict[str, Any]) -> dict[str, np.ndarray] | None:
         out: dict[str, np.ndarray] = {}
         images: dict[bool, np.ndarray | None] = {}
         for model, meta in metas.items():
-            pre = self._pre.get(model)
-            if pre is None:
-                pre = self._pre[model] = Preprocessor(meta.input)
+            pre = self._preprocessor(model, meta)
             if pre.gray not in images:
                 try:
                     images[pre.gray] = decode(payload, pre.gray)
@@ -297,6 +393,7 @@ class Bridge:
         model: str | None = None,
         version: str | None = None,
         prediction: env.Prediction | None = None,
+        detections: list[env.Detection] | None = None,
     ) -> env.Result:
         now = time.time()
         if status != "ok":
@@ -310,6 +407,7 @@ class Bridge:
             model=model,
             version=version,
             prediction=prediction,
+            detections=detections,
             timings=env.Timings(
                 queued_ms=((dispatched or now) - received) * 1000,
                 inference_ms=inference_ms,

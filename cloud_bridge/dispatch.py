@@ -38,11 +38,15 @@ class Unavailable(EdgewireError):
 
 @dataclass(frozen=True)
 class Answer:
+    """One model's answer: a classifier's ``prediction``, or a detector's raw ``output`` for one
+    image (its batch row, decoded by the caller, which knows the image's geometry)."""
+
     model: str
     version: str
-    prediction: Prediction
+    prediction: Prediction | None
     endpoint: str
     inference_ms: float
+    output: np.ndarray | None = None
 
 
 class Endpoint:
@@ -114,13 +118,14 @@ class _Batcher:
         self.meta = meta
         self.max_batch = max_batch
         self.max_concurrent = max_concurrent
-        self._queue: list[tuple[np.ndarray, asyncio.Future[Prediction], float]] = []
+        self._queue: list[tuple[np.ndarray, asyncio.Future[Prediction | np.ndarray], float]] = []
         self._running = 0
         self._kick_soon = False
         self._jobs: set[asyncio.Task[None]] = set()
 
-    async def submit(self, tensor: np.ndarray, timeout_s: float) -> Prediction:
-        fut: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+    async def submit(self, tensor: np.ndarray, timeout_s: float) -> Prediction | np.ndarray:
+        """A classifier's prediction, or a detector's output row for this one image."""
+        fut: asyncio.Future[Prediction | np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.append((tensor, fut, time.monotonic() + timeout_s))
         if not self._kick_soon:
             # Kick at the end of this pass of the event loop, so that every request taken in
@@ -144,7 +149,7 @@ class _Batcher:
             self._running += 1
             spawn(self._jobs, self._run(batch))
 
-    async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future[Prediction], float]]) -> None:
+    async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future[Prediction | np.ndarray], float]]) -> None:
         try:
             tensor = batch[0][0] if len(batch) == 1 else np.concatenate([t for t, _, _ in batch])
             # The longest wait in the batch: one asker's tight deadline must not cut the call
@@ -156,7 +161,11 @@ class _Batcher:
                 if not fut.done():
                     fut.set_exception(exc)
         else:
-            answers = predictions(probs, self.meta.labels)  # one pass for the whole batch
+            answers: list[Prediction] | np.ndarray
+            if self.meta.task == "detect":
+                answers = probs  # a row per image; boxes need each image's geometry to come back
+            else:
+                answers = predictions(probs, self.meta.labels)  # one pass for the whole batch
             for (_, fut, _), answer in zip(batch, answers, strict=True):
                 if not fut.done():
                     fut.set_result(answer)
@@ -227,7 +236,7 @@ class Dispatcher:
             budget = min(left, limit)
             t0 = time.perf_counter()
             try:
-                prediction = await self._batcher(ep, model, meta).submit(tensor, budget)
+                answer = await self._batcher(ep, model, meta).submit(tensor, budget)
             except asyncio.CancelledError:
                 breaker.release()  # hedged away: neither a success nor a failure
                 raise
@@ -247,7 +256,9 @@ class Dispatcher:
             ms = (time.perf_counter() - t0) * 1000
             breaker.record(True, ms)
             self.meter.inc("triton_calls_total", model=model)
-            return Answer(model, meta.version, prediction, ep.url, ms)
+            if isinstance(answer, Prediction):
+                return Answer(model, meta.version, answer, ep.url, ms)
+            return Answer(model, meta.version, None, ep.url, ms, output=answer)
         raise Unavailable(f"{model}: " + ("; ".join(reasons) or "no endpoint"))
 
     async def health(self, models: set[str]) -> dict[tuple[str, str], bool]:
@@ -301,8 +312,11 @@ class Dispatcher:
         answers = [o for o in outcomes if isinstance(o, Answer)]
         if not answers:
             raise Unavailable("; ".join(str(o) for o in outcomes))
-        best = aggregate([a.prediction for a in answers], route.aggregate)
-        lead = next((a for a in answers if a.prediction.label == best.label), answers[0])
+        voted = [a.prediction for a in answers if a.prediction is not None]
+        if len(voted) < len(answers):
+            return answers[0]  # detectors' outputs are not voted on: the first target's that answered
+        best = aggregate(voted, route.aggregate)
+        lead = next((a for a in answers if a.prediction is not None and a.prediction.label == best.label), answers[0])
         return Answer(
             "+".join(a.model for a in answers),
             "+".join(a.version for a in answers),

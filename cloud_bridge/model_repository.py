@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgewire import durable
 from edgewire.errors import ModelError
-from edgewire.modelmeta import META_KEY, ModelMeta, onnx_model_meta, parse_model_meta
+from edgewire.modelmeta import META_KEY, GraphInfo, ModelMeta, TensorInfo, parse_model_meta, read_model
 
 if TYPE_CHECKING:
     from tritonclient.grpc.model_config_pb2 import ModelConfig
@@ -164,7 +164,14 @@ def _read_onnx(path: Path) -> _OnnxModel:
     except Exception as exc:
         raise ModelError(f"{path}: not a readable ONNX model: {exc}") from exc
 
-    meta = onnx_model_meta(metadata, path)
+    # A model with only its exporter's metadata (a YOLO export) is read as the device reads it;
+    # the contract inferred is what config.pbtxt then carries.
+    graph = GraphInfo(
+        tuple(TensorInfo(t.name, tuple(None if d < 0 else d for d in t.shape)) for t in inputs),
+        tuple(TensorInfo(t.name, tuple(None if d < 0 else d for d in t.shape)) for t in outputs),
+        metadata,
+    )
+    meta = read_model(path, graph).require()
     if not _NAME_RE.match(meta.name):
         raise ModelError(f"{path}: model name {meta.name!r} cannot be a Triton model directory")
     in_names, out_names = [t.name for t in inputs], [t.name for t in outputs]

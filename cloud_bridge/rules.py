@@ -10,7 +10,10 @@ An operator writes them as YAML (see :func:`load_rules`)::
           local_label: ["3", "5", "8"]
           devices: ["cam-*"]        # globs on device_id
           fleets: ["lab"]           # globs on the request's fleet; a request without one never matches
+          task: detect              # classify or detect (Request.task)
+          classes: ["3", "8"]       # a detection (or the local answer) has one of these labels
         route_to: [digits-cloud, digits-cloud-b]
+        merge: relabel              # detect requests: replace, relabel or union (see below)
         strategy: parallel
         aggregate: vote
         timeout_ms: 800
@@ -35,6 +38,15 @@ Strategies, for a route with several targets:
   confidence) or ``max_confidence`` (the single most confident answer, the default).
 
 ``timeout_ms`` caps each dispatch of the route; the request's own deadline still applies.
+
+Merge policies, for ``detect`` requests (see cloud_bridge.detect_merge):
+
+- ``relabel`` (the default for a route to classifiers): the route's classifier labels each crop
+  the device sent (or each detection's box cut from the frame), and that label and its
+  confidence replace the device's for that box.
+- ``replace`` (the default for a route to detectors): the route's detector runs on the whole
+  frame and its detections are the answer.
+- ``union``: the detector's and the device's detections together, class-aware NMS over both.
 """
 
 from __future__ import annotations
@@ -59,6 +71,7 @@ from edgewire.envelopes import Prediction, Request
 
 Strategy = Literal["first_success", "parallel", "fallback"]
 Aggregate = Literal["vote", "max_confidence"]
+Merge = Literal["replace", "relabel", "union"]
 
 #: Model names are folders in a Triton repository and labels in metrics: keep them to safe characters.
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -80,6 +93,8 @@ class Route(StrictModel):
     # validate_default: parallel fills in max_confidence, so dispatch never sees None for it.
     aggregate: Aggregate | None = Field(None, validate_default=True)
     timeout_ms: float | None = Field(None, gt=0)
+    #: How a detect request's answer is formed; None: relabel for classifiers, replace for detectors.
+    merge: Merge | None = None
     #: The rule this route came from ("default" for the default route), for logs and metrics.
     name: str = "default"
 
@@ -125,8 +140,10 @@ class When(StrictModel):
     local_label: list[str] | None = None
     devices: list[str] | None = None
     fleets: list[str] | None = None
+    task: Literal["classify", "detect"] | None = None
+    classes: list[str] | None = None
 
-    @field_validator("local_label", "devices", "fleets", mode="before")
+    @field_validator("local_label", "devices", "fleets", "classes", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
         v = _as_list(v)
@@ -135,7 +152,7 @@ class When(StrictModel):
             return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
         return v
 
-    @field_validator("local_label", "devices", "fleets")
+    @field_validator("local_label", "devices", "fleets", "classes")
     @classmethod
     def _not_empty(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and not v:
@@ -159,9 +176,21 @@ class When(StrictModel):
             return False
         if self.devices is not None and not _glob_any(request.device_id, self.devices):
             return False
+        if self.task is not None and request.task != self.task:
+            return False
+        if self.classes is not None and not _has_class(request, self.classes):
+            return False
         # getattr: older Request envelopes carry no fleet.
         fleet = getattr(request, "fleet", None)
         return self.fleets is None or (fleet is not None and _glob_any(fleet, self.fleets))
+
+
+def _has_class(request: Request, classes: list[str]) -> bool:
+    """A detection of the request (or, for a classification, its local answer) carries one of
+    ``classes``."""
+    if any(d.label in classes for d in request.detections):
+        return True
+    return request.local is not None and request.local.label in classes
 
 
 def _glob_any(value: str, globs: list[str]) -> bool:

@@ -53,6 +53,7 @@ from .sources import Frame, QueueSource, chunks, open_source
 from .state import DeviceState
 from .tasks import Task, TaskState
 from .telemetry import AgentSummary, publish_telemetry, report_every
+from .track_escalation import ObjectTracks
 from .write_window import WriteWindow
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,10 @@ class EdgeAgent:
         self._local_topic = topics.LOCAL.build(device_id=did)
         self._input_topic = topics.INPUT.build(device_id=did)
         self.remote_config = RemoteConfig(boot_config or config, state, self.meter)
+        # Objects followed across frames, so each uncertain one goes up once (detectors only).
+        track = config.detect.track
+        tracking = track.enabled if track.enabled is not None else config.source.kind != "folder"
+        self.tracks: ObjectTracks | None = ObjectTracks(track) if tracking else None
 
     # -- the model -----------------------------------------------------------------------
 
@@ -475,6 +480,12 @@ class EdgeAgent:
             frame, judged = frames[i], objects.frames[j]
             task = Task(trace_id=f"{self._run_id}-{frame.seq}", seq=frame.seq, source_ref=frame.ref, created=frame.ts)
             task.detections = objects.wire(j)
+            crops = batch.crops.get(i)
+            if self.tracks is not None:
+                tracked = self.tracks.observe(judged, task.detections, crops)
+                task.detections, crops = tracked.detections, tracked.crops
+                if not tracked.escalate:
+                    hard.discard(j)
             task.reasons = judged.reasons if j in hard else ()
             task.model, task.version = meta.name, meta.version
             task.to(TaskState.JUDGED)
@@ -490,11 +501,14 @@ class EdgeAgent:
             result = self._local_result(task, None)
             results.append(result)
             if sendable and esc is not None and payload is not None and (waits or esc.queues_offline):
-                esc.escalate(task, result, payload, frame.content_type, crops=batch.crops.get(i))
+                esc.escalate(task, result, payload, frame.content_type, crops=crops)
         if hard:
             self.meter.inc("frames_hard_total", len(hard))
             self.meter.inc("objects_uncertain_total", sum(int(objects.frames[j].uncertain.sum()) for j in hard))
         self.meter.inc("objects_total", sum(len(f.detections) for f in objects.frames))
+        if self.tracks is not None:
+            self.meter.set("objects_escalated", self.tracks.once.escalated)
+            self.meter.set("escalations_saved", self.tracks.once.saved)
         if completed:
             self.meter.inc("frames_completed_total", completed)
         self._last_done = time.monotonic()
@@ -537,6 +551,8 @@ class EdgeAgent:
         """Final outcomes of escalated frames, published as they come."""
         assert self.session is not None
         self._last_done = time.monotonic()
+        if self.tracks is not None:
+            self.tracks.answered(results)
         await self._publish_local(self.session, results)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -326,6 +326,22 @@ class DetectEscalation(StrictModel):
     crop_quality: int = Field(90, ge=10, le=100)
 
 
+class TrackSettings(StrictModel):
+    """Objects followed across frames (edge/tracker.py), so an uncertain one goes up once per
+    track (edge/track_escalation.py) and the cloud's answer sticks to it."""
+
+    # null: on for video, camera and mqtt sources (frames in time order), off for a folder.
+    enabled: bool | None = None
+    # A box continues a track when it overlaps the track's last box by at least this much.
+    iou_threshold: float = Field(0.3, gt=0, le=1)
+    # A track not seen for this many frames ends (its cloud answer with it).
+    max_missed: int = Field(5, ge=0, le=1000)
+    # Asked again when the box's shape changes (centred overlap below this) ...
+    min_box_iou: float = Field(0.5, ge=0, le=1)
+    # ... or its score moves by more than this.
+    score_delta: float = Field(0.2, ge=0, le=1)
+
+
 class DetectSettings(StrictModel):
     """Detectors only (a model whose metadata says ``task: detect``): decode, judge, escalate."""
 
@@ -338,6 +354,7 @@ class DetectSettings(StrictModel):
     unclip_ratio: float = Field(1.6, ge=0, le=10)
     judge: ObjectJudgeSettings = Field(default_factory=ObjectJudgeSettings)
     escalate: DetectEscalation = Field(default_factory=DetectEscalation)
+    track: TrackSettings = Field(default_factory=TrackSettings)
 
 
 class OutboxSettings(StrictModel):

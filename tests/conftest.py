@@ -145,6 +145,17 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoArtifacts:
     return build_demo(tmp_path_factory.mktemp("demo"))
 
 
+@pytest.fixture(scope="session")
+def demo_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The detect demo's detector trained on fewer scenes (seconds): the same graph, a weaker model."""
+    from edgewire.demo import detector
+
+    clf, reg = detector.train(scene_count=80)
+    path = tmp_path_factory.mktemp("detector") / f"{detector.DETECTOR_NAME}.onnx"
+    path.write_bytes(detector.to_onnx(clf, reg))
+    return path
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     m = Mosquitto(tmp_path)

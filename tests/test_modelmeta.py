@@ -62,10 +62,14 @@ def test_the_three_readers_refuse_a_broken_entry_alike(
 
 def test_the_bridge_readers_refuse_a_model_without_its_entry_alike(tmp_path: Path) -> None:
     path = tiny_model(tmp_path / "plain.onnx")
-    missing = f"no '{META_KEY}' entry, so the model's input, labels and output are unknown"
+    # The repository writer reads a file as the device does (exporter metadata and the graph),
+    # so it refuses what the device refuses, in the same words and with the same fix.
     by_repository = _refusal(lambda: write_python_repository(tmp_path / "repo", [path]))
+    assert by_repository == _refusal(lambda: OnnxEngine(path))
+    assert "edgewire model annotate" in by_repository
+    # A Triton model config is written by that writer, so it always carries the entry.
+    missing = f"no '{META_KEY}' entry, so the model's input, labels and output are unknown"
     from_triton = _refusal(lambda: model_meta_from_config({"name": "tiny", "parameters": {}}))
-    assert by_repository.startswith(f"{path} (ONNX metadata): {missing}")
     assert from_triton.startswith(f"config.pbtxt of Triton model 'tiny': {missing}")
 
 

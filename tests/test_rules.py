@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from edgewire.cloud_bridge.rules import Route, Rule, RuleSet, When, aggregate, default_rules, load_rules
-from edgewire.envelopes import Prediction, Request
+from edgewire.envelopes import Detection, Prediction, Request
 from edgewire.errors import ConfigError
 
 EXAMPLE = """\
@@ -379,3 +379,34 @@ def test_aggregate_refuses_nothing_and_unknown_methods() -> None:
         aggregate([], "vote")
     with pytest.raises(ValueError, match="unknown aggregation 'mean'"):
         aggregate([pred("1", 0.5)], "mean")
+
+
+def detect_request(labels: list[str]) -> Request:
+    detections = [Detection(box=[0.0, 0.0, 9.0, 9.0], score=0.5, class_index=0, label=lb) for lb in labels]
+    return request().model_copy(update={"task": "detect", "detections": detections})
+
+
+@pytest.mark.parametrize(
+    ("when", "req", "expected"),
+    [
+        (When(task="detect"), detect_request(["3"]), True),
+        (When(task="detect"), request(), False),  # a classify request
+        (When(task="classify"), request(), True),
+        (When(classes=["3", "8"]), detect_request(["1", "8"]), True),  # any detection's label
+        (When(classes=["3", "8"]), detect_request(["1", "2"]), False),
+        (When(classes=["3", "8"]), detect_request([]), False),
+        (When(classes=[8]), request(local=pred("8", 0.9)), True),  # a classification's local label
+    ],
+)
+def test_task_and_class_conditions(when: When, req: Request, expected: bool) -> None:
+    assert when.matches(req) is expected
+
+
+def test_merge_policy_is_checked_when_the_rules_load(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n  - name: crops\n    when: {task: detect}\n    route_to: m\n    merge: relabel\n")
+    assert load_rules(path).rules[0].merge == "relabel"
+    path.write_text("rules:\n  - name: crops\n    when: {task: detect}\n    route_to: m\n    merge: overwrite\n")
+    with pytest.raises(ConfigError, match="merge"):
+        load_rules(path)
+    assert Route(route_to=["m"]).merge is None  # chosen by the model's task at dispatch

@@ -247,8 +247,10 @@ def test_model_without_metadata_is_refused(tmp_path: Path, demo: DemoArtifacts) 
     bare = tmp_path / "bare.onnx"
     onnx.save(proto, str(bare))
     out = tmp_path / "repo"
-    with pytest.raises(ModelError, match=re.escape(f"{bare} (ONNX metadata): no 'edgewire' entry")):
+    # Read as a device reads it: the graph gives the input and the task, nothing gives the labels.
+    with pytest.raises(ModelError, match=re.escape(f"{bare}: nothing in the model says its labels")) as refused:
         write_python_repository(out, [demo.cloud_model, bare])
+    assert f"edgewire model annotate {bare}" in str(refused.value) and "--labels" in str(refused.value)
     assert not out.exists()  # checked before anything was written
     with pytest.raises(ModelError, match="both declare"):
         write_python_repository(out, [demo.cloud_model, demo.cloud_model])

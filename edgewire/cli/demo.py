@@ -23,13 +23,24 @@ def models_demo(
     out_dir: Annotated[Path, typer.Option("--out", help="folder for models/ and frames/")] = Path("demo-data"),
     image_format: Annotated[str, typer.Option("--format", help="jpg or png")] = "jpg",
 ) -> None:
-    """Train the demo edge and cloud models on scikit-learn's digits and write the held-out frames."""
+    """Train the demo edge and cloud models, the digit detector and its crop classifier on
+    scikit-learn's digits, and write the held-out frames (the detect models are reused while their
+    code and libraries are unchanged)."""
+    from edgewire.demo.crop_classifier import build_crop_classifier
+    from edgewire.demo.detector import build_detector
     from edgewire.demo.models import build_demo
 
     arts = build_demo(out_dir, image_format=image_format, progress=lambda m: console.print(f"… {m}"))
     out.print(f"edge model   {arts.edge_model}  accuracy {arts.edge_accuracy:.3f}")
     out.print(f"cloud model  {arts.cloud_model}  accuracy {arts.cloud_accuracy:.3f}")
     out.print(f"frames       {arts.frames_dir}")
+    console.print("… the detect demo's detector and crop classifier (cached by content)")
+    for kind, built in (
+        ("detector", build_detector(arts.edge_model.parent)),
+        ("crops", build_crop_classifier(arts.edge_model.parent)),
+    ):
+        how = "reused" if built.cached else f"trained in {built.train_seconds:.1f} s"
+        out.print(f"{kind:<12} {built.path}  {how}")
 
 
 def demo(
@@ -42,8 +53,20 @@ def demo(
         int, typer.Option(min=1, help="how long a device waits for the cloud before its own answer stands")
     ] = DEFAULT_CLOUD_DEADLINE_MS,
     as_json: Annotated[bool, typer.Option("--json", help="no live view; end with one JSON summary line")] = False,
+    task: Annotated[
+        str,
+        typer.Option(
+            help="classify: devices classify single digits; detect: a device detects digits in camera sequences "
+            "and the cloud relabels the uncertain ones (scored by mAP@0.5)"
+        ),
+    ] = "classify",
 ) -> None:
     """Embedded broker, embedded cloud (Triton + bridge) and N devices playing the demo digits."""
+    if task == "detect":
+        _demo_detect(out_dir, as_json)
+        return
+    if task != "classify":
+        raise fail(ValueError(f"--task must be classify or detect, not {task!r}"))
     from edgewire.demo.run import run_demo
 
     # Piped or logged output has no terminal to fit: give it room rather than wrap at 80 columns.
@@ -65,6 +88,20 @@ def demo(
         raise fail(exc) from None
     if as_json:
         print(json.dumps(summary))
+
+
+def _demo_detect(out_dir: Path, as_json: bool) -> None:
+    from edgewire.demo.detect_run import run_detect_demo, summary_text
+
+    say = None if as_json else (lambda m: console.print(m, highlight=False))
+    try:
+        summary = asyncio.run(run_detect_demo(out_dir, say=say))
+    except EdgewireError as exc:
+        raise fail(exc) from None
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        out.print(summary_text(summary), highlight=False, soft_wrap=True)
 
 
 def evaluate(
