@@ -328,14 +328,16 @@ class DeviceProcess:
 
 
 class Monitor:
-    def __init__(self, host: str, port: int, workdir: Path, netns: str | None = None) -> None:
+    """What reaches the broker for one device, recorded by its own process (MONITOR)."""
+
+    def __init__(self, host: str, port: int, workdir: Path, netns: str | None = None, device_id: str = DEVICE) -> None:
         self.out = workdir / "monitor.jsonl"
         self.log = workdir / "monitor.log"
         script = workdir / "monitor.py"
         script.write_text(MONITOR)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                _prefix([sys.executable, str(script), host, str(port), DEVICE, str(self.out)], netns),
+                _prefix([sys.executable, str(script), host, str(port), device_id, str(self.out)], netns),
                 stdout=log,
                 stderr=log,
             )
@@ -905,3 +907,70 @@ def test_link_cut_30s_by_veth_down(demo: DemoArtifacts, tmp_path: Path) -> None:
     # And joint inference resumed.
     assert any(f["answered_by"] == "cloud" and not f["degraded"] for f in finals.values() if f["ts"] > up + 2)
     print(f"link cut {cut_s:.0f} s: {found.figures()}, window {window.end - down:.1f} s")
+
+
+# ---- 6. the distributor is killed mid-push -------------------------------------------------
+
+
+async def test_distributor_killed_mid_push(demo: DemoArtifacts, tmp_path: Path) -> None:
+    """``edgewire distributor`` SIGKILLed while a push streams past it, then started again: the
+    chunks it had stored survive, those pushed while it was dead wait at the broker in its
+    persistent session, and a device that was away for the whole push gets the model from it,
+    every chunk exactly once."""
+    from edgewire import signing
+    from edgewire.delivery import build_manifest
+    from edgewire.fleet.push import announce, publish_chunks
+
+    from .conftest import BrokerHandle, until
+    from .test_model_delivery import NAME, Fleet, Running, variant
+
+    port = free_port()
+    broker = ServiceProcess(
+        [_mosquitto_exe(), "-c", str(mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port))],
+        tmp_path / "mosquitto.log",
+        port,
+    )
+    await asyncio.to_thread(broker.start)
+    url = f"mqtt://127.0.0.1:{port}"
+    watcher = Monitor("127.0.0.1", port, tmp_path, device_id="nobody")  # presence births
+    cmd = [sys.executable, "-m", "edgewire.cli", "distributor", "--broker", url, "--store", str(tmp_path / "store")]
+    distributor = ServiceProcess([*cmd, "--id", "distributor-f"], tmp_path / "distributor.log")
+    pem, public = signing.generate()
+    (tmp_path / "fleet-signing.pub").write_text(public)
+    variant(demo.edge_model, tmp_path / "v1.onnx", "1.0.0")
+    fleet = Fleet(
+        BrokerHandle("mosquitto", "127.0.0.1", port),
+        tmp_path,
+        signing.load_private(pem),
+        tmp_path / "fleet-signing.pub",
+        None,
+    )  # type: ignore[arg-type]
+    v2 = variant(demo.edge_model, tmp_path / "v2.onnx", "2.0.0", slow=1)  # ~256 KiB of weights
+    manifest = build_manifest(v2, name=NAME, version="2.0.0", chunk_size=4096, private_key=fleet.private)
+    n = manifest.chunk_count
+    try:
+        with processes(watcher, distributor):
+            began = time.time()
+            distributor.start()
+            await asyncio.to_thread(
+                watcher.wait, lambda: born_after(watcher, "distributor-f", began) is not None, 60, "distributor"
+            )
+            async with fleet.operator() as op:
+                await op.wait_connected(10)
+                await announce(op, manifest)
+                await publish_chunks(op, v2, manifest, indices=range(n // 3))
+                down = time.time()
+                await asyncio.to_thread(distributor.kill)  # while it is still storing that third
+                await publish_chunks(op, v2, manifest, indices=range(n // 3, 2 * n // 3))
+                distributor.start()
+                await asyncio.to_thread(
+                    watcher.wait, lambda: born_after(watcher, "distributor-f", down) is not None, 60, "distributor back"
+                )
+                await publish_chunks(op, v2, manifest, indices=range(2 * n // 3, n))
+            # A device away for the whole push: the retained announce, then every chunk from the distributor.
+            async with Running(fleet.device("cam-away")) as agent:
+                assert await until(lambda: agent.meta.version == "2.0.0", 90), agent.meter.snapshot()
+    finally:
+        await asyncio.to_thread(broker.stop)
+    assert agent.meter.get("model_chunks_received_total") == n
+    assert agent.meter.get("model_chunks_duplicate_total") == 0
