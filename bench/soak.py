@@ -54,6 +54,8 @@ from tests.test_faults import (  # noqa: E402
 )
 
 FAULTS = ("broker", "bridge", "triton", "device")
+#: Memory and descriptors are first read this long into the traffic, before the first fault.
+WARM_UP_S = 15.0
 
 
 def _rss_mib(pid: int) -> float:
@@ -185,6 +187,7 @@ async def soak(minutes: float, devices: int, fps: float, seed: int) -> dict[str,
         try:
             await fleet.start()
             began = time.monotonic()
+            await asyncio.sleep(WARM_UP_S)  # imports, first batches, caches: not growth
             start_pids = fleet.pids()
             start_sample = _sample(start_pids)
             injected: Counter[str] = Counter()
@@ -200,7 +203,7 @@ async def soak(minutes: float, devices: int, fps: float, seed: int) -> dict[str,
             await asyncio.sleep(max(0.0, ends - time.monotonic()))
             end_pids = fleet.pids()
             end_sample = _sample(end_pids)
-            hours = (time.monotonic() - began) / 3600
+            hours = (time.monotonic() - began - WARM_UP_S) / 3600
             await fleet.settle()
             verdicts = fleet.verdicts()
         finally:
@@ -234,6 +237,8 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=8.0)
     parser.add_argument("--seed", type=int, default=int(time.time()))
     args = parser.parse_args()
+    # A stopped soak still takes its fleet down (the finally blocks run on the way out).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(json.dumps(asyncio.run(soak(args.minutes, args.devices, args.fps, args.seed))))
 
 

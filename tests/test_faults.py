@@ -1,12 +1,14 @@
-"""Faults in the middle of a stream: the broker restarts, the bridge restarts, the device's link
-is cut for 30 s. Each time a device streams hard frames (every label is "unknown" to its judge)
-in joint mode with a durable outbox, and after things settle the same invariants must hold:
+"""Crashes in the middle of a stream, each a SIGKILL under load: the broker (Mosquitto with
+persistence, and the embedded amqtt broker; both reconnect orders), a bridge running as its own
+process, Triton, the device while its broker is up, the distributor mid-push; plus a graceful
+bridge restart and a 30 s link cut in network namespaces.
 
-* every hard frame has exactly one final outcome and at most one late one;
-* no request was run twice by the bridge(s), and Triton did no more work than there were frames;
-* nothing acknowledged was lost: the outbox is empty, no answer is still owed, every request the
-  broker acknowledged got the bridge's answer, and every frame queued while degraded got its
-  late answer.
+A device streams hard frames (every label is "unknown" to its judge) in joint mode with a durable
+outbox, and after the fault and a quiet period the exact invariants of tests/invariants.py must
+hold for every escalation the outbox accepted: one final outcome each, nothing still queued or
+owed, no request run twice (the bridges' and Triton's own counts), no duplicates, and none ended
+without the cloud's answer unless its deadline fell inside the outage window measured from the
+fault's start to the first fresh request answered after it.
 
 The device is a real process (a small driver around EdgeAgent that writes every outcome it
 hands to ``on_result`` as a JSON line, so nothing the device decided is missed even when its
@@ -302,7 +304,7 @@ class DeviceProcess:
                 return False
             await asyncio.sleep(0.25)
         return await until_quiet(
-            lambda: (len(self.lines()), len(monitor.lines())),
+            lambda: (len(self.lines()), len(monitor.messages("result")), len(monitor.messages("local"))),
             quiet_s=QUIET_S,
             timeout=deadline - time.monotonic() + QUIET_S,
         )
