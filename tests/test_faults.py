@@ -738,7 +738,13 @@ async def test_triton_killed_mid_stream(demo: DemoArtifacts, triton: EmbeddedTri
     found = verdict(device, monitor, [window], runs=bridge_runs(bridge), inferences=before + after)
     statuses = Counter(a["doc"]["status"] for a in monitor.messages("result") if down <= a["t"] <= window.end)
     assert statuses["unavailable"] + statuses["expired"] > 0, f"Triton's death went unnoticed: {statuses}"
-    print(f"Triton killed: {found.figures()}, answers in the outage {dict(statuses)}, window {window.end - down:.1f} s")
+    owed, _ = read_outbox(device.db)
+    finals = {o["r"]["trace_id"]: o["r"] for o in device.outcomes() if o["r"]["state"] != "PENDING_CLOUD"}
+    without = Counter(row.first_state for k, row in owed.items() if finals[k]["answered_by"] != "cloud")
+    print(
+        f"Triton killed: {found.figures()}, answers in the outage {dict(statuses)}, window {window.end - down:.1f} s, "
+        f"ended without the cloud by first state {dict(without)}"
+    )
 
 
 # ---- 4. the device is killed while its broker is up ----------------------------------------
