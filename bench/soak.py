@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -81,7 +82,8 @@ class Fleet:
         self.triton = EmbeddedTriton(repo, workdir=workdir / "triton")
         self.ids = [f"cam-s{i}" for i in range(devices)]
         self.fps = fps
-        self.frames = int(fps * 60 * minutes)
+        # Streaming past the end by half a minute, so the last reading is of a working fleet.
+        self.frames = int(fps * (60 * minutes + 30))
         self.devices: dict[str, DeviceProcess] = {}
         self.monitors: dict[str, Monitor] = {}
         self.configs: dict[str, Any] = {}
@@ -182,32 +184,35 @@ def _sample(pids: dict[str, int]) -> dict[str, dict[str, float]]:
 
 async def soak(minutes: float, devices: int, fps: float, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
-    with tempfile.TemporaryDirectory(prefix="edgewire-soak-") as tmp:
-        fleet = Fleet(Path(tmp), devices, fps, minutes)
-        try:
-            await fleet.start()
-            began = time.monotonic()
-            await asyncio.sleep(WARM_UP_S)  # imports, first batches, caches: not growth
-            start_pids = fleet.pids()
-            start_sample = _sample(start_pids)
-            injected: Counter[str] = Counter()
-            ends = began + minutes * 60
-            while True:
-                wait = rng.uniform(20, 40)
-                if time.monotonic() + wait > ends:
-                    break
-                await asyncio.sleep(wait)
-                kind = rng.choice(FAULTS)
-                await fleet.inject(kind, rng)
-                injected[kind] += 1
-            await asyncio.sleep(max(0.0, ends - time.monotonic()))
-            end_pids = fleet.pids()
-            end_sample = _sample(end_pids)
-            hours = (time.monotonic() - began - WARM_UP_S) / 3600
-            await fleet.settle()
-            verdicts = fleet.verdicts()
-        finally:
-            await fleet.close()
+    tmp = Path(tempfile.mkdtemp(prefix="edgewire-soak-"))
+    verdicts: dict[str, Verdict] = {}
+    fleet = Fleet(tmp, devices, fps, minutes)
+    try:
+        await fleet.start()
+        began = time.monotonic()
+        await asyncio.sleep(WARM_UP_S)  # imports, first batches, caches: not growth
+        start_pids = fleet.pids()
+        start_sample = _sample(start_pids)
+        injected: Counter[str] = Counter()
+        ends = began + minutes * 60
+        while True:
+            wait = rng.uniform(20, 40)
+            if time.monotonic() + wait > ends:
+                break
+            await asyncio.sleep(wait)
+            kind = rng.choice(FAULTS)
+            await fleet.inject(kind, rng)
+            injected[kind] += 1
+        await asyncio.sleep(max(0.0, ends - time.monotonic()))
+        end_pids = fleet.pids()
+        end_sample = _sample(end_pids)
+        hours = (time.monotonic() - began - WARM_UP_S) / 3600
+        await fleet.settle()
+        verdicts = fleet.verdicts()
+    finally:
+        await fleet.close()
+        if verdicts and not any(v.problems for v in verdicts.values()):
+            shutil.rmtree(tmp, ignore_errors=True)  # kept for a look when anything broke
     # Memory growth over the processes alive from start to end (a killed one starts afresh).
     same = [k for k, pid in start_pids.items() if end_pids.get(k) == pid]
     growth = sum(end_sample[k]["rss_mib"] - start_sample[k]["rss_mib"] for k in same) / hours
@@ -227,6 +232,7 @@ async def soak(minutes: float, devices: int, fps: float, seed: int) -> dict[str,
         "processes_at_start": start_sample,
         "processes_at_end": end_sample,
         "problems": [p for v in verdicts.values() for p in v.problems][:20],
+        "workdir": str(tmp) if tmp.exists() else None,
     }
 
 
