@@ -210,6 +210,12 @@ class EmbeddedTriton:
         return self._proc is not None and not self._exited()
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id, which is also its process group's (it runs in its own
+        session with its python-backend stubs): a fault test kills the group to crash it."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def models(self) -> list[str]:
         """The models start() waited for: every directory in the repository with a config.pbtxt."""
         return list(self._models)

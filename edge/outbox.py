@@ -16,7 +16,10 @@ A message owed an answer stays in the outbox after the broker acknowledged it, m
 until its answer is settled: a broker's PUBACK does not mean a bridge has it (a broker restart
 can lose a shared subscription, a bridge can stop between taking and answering). Such a message
 is sent again after a reconnect or when it has waited too long, and the bridge's dedupe by
-trace_id makes the resend harmless.
+trace_id makes the resend harmless. It is also sent again, at once, when an answer comes for a
+request sent more than :data:`OVERTAKEN_AFTER_S` after it: the path works, so this one was lost
+on the way (a broker restarted without its sessions drops what arrives before the bridge has
+subscribed again), and waiting for the resend timer would let its deadline pass.
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ CREATE INDEX IF NOT EXISTS owed_waiting ON owed (state, deadline);
 """
 
 OwedState = Literal["waiting", "answered", "expired"]
+
+#: An unanswered request sent this much earlier than one just answered was lost on the way
+#: (answers from a working path come back within this of their order).
+OVERTAKEN_AFTER_S = 1.0
 
 
 class OutboxFull(EdgewireError):
@@ -299,14 +306,27 @@ class Outbox:
         pairs = list(outcomes)
         now = time.time()
         done: list[bool] = []
+        overtaken: float | None = None
         with self._transaction():
             for key, state in pairs:
                 cur = self._db.execute(
                     "UPDATE owed SET state = ?, settled = ? WHERE key = ? AND state = 'waiting'", (state, now, key)
                 )
                 done.append(cur.rowcount == 1)
+                if state == "answered":
+                    row = self._db.execute("SELECT MAX(sent) FROM outbox WHERE key = ?", (key,)).fetchone()
+                    if row[0] is not None:
+                        overtaken = max(overtaken or 0.0, float(row[0]))
                 # Answered or given up on: the request need not go (again).
                 self._db.execute("DELETE FROM outbox WHERE key = ? AND (? OR sent IS NOT NULL)", (key, not keep_unsent))
+            lost = 0
+            if overtaken is not None:
+                lost = self._db.execute(
+                    "UPDATE outbox SET sent = NULL WHERE sent IS NOT NULL AND key IS NOT NULL AND sent < ?",
+                    (overtaken - OVERTAKEN_AFTER_S,),
+                ).rowcount
+        if lost:
+            self.meter.inc("outbox_resent_total", lost)
         self._recount()
         self.meter.set("outbox_depth", self._count)
         return done

@@ -28,6 +28,25 @@ ROOT = Path(__file__).resolve().parents[1]
 #: instead, naming what is missing, so a broken install cannot pass by running fewer tests.
 #: On a developer's machine a skip stays a skip.
 NO_SKIPS = os.environ.get("EDGEWIRE_NO_SKIPS") == "1"
+#: CI runs the fault and end-to-end tests once more with EDGEWIRE_BURN_CPUS set to the number of
+#: cores: that many processes spin for the whole session, so the tests must hold on a machine
+#: with no core to spare (their deadlines have room; they assert correctness, not speed).
+BURN_CPUS = int(os.environ.get("EDGEWIRE_BURN_CPUS", "0") or 0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_burners() -> Iterator[int]:
+    import sys
+
+    burners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL) for _ in range(BURN_CPUS)
+    ]
+    try:
+        yield len(burners)
+    finally:
+        for proc in burners:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.hookimpl(hookwrapper=True)

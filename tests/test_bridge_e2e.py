@@ -25,6 +25,7 @@ from edgewire.demo.models import DemoArtifacts, label_of
 from edgewire.edge.agent import EdgeAgent
 
 from .conftest import BrokerHandle, Mosquitto
+from .invariants import until_quiet
 
 FAST_BREAKER = {"window": 6, "min_calls": 3, "error_rate": 0.5, "open_s": 0.5}
 
@@ -247,16 +248,22 @@ async def test_bridge_restart_loses_nothing_acknowledged(
     handle = BrokerHandle("mosquitto", "127.0.0.1", mosquitto.port)
     jpeg = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
     async with ResultReader(handle, "cam-r") as dev:
-        async with RunningBridge(handle, triton, bridge_id="bridge-r"):
+        async with RunningBridge(handle, triton, bridge_id="bridge-r") as first:
             for i in range(20):
                 await dev.send(request("cam-r", f"r-{i}", jpeg))
         # Bridge gone: these wait at the broker in its persistent session.
         for i in range(20, 40):
             await dev.send(request("cam-r", f"r-{i}", jpeg))
-        async with RunningBridge(handle, triton, bridge_id="bridge-r"):
-            results = await dev.wait(40, timeout=30)
+        async with RunningBridge(handle, triton, bridge_id="bridge-r") as bridge:
+            await dev.wait(40, timeout=60)
+            # Listen until quiet, not until the count: a late duplicate must have time to show.
+            assert await until_quiet(lambda: len(dev.results), quiet_s=2.0, timeout=30)
+            results = list(dev.results)
     ids = sorted(r.trace_id for r in results)
     assert ids == sorted(f"r-{i}" for i in range(40))  # each exactly once
+    bridges = (first, bridge)
+    assert sum(b.meter.total("requests_total") for b in bridges) == 40  # none ran twice
+    assert sum(b.meter.total("requests_duplicate_total") for b in bridges) == 0
     assert all(r.status == "ok" for r in results)
 
 

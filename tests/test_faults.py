@@ -1,12 +1,14 @@
-"""Faults in the middle of a stream: the broker restarts, the bridge restarts, the device's link
-is cut for 30 s. Each time a device streams hard frames (every label is "unknown" to its judge)
-in joint mode with a durable outbox, and after things settle the same invariants must hold:
+"""Crashes in the middle of a stream, each a SIGKILL under load: the broker (Mosquitto with
+persistence, and the embedded amqtt broker; both reconnect orders), a bridge running as its own
+process, Triton, the device while its broker is up, the distributor mid-push; plus a graceful
+bridge restart and a 30 s link cut in network namespaces.
 
-* every hard frame has exactly one final outcome and at most one late one;
-* no request was run twice by the bridge(s), and Triton did no more work than there were frames;
-* nothing acknowledged was lost: the outbox is empty, no answer is still owed, every request the
-  broker acknowledged got the bridge's answer, and every frame queued while degraded got its
-  late answer.
+A device streams hard frames (every label is "unknown" to its judge) in joint mode with a durable
+outbox, and after the fault and a quiet period the exact invariants of tests/invariants.py must
+hold for every escalation the outbox accepted: one final outcome each, nothing still queued or
+owed, no request run twice (the bridges' and Triton's own counts), no duplicates, and none ended
+without the cloud's answer unless its deadline fell inside the outage window measured from the
+fault's start to the first fresh request answered after it.
 
 The device is a real process (a small driver around EdgeAgent that writes every outcome it
 hands to ``on_result`` as a JSON line, so nothing the device decided is missed even when its
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -28,7 +31,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +58,12 @@ from edgewire.ports import free_port, wait_port
 from edgewire.session import MqttSession, NotConnected
 
 from .conftest import ROOT, stop_process
+from .invariants import Verdict, Window, check, outage_window, read_outbox, until_quiet
 from .test_discovery_netns import HOSTS, Lan, _can_make_namespaces, _ip
 
 DEVICE = "cam-f"
+#: Nothing new from the device or on the broker for this long: the run is over.
+QUIET_S = 3.0
 
 # The device process: EdgeAgent from a YAML config, every outcome written as a JSON line.
 DRIVER = r'''
@@ -258,6 +263,10 @@ class DeviceProcess:
     def finals(self) -> int:
         return len({r["trace_id"] for r in self.results() if r["state"] != "PENDING_CLOUD" and not r["late"]})
 
+    def outcomes(self) -> list[dict[str, Any]]:
+        """Every outcome the device decided, ``{"t": when, "r": LocalResult}``, across its runs."""
+        return [line for line in self.lines() if "r" in line]
+
     def db_counts(self) -> tuple[int, int] | None:
         """(requests still in the outbox, answers still owed), read from the SQLite file."""
         if not self.db.exists():
@@ -266,14 +275,6 @@ class DeviceProcess:
             queued = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
             waiting = db.execute("SELECT COUNT(*) FROM owed WHERE state = 'waiting'").fetchone()[0]
         return int(queued), int(waiting)
-
-    def owed(self) -> dict[str, tuple[str, str]]:
-        """trace_id -> (owed state, state of the frame's first outcome when it was queued)."""
-        from edgewire import envelopes as env
-
-        with contextlib.closing(sqlite3.connect(self.db, timeout=5)) as db:
-            rows = db.execute("SELECT key, state, note FROM owed").fetchall()
-        return {k: (s, env.decode(env.LocalResults, bytes(n)).results[0].state) for k, s, n in rows}
 
     def alive(self) -> None:
         if self.proc.poll() is not None:
@@ -286,20 +287,27 @@ class DeviceProcess:
             assert time.monotonic() < deadline, f"only {self.finals()} of {count} frames answered:\n{_tail(self.log)}"
             await asyncio.sleep(0.05)
 
-    async def settle(self, timeout: float) -> bool:
-        """Until the source is done, every frame answered, the outbox empty and nothing owed;
-        False if that does not happen in time (the invariants then say what is missing)."""
+    async def settle(self, monitor: Monitor, timeout: float) -> bool:
+        """Until this run's source is done, the outbox empty and nothing owed, and then until
+        neither the device nor the broker has said anything new for a while (a late duplicate
+        has the time to show up); False if that does not happen in time (the invariants then
+        say what is missing)."""
         deadline = time.monotonic() + timeout
         while True:
             self.alive()
-            done = any(line.get("event") == "source_done" for line in self.lines())
-            if done and self.finals() >= self.frames and self.db_counts() == (0, 0):
+            lines = self.lines()
+            runs = [i for i, line in enumerate(lines) if line.get("event") == "started"]
+            done = any(line.get("event") == "source_done" for line in lines[runs[-1] if runs else 0 :])
+            if done and self.db_counts() == (0, 0):
                 break
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.25)
-        await asyncio.sleep(1.0)  # an answer taken just now is published a moment later
-        return True
+        return await until_quiet(
+            lambda: (len(self.lines()), len(monitor.messages("result")), len(monitor.messages("local"))),
+            quiet_s=QUIET_S,
+            timeout=deadline - time.monotonic() + QUIET_S,
+        )
 
     def stop(self, timeout: float = 30) -> dict[str, Any]:
         """SIGTERM, wait; returns the run's summary line (summary and meter)."""
@@ -322,14 +330,16 @@ class DeviceProcess:
 
 
 class Monitor:
-    def __init__(self, host: str, port: int, workdir: Path, netns: str | None = None) -> None:
+    """What reaches the broker for one device, recorded by its own process (MONITOR)."""
+
+    def __init__(self, host: str, port: int, workdir: Path, netns: str | None = None, device_id: str = DEVICE) -> None:
         self.out = workdir / "monitor.jsonl"
         self.log = workdir / "monitor.log"
         script = workdir / "monitor.py"
         script.write_text(MONITOR)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                _prefix([sys.executable, str(script), host, str(port), DEVICE, str(self.out)], netns),
+                _prefix([sys.executable, str(script), host, str(port), device_id, str(self.out)], netns),
                 stdout=log,
                 stderr=log,
             )
@@ -357,110 +367,50 @@ def _total(metrics: dict[str, float], name: str) -> float:
     return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
 
 
-@dataclass
-class Bridges:
-    """What the bridge(s) did over the run."""
-
-    requests_total: float
-    duplicates: float
-    triton_calls: float
-    statuses: Counter[str] = field(default_factory=Counter)
+def bridge_runs(*bridges: Bridge) -> float:
+    """Requests the bridge(s) ran, whatever their answer."""
+    return sum(b.meter.total("requests_total") for b in bridges)
 
 
-def check_invariants(device: DeviceProcess, end: dict[str, Any], monitor: Monitor, bridges: Bridges) -> dict[str, Any]:
-    """The invariants every fault must keep; returns what the fault-specific checks need."""
-    results = device.results()
-    by_trace: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        by_trace.setdefault(r["trace_id"], []).append(r)
-    hard = {t for t, rs in by_trace.items() if rs[0]["reasons"]}
-    assert len(by_trace) == device.frames, f"{len(by_trace)} frames answered, {device.frames} read"
-    assert hard == set(by_trace), "every frame should be hard"
+async def triton_inferences(triton: EmbeddedTriton, model: str = "digits-cloud") -> int:
+    """Inferences Triton did since it started (every item of every batch), from its own statistics."""
+    from tritonclient.grpc import aio as grpc_aio
 
-    # Exactly one final outcome per hard frame, at most one late one.
-    finals: dict[str, dict[str, Any]] = {}
-    lates: dict[str, dict[str, Any]] = {}
-    for t in hard:
-        rs = by_trace[t]
-        final = [r for r in rs if r["state"] != "PENDING_CLOUD" and not r["late"]]
-        late = [r for r in rs if r["late"]]
-        assert len(final) == 1, f"{t}: {len(final)} final outcomes: {final}"
-        assert len(late) <= 1, f"{t}: {len(late)} late outcomes: {late}"
-        assert [r for r in rs if r["state"] == "PENDING_CLOUD"] in ([], [rs[0]]), f"{t}: pending after an outcome"
-        finals[t] = final[0]
-        if late:
-            lates[t] = late[0]
-            assert rs.index(late[0]) > rs.index(final[0]), f"{t}: late outcome before the final one"
+    client = grpc_aio.InferenceServerClient(triton.grpc_url)
+    try:
+        return int((await client.get_inference_statistics(model)).model_stats[0].inference_count)
+    finally:
+        await client.close()
 
-    # The durable side: nothing queued, nothing owed, every escalation settled.
-    owed = device.owed()
-    answers: dict[str, dict[str, Any]] = {}
-    for m in monitor.messages("result"):
-        answers.setdefault(m["doc"]["trace_id"], m["doc"])
-    waiting = sorted(t for t, (state, _) in owed.items() if state == "waiting")
-    queued = device.db_counts()
-    assert not waiting and queued == (0, 0), (
-        f"(outbox, owed) = {queued} after settling: {len(waiting)} answers still owed, "
-        f"{len(set(waiting) - set(answers))} of them for requests no bridge ever answered "
-        f"(the device's outbox holds {queued[0] if queued else '?'}: the broker acknowledged the rest), "
-        f"e.g. {waiting[:5]}"
+
+def verdict(
+    device: DeviceProcess,
+    monitor: Monitor,
+    windows: list[Window],
+    *,
+    runs: float | None,
+    inferences: float | None,
+    reruns_allowed: int = 0,
+) -> Verdict:
+    """The exact invariants (tests/invariants.py) over what the device, the broker and the
+    cloud recorded; fails naming every escalation that broke one."""
+    owed, queued = read_outbox(device.db)
+    found = check(
+        owed,
+        queued,
+        device.outcomes(),
+        monitor.messages("result"),
+        windows,
+        bridge_runs=runs,
+        triton_inferences=inferences,
+        reruns_allowed=reruns_allowed,
     )
-    assert set(owed) <= hard
-    assert set(lates) <= set(owed), "a late outcome for a frame never escalated"
-    for t, (state, first) in owed.items():
-        final = finals[t]
-        if first == "PENDING_CLOUD":  # escalated in joint mode: the cloud's answer or a TIMEOUT
-            if state == "answered" and t not in lates:
-                assert final["state"] == "COMPLETE" and final["answered_by"] == "cloud" and not final["degraded"], final
-            else:
-                assert final["state"] == "TIMEOUT" and final["degraded"], (t, state, final)
-        else:  # queued while degraded: answered locally at once, the cloud's answer later, once
-            assert first == "COMPLETE" and final["degraded"] and final["answered_by"] == "edge", (t, final)
-            assert state == "answered" and t in lates, f"{t}: queued while degraded, no late answer ({state})"
-        if t in lates and lates[t]["answered_by"] == "cloud":
-            assert t in answers and lates[t]["prediction"]["label"] == answers[t]["prediction"]["label"]
-    for t, final in finals.items():
-        if final["answered_by"] == "cloud":
-            assert owed[t][0] == "answered" and final["prediction"]["label"] == answers[t]["prediction"]["label"]
-
-    # No request was run twice, and Triton did no more than one inference per hard frame.
-    assert set(answers) <= set(owed), "the bridge answered a request the device never sent"
-    assert bridges.requests_total == len(answers), (
-        f"bridges ran {bridges.requests_total:.0f} requests for {len(answers)} distinct trace ids"
-    )
-    assert bridges.triton_calls <= len(hard)
-    # A request the broker still held when its deadline passed (across a restart) is answered
-    # `expired`, never run; the device did not take that answer as the cloud's.
-    assert set(bridges.statuses) <= {"ok", "expired"}, bridges.statuses
-    for t, doc in answers.items():
-        if doc["status"] == "expired":
-            assert finals[t]["answered_by"] != "cloud", (t, finals[t])
-
-    # Nothing acknowledged was lost: every escalation got its answer, except joint-mode frames
-    # whose deadline passed while no bridge could take them (a broker restart drops a shared
-    # subscription until its bridge is back); those ended TIMEOUT (checked above) and were
-    # dropped from the outbox, and every frame queued while degraded was answered.
-    meter = end["meter"]
-    unanswered = set(owed) - set(answers)
-    assert all(owed[t] == ("expired", "PENDING_CLOUD") for t in unanswered), sorted(unanswered)[:10]
-    return {"by_trace": by_trace, "finals": finals, "lates": lates, "owed": owed, "answers": answers, "meter": meter}
+    found.assert_exact()
+    assert found.escalations > 0 and found.answered_ok > 0, found.figures()
+    return found
 
 
-def _bridge_numbers(*bridges: Bridge) -> Bridges:
-    statuses: Counter[str] = Counter()
-    for b in bridges:
-        for key, value in b.meter.snapshot().items():
-            if key.startswith("requests_total{"):
-                statuses[key.split("status=")[1].rstrip("}")] += int(value)
-    return Bridges(
-        requests_total=sum(b.meter.total("requests_total") for b in bridges),
-        duplicates=sum(b.meter.total("requests_duplicate_total") for b in bridges),
-        triton_calls=sum(b.meter.total("triton_calls_total") for b in bridges),
-        statuses=statuses,
-    )
-
-
-# ---- in-process cloud for the broker and bridge faults ---------------------------------------
+# ---- the cloud: in process, or the bridge as its own process -------------------------------
 
 
 class CloudBridge:
@@ -506,6 +456,46 @@ class CloudBridge:
             await self.dispatcher.close()
 
 
+class ServiceProcess:
+    """A broker or a bridge in its own process, to be killed with SIGKILL mid-stream: nothing
+    saved on the way out, no goodbye, sockets closed by the kernel."""
+
+    def __init__(self, cmd: list[str], log: Path, port: int | None = None) -> None:
+        self.cmd, self.log, self.port = cmd, log, port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=log)
+        if self.port is not None:
+            wait_port(self.port, timeout=30)
+
+    def kill(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, f"{self.cmd[0]} already gone:\n{_tail(self.log)}"
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def broker_process(kind: str, workdir: Path, port: int) -> ServiceProcess:
+    """Mosquitto with persistence (the shipped conf; it saves every 30 s, so a SIGKILL loses
+    the sessions and queues since), or the embedded amqtt broker (``edgewire broker``)."""
+    log = workdir / f"{kind}.log"
+    if kind == "mosquitto":
+        conf = mosquitto_conf(workdir / "mosquitto.conf", "127.0.0.1", port, persist_in=workdir / "mosquitto-data")
+        return ServiceProcess([_mosquitto_exe(), "-c", str(conf)], log, port)
+    return ServiceProcess(
+        [sys.executable, "-m", "edgewire.cli", "broker", "--host", "127.0.0.1", "--port", str(port)], log, port
+    )
+
+
+def bridge_process(url: str, triton: EmbeddedTriton, workdir: Path, bridge_id: str = "bridge-f") -> ServiceProcess:
+    cmd = [sys.executable, "-m", "edgewire.cli", "bridge", "--triton", f"grpc://{triton.grpc_url}", "--broker", url]
+    return ServiceProcess([*cmd, "--id", bridge_id, "--decode-workers", "0"], workdir / "bridge.log")
+
+
 @contextlib.contextmanager
 def processes(*procs: Any) -> Iterator[None]:
     try:
@@ -516,67 +506,159 @@ def processes(*procs: Any) -> Iterator[None]:
                 p.kill() if isinstance(p, DeviceProcess) else p.stop()
 
 
-# ---- 1. the broker restarts ----------------------------------------------------------------
+def born_after(monitor: Monitor, client: str, t: float) -> float | None:
+    """When ``client`` last said it was online after ``t`` (its presence birth), if it has."""
+    births = [m["t"] for m in monitor.messages("presence") if m["topic"] == f"presence/{client}" and m["doc"]["online"]]
+    later = [b for b in births if b > t]
+    return min(later) if later else None
 
 
-# Who is back first after the restart is a race; each order is made certain by giving the other
-# side a slow reconnect backoff (6 s: its first try comes 3-6 s after the loss, the broker is
-# back after 2 s, the fast side retries every 0.05-0.5 s).
-SLOW, FAST = (6.0, 6.0), (0.05, 0.5)
+# ---- 1. the broker is killed ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("back_first", ["bridge", "device"], ids=["bridge-back-first", "device-back-first"])
-async def test_broker_restart_mid_stream(
-    demo: DemoArtifacts, triton: EmbeddedTriton, tmp_path: Path, back_first: str
+def bridge_runs_said(monitor: Monitor, bridge_id: str) -> float:
+    """Requests a bridge process ran, from the telemetry it publishes as it stops (SIGTERM)."""
+    topic = f"telemetry/{bridge_id}"
+    monitor.wait(lambda: any(m["topic"] == topic for m in monitor.messages("telemetry")), 15, "bridge telemetry")
+    return _total(
+        [m for m in monitor.messages("telemetry") if m["topic"] == topic][-1]["doc"]["metrics"], "requests_total"
+    )
+
+
+# Which side is back first matters for a broker that lost its sessions: the bridge back first
+# has subscribed again before any request is resent; the device back first resends into a
+# broker with no subscriber yet. The order is made certain, not raced: the side that is to be
+# second is stopped (SIGSTOP) before the kill and let go once the other is back.
+@pytest.mark.parametrize(
+    ("kind", "back_first"),
+    [("mosquitto", "bridge"), ("mosquitto", "device"), ("amqtt", "device")],
+    ids=["mosquitto-bridge-back-first", "mosquitto-device-back-first", "amqtt-device-back-first"],
+)
+async def test_broker_killed_mid_stream(
+    demo: DemoArtifacts, triton: EmbeddedTriton, tmp_path: Path, kind: str, back_first: str
 ) -> None:
     frames = 240
     port = free_port()
-    conf = mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port, persist_in=tmp_path / "mosquitto-data")
-    broker = Broker(conf, port, tmp_path / "mosquitto.log")
+    broker = broker_process(kind, tmp_path, port)
     await asyncio.to_thread(broker.start)
     url = f"mqtt://127.0.0.1:{port}"
     monitor = Monitor("127.0.0.1", port, tmp_path)
-    cloud = CloudBridge(url, triton, backoff=FAST if back_first == "bridge" else SLOW)
-    cfg = device_config(demo, url, tmp_path / "outbox.db", fps=20, backoff=FAST if back_first == "device" else SLOW)
+    bridge = bridge_process(url, triton, tmp_path)
+    cfg = device_config(demo, url, tmp_path / "outbox.db", fps=20)
     try:
-        with processes(monitor):
-            await asyncio.to_thread(monitor.wait, lambda: bool(monitor.lines()), 10, "connection")
-            bridge = await cloud.start()
+        with processes(monitor, bridge):
+            await asyncio.to_thread(monitor.wait, lambda: bool(monitor.lines()), 20, "connection")
+            began = time.time()
+            bridge.start()
+            await asyncio.to_thread(
+                monitor.wait, lambda: born_after(monitor, "bridge-f", began) is not None, 60, "bridge"
+            )
             device = DeviceProcess(cfg, tmp_path, frames)
             with processes(device):
-                await device.wait_finals(30, 30)
-                await asyncio.to_thread(broker.stop)
+                await device.wait_finals(30, 60)
+                first, second = ("bridge-f", device.proc) if back_first == "bridge" else (DEVICE, bridge.proc)
+                assert second is not None
                 down = time.time()
-                await asyncio.sleep(2.0)
-                await asyncio.to_thread(broker.start)  # same port, its saved sessions and queues
-                up = time.time()
-                await device.settle(25)
+                second.send_signal(signal.SIGSTOP)
+                try:
+                    await asyncio.to_thread(broker.kill)  # mid-stream, with requests and answers in flight
+                    await asyncio.sleep(1.0)
+                    await asyncio.to_thread(broker.start)  # same port; what it saved, if anything
+                    up = time.time()
+                    await asyncio.to_thread(
+                        monitor.wait, lambda: born_after(monitor, first, up) is not None, 60, f"{first} back"
+                    )
+                finally:
+                    second.send_signal(signal.SIGCONT)
+                await device.settle(monitor, 90)
                 end = device.stop()
-            await cloud.stop()
-            numbers = _bridge_numbers(bridge)
-            seen = check_invariants(device, end, monitor, numbers)
+            bridge.stop()
+            runs = bridge_runs_said(monitor, "bridge-f")
+            window = outage_window(down, up, device.outcomes(), monitor.messages("result"))
+            found = verdict(device, monitor, [window], runs=runs, inferences=await triton_inferences(triton))
     finally:
-        await cloud.stop()
         await asyncio.to_thread(broker.stop)
 
     # The fault happened and was ridden out: the device went degraded for frames read while
-    # the broker was away, queued them, and got each one's late answer once it was back.
-    meter = seen["meter"]
-    assert _total(meter, "mqtt_reconnects_total") >= 1 and bridge.meter.total("mqtt_reconnects_total") >= 1
-    births = monitor.messages("presence")
-    back = min(p["t"] for p in births if p["topic"] == f"presence/{DEVICE}" and p["doc"]["online"] and p["t"] > up)
-    outage = [f for f in seen["finals"].values() if down + 0.2 < f["ts"] < min(up, back) - 0.2]
-    assert outage and all(f["degraded"] and f["answered_by"] == "edge" for f in outage)
-    queued = [t for t, (_, first) in seen["owed"].items() if first == "COMPLETE"]
-    assert len(queued) >= len(outage) // 2 and all(t in seen["lates"] for t in queued)
-    after = [f for f in seen["finals"].values() if f["ts"] > back + 1.0]
-    assert any(f["answered_by"] == "cloud" and not f["degraded"] for f in after), "joint mode never came back"
+    # the broker was away, and joint mode came back.
+    assert _total(end["meter"], "mqtt_reconnects_total") >= 1
+    back = born_after(monitor, DEVICE, up)
+    bridge_back = born_after(monitor, "bridge-f", up)
+    assert back is not None and bridge_back is not None
+    assert (back < bridge_back) == (back_first == "device"), (back - up, bridge_back - up)
+    finals = [o["r"] for o in device.outcomes() if o["r"]["state"] != "PENDING_CLOUD" and not o["r"]["late"]]
+    outage = [f for f in finals if down + 0.2 < f["ts"] < min(up, back) - 0.2]
+    assert all(f["degraded"] and f["answered_by"] == "edge" for f in outage)
+    assert any(f["answered_by"] == "cloud" and not f["degraded"] for f in finals if f["ts"] > window.end)
+    print(f"broker {kind} killed, {back_first} back first: {found.figures()}, window {window.end - window.start:.1f} s")
 
 
-# ---- 2. the bridge restarts ----------------------------------------------------------------
+# ---- 2. the bridge is killed, and a bridge stops gracefully -------------------------------
+
+
+async def test_bridge_process_killed_mid_stream(demo: DemoArtifacts, triton: EmbeddedTriton, tmp_path: Path) -> None:
+    """``edgewire bridge`` as its own process, SIGKILLed with requests taken and unanswered (Triton
+    held still for half a second before, so calls are in flight):
+    the broker keeps its persistent session, the device resends what is unanswered, and the
+    next bridge with the same id runs each request once more at most if the first had it in
+    hand when it died."""
+    frames = 150
+    port = free_port()
+    broker = ServiceProcess(
+        [_mosquitto_exe(), "-c", str(mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port))],
+        tmp_path / "mosquitto.log",
+        port,
+    )
+    await asyncio.to_thread(broker.start)
+    url = f"mqtt://127.0.0.1:{port}"
+    monitor = Monitor("127.0.0.1", port, tmp_path)
+    bridge = bridge_process(url, triton, tmp_path)
+    try:
+        with processes(monitor, bridge):
+            await asyncio.to_thread(monitor.wait, lambda: bool(monitor.lines()), 20, "connection")
+            began = time.time()
+            bridge.start()
+            await asyncio.to_thread(
+                monitor.wait, lambda: born_after(monitor, "bridge-f", began) is not None, 60, "bridge"
+            )
+            device = DeviceProcess(device_config(demo, url, tmp_path / "outbox.db", fps=30), tmp_path, frames)
+            with processes(device):
+                await device.wait_finals(40, 60)
+                # Triton held still for a moment first, so the bridge dies with calls in hand.
+                assert triton.pid is not None
+                os.killpg(triton.pid, signal.SIGSTOP)
+                try:
+                    await asyncio.sleep(0.5)
+                    down = time.time()
+                    await asyncio.to_thread(bridge.kill)
+                finally:
+                    os.killpg(triton.pid, signal.SIGCONT)
+                await asyncio.sleep(1.0)
+                bridge.start()
+                await asyncio.to_thread(
+                    monitor.wait, lambda: born_after(monitor, "bridge-f", down) is not None, 60, "bridge back"
+                )
+                up = born_after(monitor, "bridge-f", down)
+                assert up is not None
+                await device.settle(monitor, 60)
+                device.stop()
+            inferences = await triton_inferences(triton)
+    finally:
+        await asyncio.to_thread(broker.stop)
+
+    outcomes, answers = device.outcomes(), monitor.messages("result")
+    # A request the dead bridge had in hand may run again: only one made before the kill and
+    # answered after it, each at most once more.
+    made = {o["r"]["trace_id"]: o["t"] for o in reversed(outcomes)}
+    in_hand = {a["doc"]["trace_id"] for a in answers if a["t"] > down and made.get(a["doc"]["trace_id"], down) < down}
+    window = outage_window(down, up, outcomes, answers)
+    found = verdict(device, monitor, [window], runs=None, inferences=inferences, reruns_allowed=len(in_hand))
+    assert in_hand, "the bridge had nothing in hand when it was killed"
+    print(f"bridge process killed: {found.figures()}, {len(in_hand)} in its hands, window {window.end - down:.1f} s")
 
 
 async def test_bridge_restart_mid_stream(demo: DemoArtifacts, triton: EmbeddedTriton, tmp_path: Path) -> None:
+    """A graceful stop answers everything it acknowledged: nothing may end without the cloud."""
     frames = 150
     port = free_port()
     broker = Broker(mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port), port, tmp_path / "mosquitto.log")
@@ -588,22 +670,21 @@ async def test_bridge_restart_mid_stream(demo: DemoArtifacts, triton: EmbeddedTr
     first, second = CloudBridge(url, triton, latency_s=0.15), CloudBridge(url, triton, latency_s=0.15)
     try:
         with processes(monitor):
-            await asyncio.to_thread(monitor.wait, lambda: bool(monitor.lines()), 10, "connection")
+            await asyncio.to_thread(monitor.wait, lambda: bool(monitor.lines()), 20, "connection")
             old = await first.start()
             device = DeviceProcess(device_config(demo, url, tmp_path / "outbox.db", fps=30), tmp_path, frames)
             with processes(device):
-                await device.wait_finals(40, 30)
+                await device.wait_finals(40, 60)
                 await first.stop()  # graceful: answers what it took, then leaves
                 assert old.session is not None
                 # Taken from the broker (acknowledged) after the drain began, and never answered.
                 left_behind = [str(m.topic) for m in old.session.drain_inbox()]
                 new = await second.start()
-                await device.settle(25)
-                end = device.stop()
+                await device.settle(monitor, 60)
+                device.stop()
             await second.stop()
             assert not left_behind, f"the stopped bridge acknowledged and dropped {len(left_behind)}: {left_behind}"
-            numbers = _bridge_numbers(old, new)
-            seen = check_invariants(device, end, monitor, numbers)
+            found = verdict(device, monitor, [], runs=bridge_runs(old, new), inferences=await triton_inferences(triton))
     finally:
         await first.stop()
         await second.stop()
@@ -612,11 +693,110 @@ async def test_bridge_restart_mid_stream(demo: DemoArtifacts, triton: EmbeddedTr
     # Both bridges served part of the stream, and the device never noticed: every escalation was
     # answered by the cloud within its deadline (a correctness bound, whatever the machine's load).
     assert old.meter.total("requests_total") > 0 and new.meter.total("requests_total") > 0
-    finals = list(seen["finals"].values())
-    assert all(f["answered_by"] == "cloud" and not f["degraded"] for f in finals), Counter(
-        (f["state"], f["answered_by"], f["degraded"]) for f in finals
+    assert found.answered_ok == found.escalations == frames, found.figures()
+
+
+# ---- 3. Triton is killed -------------------------------------------------------------------
+
+
+async def test_triton_killed_mid_stream(demo: DemoArtifacts, triton: EmbeddedTriton, tmp_path: Path) -> None:
+    """The tritonserver process (and its python stubs) SIGKILLed under load, started again on
+    the same ports: calls in flight fail, the bridge answers unavailable, the device degrades,
+    queues, and takes the late answers when Triton is back."""
+    frames = 200
+    port = free_port()
+    broker = Broker(mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port), port, tmp_path / "mosquitto.log")
+    await asyncio.to_thread(broker.start)
+    url = f"mqtt://127.0.0.1:{port}"
+    monitor = Monitor("127.0.0.1", port, tmp_path)
+    cloud = CloudBridge(url, triton)
+    try:
+        with processes(monitor):
+            await asyncio.to_thread(monitor.wait, lambda: bool(monitor.lines()), 20, "connection")
+            bridge = await cloud.start()
+            device = DeviceProcess(device_config(demo, url, tmp_path / "outbox.db", fps=20), tmp_path, frames)
+            with processes(device):
+                await device.wait_finals(30, 60)
+                before = await triton_inferences(triton)
+                assert triton.pid is not None
+                down = time.time()
+                os.killpg(triton.pid, signal.SIGKILL)
+                await asyncio.sleep(1.0)
+                await triton.start()  # the same ports, a new process
+                up = time.time()
+                await device.settle(monitor, 90)
+                device.stop()
+            await cloud.stop()
+            after = await triton_inferences(triton)
+    finally:
+        await cloud.stop()
+        await asyncio.to_thread(broker.stop)
+
+    window = outage_window(down, up, device.outcomes(), monitor.messages("result"))
+    # Triton's own count restarts with it; those done between the first reading and the kill
+    # are not counted, so it is a lower bound here, and the bridge's count is the exact one.
+    found = verdict(device, monitor, [window], runs=bridge_runs(bridge), inferences=before + after)
+    statuses = Counter(a["doc"]["status"] for a in monitor.messages("result") if down <= a["t"] <= window.end)
+    assert statuses["unavailable"] + statuses["expired"] > 0, f"Triton's death went unnoticed: {statuses}"
+    owed, _ = read_outbox(device.db)
+    finals = {o["r"]["trace_id"]: o["r"] for o in device.outcomes() if o["r"]["state"] != "PENDING_CLOUD"}
+    without = Counter(row.first_state for k, row in owed.items() if finals[k]["answered_by"] != "cloud")
+    print(
+        f"Triton killed: {found.figures()}, answers in the outage {dict(statuses)}, window {window.end - down:.1f} s, "
+        f"ended without the cloud by first state {dict(without)}"
     )
-    assert not seen["lates"]
+
+
+# ---- 4. the device is killed while its broker is up ----------------------------------------
+
+
+async def test_device_killed_mid_stream(demo: DemoArtifacts, triton: EmbeddedTriton, tmp_path: Path) -> None:
+    """kill -9 of the device with escalations waiting (a busy cloud, 300 ms an inference): the
+    next run finds them in its outbox, and each ends once, by its answer (which waited at the
+    broker in the device's persistent session) or by its deadline."""
+    port = free_port()
+    broker = Broker(mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port), port, tmp_path / "mosquitto.log")
+    await asyncio.to_thread(broker.start)
+    url = f"mqtt://127.0.0.1:{port}"
+    monitor = Monitor("127.0.0.1", port, tmp_path)
+    cloud = CloudBridge(url, triton, latency_s=0.3)
+    cfg = device_config(demo, url, tmp_path / "outbox.db", fps=20)
+    try:
+        with processes(monitor):
+            await asyncio.to_thread(monitor.wait, lambda: bool(monitor.lines()), 20, "connection")
+            bridge = await cloud.start()
+            first = DeviceProcess(cfg, tmp_path, 200)
+            with processes(first):
+                await first.wait_finals(30, 60)
+                down = time.time()
+                first.kill()
+            await asyncio.sleep(1.0)
+            second = DeviceProcess(cfg, tmp_path, 60)
+            with processes(second):
+                await asyncio.to_thread(
+                    monitor.wait, lambda: born_after(monitor, DEVICE, down) is not None, 60, "the device back"
+                )
+                up = born_after(monitor, DEVICE, down)
+                assert up is not None
+                await second.settle(monitor, 60)
+                second.stop()
+            await cloud.stop()
+            inferences = await triton_inferences(triton)
+    finally:
+        await cloud.stop()
+        await asyncio.to_thread(broker.stop)
+
+    outcomes = second.outcomes()
+    decided = {o["r"]["trace_id"] for o in outcomes if o["t"] < down and o["r"]["state"] != "PENDING_CLOUD"}
+    cut_short = {o["r"]["trace_id"] for o in outcomes if o["t"] < down and o["r"]["state"] == "PENDING_CLOUD"} - decided
+    assert cut_short, "no escalation was waiting when the device was killed"
+    window = outage_window(down, up, outcomes, monitor.messages("result"))
+    found = verdict(second, monitor, [window], runs=bridge_runs(bridge), inferences=inferences)
+    ended = Counter(
+        (o["r"]["state"], o["r"]["answered_by"]) for o in outcomes if o["r"]["trace_id"] in cut_short and o["t"] > down
+    )
+    assert sum(ended.values()) == len(cut_short), (len(cut_short), ended)
+    print(f"device killed with {len(cut_short)} waiting, ended {dict(ended)}: {found.figures()}")
 
 
 # ---- the broker dies with a publish in flight ----------------------------------------------
@@ -657,7 +837,7 @@ async def test_publish_in_flight_when_the_broker_dies_ends_with_the_connection(t
         await asyncio.to_thread(broker.stop)
 
 
-# ---- 3. the device's link is cut for 30 s --------------------------------------------------
+# ---- 5. the device's link is cut for 30 s --------------------------------------------------
 
 
 @pytest.mark.slow
@@ -698,7 +878,7 @@ def test_link_cut_30s_by_veth_down(demo: DemoArtifacts, tmp_path: Path) -> None:
         time.sleep(cut_s)
         _ip("link", "set", "eth0", "up", ns=device_ns)
         up = time.time()
-        asyncio.run(device.settle(40))
+        asyncio.run(device.settle(monitor, 60))
         end = device.stop()
         cloud.send_signal(signal.SIGTERM)  # the bridge says its last numbers on telemetry/bridge-1
         cloud.wait(30)
@@ -710,35 +890,31 @@ def test_link_cut_30s_by_veth_down(demo: DemoArtifacts, tmp_path: Path) -> None:
         monitor.wait(lambda: last_bridge_telemetry() is not None, 10, "the bridge's telemetry")
         metrics = last_bridge_telemetry()
         assert metrics is not None
-        statuses = Counter(
-            {k.split("status=")[1].rstrip("}"): int(v) for k, v in metrics.items() if k.startswith("requests_total{")}
-        )
-        numbers = Bridges(
-            requests_total=_total(metrics, "requests_total"),
-            duplicates=_total(metrics, "requests_duplicate_total"),
-            triton_calls=_total(metrics, "triton_calls_total"),
-            statuses=statuses,
-        )
-        seen = check_invariants(device, end, monitor, numbers)
+        window = outage_window(down, up, device.outcomes(), monitor.messages("result"))
+        found = verdict(device, monitor, [window], runs=_total(metrics, "requests_total"), inferences=None)
     finally:
         if device is not None:
             device.kill()
         monitor.stop()
         lan.down()
 
-    finals = seen["finals"]
-    meter = seen["meter"]
-    assert _total(meter, "mqtt_reconnects_total") >= 1
+    finals = {
+        o["r"]["trace_id"]: o["r"]
+        for o in device.outcomes()
+        if o["r"]["state"] != "PENDING_CLOUD" and not o["r"]["late"]
+    }
+    assert _total(end["meter"], "mqtt_reconnects_total") >= 1
     # While the link was down every frame was answered on the device, flagged degraded: at once
     # once the loss was noticed (keepalive 5 s: within 2 keepalives; or 3 timeouts), by TIMEOUT before.
     during = [f for f in finals.values() if down + 0.5 < f["ts"] < up - 0.5]
     assert len(during) >= cut_s * fps * 0.8
     assert all(f["degraded"] and f["answered_by"] == "edge" for f in during)
     noticed = [f for f in during if f["ts"] > down + 12]
-    assert noticed and all(f["state"] == "COMPLETE" and f["latency_ms"] < 1000 for f in noticed)
+    assert noticed and all(f["state"] == "COMPLETE" for f in noticed)
     # Those answered at once were queued, and their late answers reached monitors after the
     # link came back, each once.
-    queued = {t for t, (_, first) in seen["owed"].items() if first == "COMPLETE"}
+    owed, _ = read_outbox(device.db)
+    queued = {t for t, row in owed.items() if row.first_state == "COMPLETE"}
     assert {f["trace_id"] for f in noticed} <= queued
     late_seen = Counter(
         r["trace_id"] for m in monitor.messages("local") if m["t"] > up for r in m["doc"]["results"] if r["late"]
@@ -746,3 +922,71 @@ def test_link_cut_30s_by_veth_down(demo: DemoArtifacts, tmp_path: Path) -> None:
     assert set(late_seen) == queued and set(late_seen.values()) == {1}, late_seen
     # And joint inference resumed.
     assert any(f["answered_by"] == "cloud" and not f["degraded"] for f in finals.values() if f["ts"] > up + 2)
+    print(f"link cut {cut_s:.0f} s: {found.figures()}, window {window.end - down:.1f} s")
+
+
+# ---- 6. the distributor is killed mid-push -------------------------------------------------
+
+
+async def test_distributor_killed_mid_push(demo: DemoArtifacts, tmp_path: Path) -> None:
+    """``edgewire distributor`` SIGKILLed while a push streams past it, then started again: the
+    chunks it had stored survive, those pushed while it was dead wait at the broker in its
+    persistent session, and a device that was away for the whole push gets the model from it,
+    every chunk exactly once."""
+    from edgewire import signing
+    from edgewire.delivery import build_manifest
+    from edgewire.fleet.push import announce, publish_chunks
+
+    from .conftest import BrokerHandle, until
+    from .test_model_delivery import NAME, Fleet, Running, variant
+
+    port = free_port()
+    broker = ServiceProcess(
+        [_mosquitto_exe(), "-c", str(mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port))],
+        tmp_path / "mosquitto.log",
+        port,
+    )
+    await asyncio.to_thread(broker.start)
+    url = f"mqtt://127.0.0.1:{port}"
+    watcher = Monitor("127.0.0.1", port, tmp_path, device_id="nobody")  # presence births
+    cmd = [sys.executable, "-m", "edgewire.cli", "distributor", "--broker", url, "--store", str(tmp_path / "store")]
+    distributor = ServiceProcess([*cmd, "--id", "distributor-f"], tmp_path / "distributor.log")
+    pem, public = signing.generate()
+    (tmp_path / "fleet-signing.pub").write_text(public)
+    variant(demo.edge_model, tmp_path / "v1.onnx", "1.0.0")
+    fleet = Fleet(
+        BrokerHandle("mosquitto", "127.0.0.1", port),
+        tmp_path,
+        signing.load_private(pem),
+        tmp_path / "fleet-signing.pub",
+        None,
+    )  # type: ignore[arg-type]
+    v2 = variant(demo.edge_model, tmp_path / "v2.onnx", "2.0.0", slow=1)  # ~256 KiB of weights
+    manifest = build_manifest(v2, name=NAME, version="2.0.0", chunk_size=4096, private_key=fleet.private)
+    n = manifest.chunk_count
+    try:
+        with processes(watcher, distributor):
+            began = time.time()
+            distributor.start()
+            await asyncio.to_thread(
+                watcher.wait, lambda: born_after(watcher, "distributor-f", began) is not None, 60, "distributor"
+            )
+            async with fleet.operator() as op:
+                await op.wait_connected(10)
+                await announce(op, manifest)
+                await publish_chunks(op, v2, manifest, indices=range(n // 3))
+                down = time.time()
+                await asyncio.to_thread(distributor.kill)  # while it is still storing that third
+                await publish_chunks(op, v2, manifest, indices=range(n // 3, 2 * n // 3))
+                distributor.start()
+                await asyncio.to_thread(
+                    watcher.wait, lambda: born_after(watcher, "distributor-f", down) is not None, 60, "distributor back"
+                )
+                await publish_chunks(op, v2, manifest, indices=range(2 * n // 3, n))
+            # A device away for the whole push: the retained announce, then every chunk from the distributor.
+            async with Running(fleet.device("cam-away")) as agent:
+                assert await until(lambda: agent.meta.version == "2.0.0", 90), agent.meter.snapshot()
+    finally:
+        await asyncio.to_thread(broker.stop)
+    assert agent.meter.get("model_chunks_received_total") == n
+    assert agent.meter.get("model_chunks_duplicate_total") == 0

@@ -175,6 +175,6 @@ def test_exit_sends_goodbye_and_fresh_browse_is_empty() -> None:
     )
     assert out["kinds"][0] == "Added"
     assert "Removed" in out["kinds"]
-    # Well before the 120 s host TTL, so it was the goodbye and not an expiry.
-    assert out["removed_after"][0] < 1.0
+    # A small part of the 120 s host TTL, so it was the goodbye and not an expiry.
+    assert out["removed_after"][0] < 120 / 10
     assert out["fresh"] == {}

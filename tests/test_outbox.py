@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgewire.edge.outbox import Outbox, OutboxEntry, OutboxFull
+from edgewire.edge.outbox import OVERTAKEN_AFTER_S, Outbox, OutboxEntry, OutboxFull
 
 
 def msg(i: int, priority: int = 0, deadline: float | None = None) -> OutboxEntry:
@@ -120,3 +120,22 @@ def test_a_dropped_request_is_no_longer_owed(tmp_path: Path) -> None:
     box.put_many([owed(i, now + 60) for i in range(3)])
     assert box.state_of("t0") == "expired" and box.state_of("t2") == "waiting"
     assert box.waiting() == 2
+
+
+def test_a_request_overtaken_by_an_answered_one_goes_again_at_once(tmp_path: Path) -> None:
+    """A broker that lost its sessions drops what arrives before the bridge subscribes again;
+    an answer to a later request shows the path works, so the earlier one goes again now, not
+    after the resend timer (which may be longer than its deadline)."""
+    box = Outbox(tmp_path / "q.db")
+    now = time.time()
+    ids = box.put_many([owed(0, now + 60), owed(1, now + 60), owed(2, now + 60)])
+    box.sent(ids[:1], now=now)  # lost on the way
+    box.sent(ids[1:2], now=now + OVERTAKEN_AFTER_S * 0.5)  # in flight, answers may come back out of order
+    box.sent(ids[2:], now=now + OVERTAKEN_AFTER_S * 1.5)
+    assert box.peek(10) == []
+    assert box.settle_many([("t2", "answered")]) == [True]
+    assert [e.topic for e in box.peek(10)] == ["req/cam/t0"]
+    assert box.meter.total("outbox_resent_total") == 1
+    # An expiry is no sign that the path works: nothing goes again for it.
+    box.sent(ids[:1], now=now + OVERTAKEN_AFTER_S * 3)
+    assert box.settle_many([("t1", "expired")]) == [True] and box.peek(10) == []
