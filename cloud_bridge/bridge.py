@@ -32,6 +32,7 @@ from edgewire.session import InboundMessage, MqttSession, NotConnected, presence
 from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
 from .dispatch import Dispatcher, Unavailable
 from .rules import RuleSet
+from .steps import record_steps
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,12 @@ class Bridge:
         telemetry_interval_s: float = 5.0,
         meter: Meter | None = None,
         decode_workers: int = 0,
+        hop_stamps: bool = True,
     ) -> None:
         """``decode_workers``: child processes that decode and preprocess request images, a
-        burst per pass of the event loop (see cloud_bridge.decoder); 0 decodes on the loop."""
+        burst per pass of the event loop (see cloud_bridge.decoder); 0 decodes on the loop.
+        ``hop_stamps``: put this bridge's hop times in each Result (edgewire.hops)."""
+        self.hop_stamps = hop_stamps
         self.bridge_id = bridge_id
         self.broker = broker
         self.dispatcher = dispatcher
@@ -243,12 +247,15 @@ class Bridge:
         except Unavailable as exc:
             status = "expired" if time.time() >= req.deadline else "unavailable"
             return self._result(device_id, trace_id, received, status, reason=str(exc), dispatched=dispatched)
+        answered = time.time()
+        self.meter.observe("triton_latency_ms", answer.inference_ms, model=answer.model)
         return self._result(
             device_id,
             trace_id,
             received,
             "ok",
             dispatched=dispatched,
+            answered=answered,
             inference_ms=answer.inference_ms,
             model=answer.model,
             version=answer.version,
@@ -293,6 +300,7 @@ class Bridge:
         *,
         reason: str | None = None,
         dispatched: float | None = None,
+        answered: float | None = None,
         inference_ms: float = 0.0,
         model: str | None = None,
         version: str | None = None,
@@ -302,6 +310,7 @@ class Bridge:
         if status != "ok":
             self.meter.inc("requests_failed_total", status=status)
             log.info("%s: %s %s: %s", self.bridge_id, trace_id, status, reason)
+        hops = record_steps(self.meter, received, dispatched, answered, now)
         return env.Result(
             trace_id=trace_id,
             device_id=device_id,
@@ -316,6 +325,7 @@ class Bridge:
                 total_ms=(now - received) * 1000,
             ),
             reason=reason,
+            hops=hops if self.hop_stamps else {},
         )
 
     def _remember(self, trace_id: str, payload: bytes) -> None:

@@ -50,7 +50,7 @@ from .remote_config import RemoteConfig
 from .sources import Frame, QueueSource, chunks, open_source
 from .state import DeviceState
 from .tasks import Task, TaskState
-from .telemetry import AgentSummary, publish_telemetry, report_every
+from .telemetry import AgentSummary, observe_answered_here, publish_telemetry, report_every
 from .write_window import WriteWindow
 
 log = logging.getLogger(__name__)
@@ -414,6 +414,7 @@ class EdgeAgent:
         if completed:
             m.inc("frames_completed_total", completed)
         self._last_done = time.monotonic()
+        observe_answered_here(m, results.rows)
         await self._publish_local(session, results, stream)
 
     def _local_result(self, task: Task, sharp: float | None) -> env.LocalResult:

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from edgewire import envelopes as env
 from edgewire import topics
@@ -58,6 +59,14 @@ class AgentSummary:
             busy_s=busy_s,
             late=int(meter.total("late_results_total")),
         )
+
+
+def observe_answered_here(meter: Meter, rows: list[dict[str, Any]]) -> None:
+    """Latency of the frames a batch answered on the device (a frame waiting for the cloud is
+    observed when its final outcome is made, as ``escalated``)."""
+    for row in rows:
+        if row["state"] == "COMPLETE":
+            meter.observe("frame_latency_ms", row["latency_ms"], path="local")
 
 
 async def report_every(session: MqttSession, meter: Meter, interval_s: Callable[[], float]) -> None:
