@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from edgewire.cli import broker, cloud, demo, device, discover, flash, keys, model, trace, watch
+from edgewire.cli import broker, cloud, demo, device, discover, flash, keys, model, monitor, trace, watch
 from edgewire.cli import config as remote_config
 
 app = typer.Typer(help="edgewire: MQTT-first AI inference for fleets of edge devices.", no_args_is_help=True)
@@ -33,6 +33,7 @@ app.command()(cloud.cloud)
 app.add_typer(demo.models_app, name="models")
 app.command()(watch.watch)
 app.command()(trace.trace)
+app.command()(monitor.monitor)
 app.command()(discover.discover)
 app.add_typer(remote_config.config_app, name="config")
 app.command()(flash.flash)
