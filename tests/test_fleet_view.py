@@ -56,7 +56,8 @@ def test_rows_fold_presence_telemetry_and_statuses() -> None:
     rows = {r.client_id: r for r in view.rows()}
     cam1 = rows["cam-1"]
     assert cam1.fps == 30.0 and cam1.escalation_rate == 0.2  # 20 of the last 100 frames
-    assert cam1.errors is None and cam1.cpu_percent is None  # the last report did not carry them
+    assert cam1.errors == 0.0  # no error counted in the last report: none, not unknown
+    assert cam1.cpu_percent is None  # no reading in the last report: unknown, not zero
     assert rows["cam-2"].rollout == {"digits": "2.0 downloading 40%"}
     assert [r.client_id for r in view.rows()] == ["cam-1", "cam-2", "cam-3", "bridge-1", "distributor-1"]
     assert summary(view.rows())["rollouts"] == 1
@@ -120,5 +121,5 @@ def test_screen_and_json_carry_the_same_figures() -> None:
         cam1["cpu_percent"],
         cam1["memory_percent"],
     ]
-    assert errors == "-" and cam1["errors"] is None and temp == "48C"
+    assert float(errors) == cam1["errors"] == 0.0 and temp == "48C"
     assert summary_line(rows).startswith("fleet: 3 devices, 3 online, 0 degraded, 0 offline; 31.5 frames/s")

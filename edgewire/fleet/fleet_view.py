@@ -151,8 +151,9 @@ class FleetView:
             row.p99_escalated_ms = m.get("bridge_step_ms_p99{step=total}", row.p99_escalated_ms)
             row.requests = _sum(m, "requests_total")
         row.outbox = m.get("outbox_depth", row.outbox)
-        row.drops = _sum(m, "frames_dropped_total", "publish_dropped_total", "escalations_expired_total")
-        row.errors = _sum(m, "frames_failed_total", "messages_rejected_total", "requests_failed_total")
+        # A counter is reported once it has counted something: not there yet means none so far.
+        row.drops = _sum(m, "frames_dropped_total", "publish_dropped_total", "escalations_expired_total") or 0.0
+        row.errors = _sum(m, "frames_failed_total", "messages_rejected_total", "requests_failed_total") or 0.0
         row.cpu_percent = m.get("cpu_percent")
         row.memory_percent = m.get("memory_used_percent")
         row.temperature_c = m.get("temperature_c")
