@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sys
 import urllib.request
+from pathlib import Path
 
 import aiomqtt
 import pytest
@@ -23,14 +25,16 @@ from edgewire.broker.embedded import EmbeddedBroker
 from edgewire.cloud_bridge.triton_server import EmbeddedTriton
 from edgewire.demo.models import DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
+from edgewire.edge.tegrastats import parse
 from edgewire.fleet.trace import collect, timeline
 from edgewire.hops import BRIDGE_HOPS, HOPS
-from edgewire.metrics import serve
+from edgewire.metrics import DOCS, serve
 from edgewire.ports import free_port
 from edgewire.session import MqttSession
 
 from .conftest import BrokerHandle
 from .test_bridge_e2e import RunningBridge, device
+from .test_machine_telemetry import JETPACK_5_1_ORIN_NANO as JETSON_LINE
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -138,6 +142,7 @@ async def test_hops_add_up_and_metrics_match_telemetry(demo: DemoArtifacts, trit
         if name == "edgewire_triton_latency_ms_bucket" and ("client", "bridge-obs") in labels
     ]
     assert len(buckets) > 10 and max(buckets) == ok  # millisecond buckets, +Inf holds them all
+    check_dashboard(scraped)
 
 
 async def test_trace_command_shows_a_live_escalation(demo: DemoArtifacts, triton: EmbeddedTriton) -> None:
@@ -165,3 +170,38 @@ async def test_trace_command_shows_a_live_escalation(demo: DemoArtifacts, triton
         assert t["device_id"] == "cam-tr" and t["answered_by"] == "cloud"
         assert [s["hop"] for s in t["steps"]] == [h for h, _ in HOPS[1:]]
         assert abs(t["steps_ms"] - t["latency_ms"]) < 1.0
+
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "edgewire-fleet.json"
+#: Series that exist only where the machine has the sensor (a thermal zone, a Jetson): checked
+#: against what the machine readers can produce instead of this machine's scrape.
+SENSOR_SERIES = {
+    "edgewire_temperature_c": "temperature_c",
+    "edgewire_gpu_load_percent": "gpu_load_percent",
+    "edgewire_emc_load_percent": "emc_load_percent",
+    "edgewire_power_mw": "power_mw",
+}
+#: Counters that come into being with their first event (a failed frame, a refused message).
+EVENT_SERIES = {"edgewire_frames_failed_total", "edgewire_messages_rejected_total"}
+
+
+def dashboard_metric_names() -> set[str]:
+    doc = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"] for v in doc["templating"]["list"] if v["type"] == "query"]
+    assert len(exprs) > 20
+    return {name for e in exprs for name in re.findall(r"\bedgewire_[a-z0-9_]+", e)}
+
+
+def check_dashboard(scraped: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> None:
+    """Every metric name in every dashboard query is one a live /metrics serves."""
+    live = {name for name, _ in scraped}
+    names = dashboard_metric_names()
+    missing = names - live - set(SENSOR_SERIES) - EVENT_SERIES
+    assert not missing, f"dashboard queries name metrics /metrics does not serve: {sorted(missing)}"
+    assert EVENT_SERIES <= names  # the lists above name only what the dashboard uses
+    for series, key in SENSOR_SERIES.items():
+        assert key in DOCS and series in names
+        assert key in parse(JETSON_LINE) or key == "temperature_c"
+    for series in EVENT_SERIES:
+        assert series.removeprefix("edgewire_") in DOCS
