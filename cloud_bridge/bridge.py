@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgewire import envelopes as env
-from edgewire import sdnotify, topics
+from edgewire import logs, sdnotify, topics
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import BrokerSettings
 from edgewire.errors import DecodeError, EdgewireError, TopicError
@@ -183,6 +183,7 @@ class Bridge:
         spawn(self._jobs, coro)
 
     async def _handle(self, session: MqttSession, device_id: str, trace_id: str, data: bytes, received: float) -> None:
+        logs.bind(bridge_id=self.bridge_id, device_id=device_id, trace_id=trace_id)  # this request's task only
         async with self._slots:
             try:
                 result = await self._answer_request(device_id, trace_id, data, received)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edgewire import __version__, sdnotify, topics
+from edgewire import __version__, logs, sdnotify, topics
 from edgewire import envelopes as env
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import DeviceConfig
@@ -192,6 +192,7 @@ class EdgeAgent:
 
     async def run(self) -> AgentSummary:
         cfg = self.config
+        logs.bind(device_id=cfg.device_id, model=self.meta.name)  # this task's log lines and its children's
         self._stop = asyncio.Event()
         session = device_session(cfg, self._presence, self.meter)
         self.session = session

@@ -381,7 +381,9 @@ class Escalations:
             else:
                 self.meter.inc("results_total", status=answer.status)
                 if answer.status != "ok":
-                    log.info("trace %s answered %s: %s", trace_id, answer.status, answer.reason)
+                    log.info(
+                        "trace %s answered %s: %s", trace_id, answer.status, answer.reason, extra={"trace_id": trace_id}
+                    )
         if waiting is not None:
             waiting.task.degraded = final is not None and final.degraded
             waiting.task.to(TaskState.TIMEOUT if answer is None else TaskState.COMPLETE)
