@@ -123,3 +123,18 @@ def test_screen_and_json_carry_the_same_figures() -> None:
     ]
     assert float(errors) == cam1["errors"] == 0.0 and temp == "48C"
     assert summary_line(rows).startswith("fleet: 3 devices, 3 online, 0 degraded, 0 offline; 31.5 frames/s")
+
+
+def test_results_are_counted_and_bring_a_device_back() -> None:
+    view = fleet()
+    view.apply(*presence("cam-3", False), received=110.0)
+    row = env.LocalResult(
+        trace_id="t", device_id="cam-3", seq=1, source_ref="f", ts=111.0, state="COMPLETE", answered_by="edge",
+        model="digits", version="1.0", degraded=False, latency_ms=3.0,
+    )  # fmt: skip
+    payload = env.encode(env.LocalResults(device_id="cam-3", results=[row, row]))
+    assert view.apply(topics.LOCAL.build(device_id="cam-3"), payload, 112.0)
+    assert view.clients["cam-3"].results_seen == 2 and view.clients["cam-3"].state == "online"
+    assert not view.apply(topics.LOCAL.build(device_id="cam-2"), payload, 112.0)  # another device's results
+    assert not view.apply(topics.LOCAL.build(device_id="cam-3"), b"\xc1", 112.0)
+    assert view.rejected == 2
