@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from edgewire.cli.common import broker_settings, fail, operator_session, out, run_until_signal
-from edgewire.fleet.fleet_view import DEGRADED, FILTERS, OFFLINE, SORT_KEYS, FleetView, Row, summary
+from edgewire.fleet.fleet_view import DEGRADED, FILTERS, OFFLINE, RESULTS_FILTER, SORT_KEYS, FleetView, Row, summary
 
 STATE_STYLE = {"online": "green", DEGRADED: "yellow", OFFLINE: "red"}
 
@@ -104,6 +104,9 @@ def monitor(
     once: Annotated[bool, typer.Option("--once", help="print one snapshot and exit")] = False,
     settle: Annotated[float, typer.Option(help="--once: seconds to gather retained state and telemetry")] = 3.0,
     refresh: Annotated[float, typer.Option(help="seconds between two redraws")] = 1.0,
+    results: Annotated[
+        bool, typer.Option("--results", help="also read every result (local/+): a count and liveness between reports")
+    ] = False,
 ) -> None:
     """Watch the fleet: one row per device (state, model, rollout step, rates, latencies, outbox,
     drops, errors, machine), then bridges and the distributor, with a fleet summary line."""
@@ -129,7 +132,7 @@ def monitor(
         return Group(Text(summary_line(rows), style="bold"), table(rows, now))
 
     async def feed(session: Any) -> None:
-        for topic_filter, qos in FILTERS:
+        for topic_filter, qos in (*FILTERS, RESULTS_FILTER) if results else FILTERS:
             await session.subscribe(topic_filter, qos=qos)
         async for message in session.messages():
             view.apply(str(message.topic), bytes(message.payload), time.time())

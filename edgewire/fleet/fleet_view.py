@@ -7,8 +7,8 @@ it recorded messages.
 
 What it reads: retained ``presence/+`` (who is there, online or not, degraded, which models),
 ``telemetry/+`` (rates, latencies, outbox, drops, errors, the machine), retained
-``model/status/+/+`` (where a rollout stands on each device), retained ``config/reported/+`` and
-``local/+`` (to count results between two telemetry reports, and to see a device alive).
+``model/status/+/+`` (where a rollout stands on each device), retained ``config/reported/+`` and,
+when asked for, ``local/+`` (to count results and see a device alive between two reports).
 """
 
 from __future__ import annotations
@@ -239,5 +239,7 @@ FILTERS: tuple[tuple[str, int], ...] = (
     (topics.TELEMETRY.filter(), 0),
     (topics.MODEL_STATUS.filter(), 1),
     (topics.CONFIG_REPORTED.filter(), 1),
-    (topics.LOCAL.filter(), 0),
 )
+#: Every result of every device: the heaviest traffic on the broker, read only when asked for
+#: (telemetry already carries the rates; results add a count and liveness between two reports).
+RESULTS_FILTER = (topics.LOCAL.filter(), 0)
