@@ -20,7 +20,7 @@ from dataclasses import dataclass
 HOPS: tuple[tuple[str, str], ...] = (
     ("captured", ""),
     ("judged", "device: decode, infer, judge"),
-    ("queued", "device: outbox write (durable)"),
+    ("queued", "device: outbox write"),
     ("sent", "device: outbox to broker"),
     ("bridge_received", "broker: device to bridge"),
     ("dispatched", "bridge: checks, decode"),

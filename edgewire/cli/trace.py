@@ -50,7 +50,7 @@ def trace(
             for t in timelines:
                 print(json.dumps(t), flush=True)
         else:
-            out.print(render(timelines), highlight=False, markup=False)
+            out.print(render(timelines), highlight=False, markup=False, soft_wrap=True)
         return 0 if found else 1
 
     code = run_until_signal(run, stop.set)

@@ -81,7 +81,7 @@ def render(timelines: Iterable[dict[str, Any]]) -> str:
         )
         total = max(t["steps_ms"], 1e-9)
         for s in t["steps"]:
-            bar = "█" * max(0, round(30 * s["ms"] / total))
+            bar = "█" * max(0, round(16 * s["ms"] / total))
             lines.append(f"  {s['at_ms']:9.2f} ms  {s['what']:<32} {s['ms']:8.2f} ms  {bar}")
         lines.append(f"  {'':9}     {'sum of steps':<32} {t['steps_ms']:8.2f} ms")
     return "\n".join(lines)
