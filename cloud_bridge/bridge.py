@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgewire import envelopes as env
-from edgewire import sdnotify, topics
+from edgewire import logs, sdnotify, topics
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import BrokerSettings
 from edgewire.detection import DecodeSettings, decode_batch
@@ -34,6 +34,7 @@ from . import detect_merge
 from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
 from .dispatch import Answer, Dispatcher, Unavailable
 from .rules import Route, RuleSet
+from .steps import record_steps
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,12 @@ class Bridge:
         telemetry_interval_s: float = 5.0,
         meter: Meter | None = None,
         decode_workers: int = 0,
+        hop_stamps: bool = True,
     ) -> None:
         """``decode_workers``: child processes that decode and preprocess request images, a
-        burst per pass of the event loop (see cloud_bridge.decoder); 0 decodes on the loop."""
+        burst per pass of the event loop (see cloud_bridge.decoder); 0 decodes on the loop.
+        ``hop_stamps``: put this bridge's hop times in each Result (edgewire.hops)."""
+        self.hop_stamps = hop_stamps
         self.bridge_id = bridge_id
         self.broker = broker
         self.dispatcher = dispatcher
@@ -181,6 +185,7 @@ class Bridge:
         spawn(self._jobs, coro)
 
     async def _handle(self, session: MqttSession, device_id: str, trace_id: str, data: bytes, received: float) -> None:
+        logs.bind(bridge_id=self.bridge_id, device_id=device_id, trace_id=trace_id)  # this request's task only
         async with self._slots:
             try:
                 result = await self._answer_request(device_id, trace_id, data, received)
@@ -247,12 +252,15 @@ class Bridge:
         except Unavailable as exc:
             status = "expired" if time.time() >= req.deadline else "unavailable"
             return self._result(device_id, trace_id, received, status, reason=str(exc), dispatched=dispatched)
+        answered = time.time()
+        self.meter.observe("triton_latency_ms", answer.inference_ms, model=answer.model)
         return self._result(
             device_id,
             trace_id,
             received,
             "ok",
             dispatched=dispatched,
+            answered=answered,
             inference_ms=answer.inference_ms,
             model=answer.model,
             version=answer.version,
@@ -389,6 +397,7 @@ class Bridge:
         *,
         reason: str | None = None,
         dispatched: float | None = None,
+        answered: float | None = None,
         inference_ms: float = 0.0,
         model: str | None = None,
         version: str | None = None,
@@ -399,6 +408,7 @@ class Bridge:
         if status != "ok":
             self.meter.inc("requests_failed_total", status=status)
             log.info("%s: %s %s: %s", self.bridge_id, trace_id, status, reason)
+        hops = record_steps(self.meter, received, dispatched, answered, now)
         return env.Result(
             trace_id=trace_id,
             device_id=device_id,
@@ -414,6 +424,7 @@ class Bridge:
                 total_ms=(now - received) * 1000,
             ),
             reason=reason,
+            hops=hops if self.hop_stamps else {},
         )
 
     def _remember(self, trace_id: str, payload: bytes) -> None:

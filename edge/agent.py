@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edgewire import __version__, sdnotify, topics
+from edgewire import __version__, logs, sdnotify, topics
 from edgewire import envelopes as env
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import DeviceConfig
@@ -52,7 +52,7 @@ from .remote_config import RemoteConfig
 from .sources import Frame, QueueSource, chunks, open_source
 from .state import DeviceState
 from .tasks import Task, TaskState
-from .telemetry import AgentSummary, publish_telemetry, report_every
+from .telemetry import AgentSummary, observe_answered_here, publish_telemetry, report_every
 from .track_escalation import ObjectTracks
 from .write_window import WriteWindow
 
@@ -203,6 +203,7 @@ class EdgeAgent:
 
     async def run(self) -> AgentSummary:
         cfg = self.config
+        logs.bind(device_id=cfg.device_id, model=self.meta.name)  # this task's log lines and its children's
         self._stop = asyncio.Event()
         session = device_session(cfg, self._presence, self.meter)
         self.session = session
@@ -463,6 +464,7 @@ class EdgeAgent:
         if completed:
             m.inc("frames_completed_total", completed)
         self._last_done = time.monotonic()
+        observe_answered_here(m, results.rows)
         await self._publish_local(session, results, stream)
 
     async def _finish_objects(self, session: MqttSession, batch: _Batch, stream: LocalStream | None) -> None:
@@ -512,6 +514,9 @@ class EdgeAgent:
         if completed:
             self.meter.inc("frames_completed_total", completed)
         self._last_done = time.monotonic()
+        for r in results:
+            if r.state == TaskState.COMPLETE.value:
+                self.meter.observe("frame_latency_ms", r.latency_ms, path="local")
         await self._publish_local(session, results, stream)
 
     def _local_result(self, task: Task, sharp: float | None) -> env.LocalResult:

@@ -34,6 +34,7 @@ from edgewire import topics
 from edgewire.aio import spawn
 from edgewire.config import CloudSettings, DeviceConfig
 from edgewire.errors import DecodeError
+from edgewire.hops import BRIDGE_HOPS
 from edgewire.metrics import Meter
 from edgewire.session import MqttSession
 
@@ -54,12 +55,18 @@ SWEEP_EVERY_S = 1.0
 
 
 def final_outcome(
-    cloud: CloudSettings, first: env.LocalResult, answer: env.Result | None, *, late: bool
+    cloud: CloudSettings,
+    first: env.LocalResult,
+    answer: env.Result | None,
+    *,
+    late: bool,
+    hops: dict[str, float] | None = None,
 ) -> env.LocalResult | None:
     """The frame's final outcome from its first result and the cloud's answer (None: the
     deadline passed). The one merge rule: ``prefer_cloud`` takes the cloud's prediction,
     ``max_confidence`` the surer of the two. None when the answer adds nothing to a frame that
-    was answered already (one queued while degraded)."""
+    was answered already (one queued while degraded). ``hops``: the trace's stamps so far; the
+    outcome carries them with its own ``final`` stamp, the instant its latency is measured to."""
     unfinished = first.state == TaskState.PENDING_CLOUD.value
     update: dict[str, Any]
     if answer is not None and answer.status == "ok" and answer.prediction is not None:
@@ -93,8 +100,11 @@ def final_outcome(
         update = {"degraded": True, "state": state.value}
     else:
         return None
-    latency = (time.time() - first.ts) * 1000.0
-    return first.model_copy(update={**update, "late": late, "latency_ms": latency})
+    now = time.time()
+    update |= {"late": late, "latency_ms": (now - first.ts) * 1000.0}
+    if hops is not None:
+        update["hops"] = {**hops, "final": now}
+    return first.model_copy(update=update)
 
 
 @dataclass
@@ -104,6 +114,8 @@ class _Waiting:
     task: Task
     first: env.LocalResult
     timer: asyncio.TimerHandle | None = None
+    #: The device's hop stamps so far (edgewire.hops), when it stamps them.
+    hops: dict[str, float] | None = None
 
 
 @dataclass
@@ -119,6 +131,7 @@ class Escalations:
         self.cloud = config.cloud
         self.device_id = config.device_id
         self.fleet = config.fleet
+        self.stamp_hops = config.publish.hop_stamps
         self.meter = meter
         self.mode = mode
         self._publish = publish
@@ -142,7 +155,7 @@ class Escalations:
         self._waiting: dict[str, _Waiting] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        self._answers: asyncio.Queue[env.Result] = asyncio.Queue()
+        self._answers: asyncio.Queue[tuple[env.Result, float]] = asyncio.Queue()
         self._unrecorded: list[_Escalation] = []
         # Answers and timeouts end escalations one decision at a time: an owed row flipped and
         # its waiting frame taken are one step, so no frame ends twice.
@@ -154,7 +167,13 @@ class Escalations:
     def attach(self, session: MqttSession) -> None:
         self.session = session
         self.forwarder = Forwarder(
-            self.outbox, session, self.cloud.outbox, self.meter, on_expired=self._requests_expired, io=self._io
+            self.outbox,
+            session,
+            self.cloud.outbox,
+            self.meter,
+            on_expired=self._requests_expired,
+            io=self._io,
+            on_sent=self._requests_sent if self.stamp_hops else None,
         )
 
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -224,7 +243,8 @@ class Escalations:
         on; the requests escalated in one turn of the event loop share one durable commit."""
         waits = task.state is TaskState.PENDING_CLOUD
         if waits:
-            self._waiting[task.trace_id] = _Waiting(task, first)
+            hops = {"captured": task.created, "judged": time.time()} if self.stamp_hops else None
+            self._waiting[task.trace_id] = _Waiting(task, first, hops=hops)
             self._idle.clear()
             self.meter.set("escalations_pending", len(self._waiting))
         deadline = (
@@ -288,9 +308,12 @@ class Escalations:
             log.exception("%s: %d escalations could not be recorded", self.device_id, len(batch))
             accepted, refused = [], batch
         loop = asyncio.get_running_loop()
+        recorded = time.time()
         for e in accepted:
             waiting = self._waiting.get(e.task.trace_id)
             if waiting is not None:
+                if waiting.hops is not None:
+                    waiting.hops["queued"] = recorded
                 delay = max(0.0, (e.entry.deadline or 0.0) - time.time())
                 waiting.timer = loop.call_later(delay, self._deadline_passed, e.task.trace_id)
         finals = []
@@ -316,7 +339,7 @@ class Escalations:
     def receive(self, result: env.Result, topic: str) -> None:
         if result.device_id != self.device_id:
             raise DecodeError(f"Result for device {result.device_id!r} arrived on {topic}")
-        self._answers.put_nowait(result)
+        self._answers.put_nowait((result, time.time()))
 
     async def _receive_answers(self) -> None:
         """Take answers a burst at a time: one transaction settles them all."""
@@ -329,12 +352,21 @@ class Escalations:
             except Exception:  # a bug or a failing disk must not end the taking of answers for good
                 log.exception("%s: %d answers could not be taken", self.device_id, len(burst))
 
-    async def _answered(self, burst: list[env.Result]) -> None:
+    def _requests_sent(self, entries: list[QueuedEntry], at: float) -> None:
+        """The forwarder handed these requests to the broker at ``at``: their ``sent`` stamp
+        (the first send; a resend's wait is part of the trip)."""
+        for entry in entries:
+            key = topics.REQUEST.match(entry.topic)
+            waiting = self._waiting.get(key["trace_id"]) if key is not None else None
+            if waiting is not None and waiting.hops is not None:
+                waiting.hops.setdefault("sent", at)
+
+    async def _answered(self, burst: list[tuple[env.Result, float]]) -> None:
         """Only an answer that flipped its owed row is used; a duplicate, even across restarts, is dropped."""
         finals: list[env.LocalResult] = []
         async with self._deciding:
-            fresh = await self._db(self.outbox.settle_many, [(r.trace_id, "answered") for r in burst])
-            for result, new in zip(burst, fresh, strict=True):
+            fresh = await self._db(self.outbox.settle_many, [(r.trace_id, "answered") for r, _ in burst])
+            for (result, received), new in zip(burst, fresh, strict=True):
                 if not new:
                     self.meter.inc("results_ignored_total", reason="duplicate_or_late")
                     continue
@@ -342,12 +374,14 @@ class Escalations:
                     self.mode.cloud_answered(self.session is not None and self.session.connected)
                 elif result.status == "unavailable":
                     self.mode.cloud_failed("unavailable", self.cloud.degraded_after)
-                final = await self._outcome_of(result.trace_id, result)
+                final = await self._outcome_of(result.trace_id, result, received)
                 if final is not None:
                     finals.append(final)
         await self._finished(finals)
 
-    async def _outcome_of(self, trace_id: str, answer: env.Result | None) -> env.LocalResult | None:
+    async def _outcome_of(
+        self, trace_id: str, answer: env.Result | None, received: float | None = None
+    ) -> env.LocalResult | None:
         """The final outcome of an escalation whose owed row this run just settled: a frame
         waiting here ends on time; any other (queued while degraded, or left unfinished by a
         restart) ends late, from the note its request was recorded with."""
@@ -356,14 +390,19 @@ class Escalations:
             if waiting.timer is not None:
                 waiting.timer.cancel()
             self._waiting_changed()
-            first, late = waiting.first, False
+            first, late, hops = waiting.first, False, waiting.hops
         else:
+            hops = None
             note = await self._db(self.outbox.note_of, trace_id)
             if note is None:
                 self.meter.inc("results_ignored_total", reason="unknown")
                 return None
             first, late = env.decode(env.LocalResults, note).results[0], True
-        final = final_outcome(self.cloud, first, answer, late=late)
+        if hops is not None and answer is not None:
+            hops = {**hops, **{k: answer.hops[k] for k in BRIDGE_HOPS if k in answer.hops}}
+            if received is not None:
+                hops["answer_received"] = received
+        final = final_outcome(self.cloud, first, answer, late=late, hops=hops)
         if first.state == TaskState.PENDING_CLOUD.value:
             self.meter.inc("frames_completed_total")
         if answer is not None:
@@ -372,12 +411,16 @@ class Escalations:
             else:
                 self.meter.inc("results_total", status=answer.status)
                 if answer.status != "ok":
-                    log.info("trace %s answered %s: %s", trace_id, answer.status, answer.reason)
+                    log.info(
+                        "trace %s answered %s: %s", trace_id, answer.status, answer.reason, extra={"trace_id": trace_id}
+                    )
         if waiting is not None:
             waiting.task.degraded = final is not None and final.degraded
             waiting.task.to(TaskState.TIMEOUT if answer is None else TaskState.COMPLETE)
         if final is None:
             return None
+        if not late:
+            self.meter.observe("frame_latency_ms", final.latency_ms, path="escalated")
         if final.state == TaskState.TIMEOUT.value:
             self.meter.inc("escalations_timed_out_total")
             if not late:

@@ -57,7 +57,9 @@ class Forwarder:
         on_expired: OnExpired,
         io: ThreadPoolExecutor,
         window: int = 64,
+        on_sent: Callable[[list[QueuedEntry], float], None] | None = None,
     ) -> None:
+        """``on_sent``: told which requests were handed to the broker, and when (hop stamps)."""
         self.outbox = outbox
         self.session = session
         self.settings = settings
@@ -65,6 +67,7 @@ class Forwarder:
         self._on_expired = on_expired
         self._io = io
         self._window = window
+        self._on_sent = on_sent
         self._bucket = TokenBucket(settings.replay_per_s)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -133,6 +136,8 @@ class Forwarder:
             delay = self._bucket.take(len(items))
             if delay > 0:
                 await asyncio.sleep(delay)
+            if self._on_sent is not None:
+                self._on_sent(items, time.time())
             try:
                 await asyncio.wait_for(self.session.publish_many([(i.topic, i.payload) for i in items], qos=1), 10.0)
             except asyncio.TimeoutError:

@@ -102,6 +102,7 @@ def answered_here(
                 "degraded": bool(reasons),
                 "latency_ms": (now - frame.ts) * 1000.0,
                 "late": False,
+                "hops": None,
             }
             for frame, label, index, conf, margin, reasons, sharp in zip(
                 frames, v.labels, v.class_index, v.confidence, v.margin, v.reasons, v.sharpness, strict=True

@@ -39,6 +39,7 @@ class DeviceMode:
         self.degraded_by: str | None = None
         self.since = time.monotonic()
         self._failures = 0
+        self.meter.set("degraded", 0)  # there from the start, so "not degraded" is a value, not a gap
 
     @property
     def degraded(self) -> bool:

@@ -10,11 +10,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from edgewire import envelopes as env
 from edgewire import topics
 from edgewire.metrics import Meter
 from edgewire.session import MqttSession
+
+from .machine import Machine
 
 
 @dataclass
@@ -60,18 +63,32 @@ class AgentSummary:
         )
 
 
+def observe_answered_here(meter: Meter, rows: list[dict[str, Any]]) -> None:
+    """Latency of the frames a batch answered on the device (a frame waiting for the cloud is
+    observed when its final outcome is made, as ``escalated``)."""
+    for row in rows:
+        if row["state"] == "COMPLETE":
+            meter.observe("frame_latency_ms", row["latency_ms"], path="local")
+
+
 async def report_every(session: MqttSession, meter: Meter, interval_s: Callable[[], float]) -> None:
     """Publish telemetry every ``interval_s()`` seconds (a setting that may change over the air),
-    with the frame rate since the last report."""
+    with the frame rate since the last report and what the machine is doing (edge.machine)."""
     started = time.monotonic()
     last_count, last_t = 0.0, started
-    while True:
-        await asyncio.sleep(interval_s())
-        now = time.monotonic()
-        count = meter.total("frames_completed_total")
-        meter.set("pipeline_fps", (count - last_count) / max(now - last_t, 1e-9))
-        last_count, last_t = count, now
-        await publish_telemetry(session, meter, now - started)
+    machine = await asyncio.to_thread(Machine)
+    try:
+        while True:
+            await asyncio.sleep(interval_s())
+            now = time.monotonic()
+            count = meter.total("frames_completed_total")
+            meter.set("pipeline_fps", (count - last_count) / max(now - last_t, 1e-9))
+            last_count, last_t = count, now
+            for name, value in (await asyncio.to_thread(machine.sample)).items():
+                meter.set(name, value)
+            await publish_telemetry(session, meter, now - started)
+    finally:
+        machine.close()
 
 
 async def publish_telemetry(session: MqttSession, meter: Meter, elapsed: float) -> None:

@@ -444,6 +444,8 @@ class PublishSettings(StrictModel):
     # one by one, a backlog's share messages instead of one write per batch (0: every batch).
     local_min_interval_ms: float = Field(20.0, ge=0, le=10_000)
     telemetry_interval_s: float = Field(5.0, gt=0)
+    # Stamp each escalation's hop times into its final result (edgewire trace reads them).
+    hop_stamps: bool = True
 
 
 class DeviceConfig(StrictModel):
@@ -459,6 +461,7 @@ class DeviceConfig(StrictModel):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = Field("127.0.0.1", description="address /metrics listens on (0.0.0.0: every interface)")
     advertise: AdvertiseSettings | None = None
     delivery: DeliverySettings | None = None
 

@@ -118,6 +118,8 @@ class Result(Envelope):
     detections: list[Detection] | None = None
     timings: Timings
     reason: str | None = None
+    #: The bridge's hop stamps (epoch seconds, see edgewire.hops); empty when it stamps none.
+    hops: dict[str, float] = Field(default_factory=dict)
 
 
 class LocalResult(_Strict):
@@ -141,6 +143,9 @@ class LocalResult(_Strict):
     #: A second outcome for a frame answered before: the cloud's answer to a request queued
     #: while degraded, or the end of an escalation a restart interrupted.
     late: bool = False
+    #: An escalated frame's final outcome: every hop's stamp (epoch seconds, see edgewire.hops),
+    #: the device's and the bridge's; the steps between them add up to ``latency_ms``.
+    hops: dict[str, float] | None = None
 
 
 class LocalResults(Envelope):

@@ -2,16 +2,27 @@
 
 Several components can live in one process (the demo runs a broker, a bridge and N devices),
 so every metric carries a ``client`` label instead of relying on one registry per process.
+
+Latencies are histograms in milliseconds (buckets from 0.5 ms to 30 s). On telemetry a histogram
+travels as ``<name>_count``, ``<name>_sum`` and ``<name>_p50``/``_p99`` (from its buckets, as
+Prometheus' ``histogram_quantile`` would estimate them), so a monitor that reads only MQTT shows
+the same figures a dashboard does.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from typing import Any
 
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-_FAMILIES: dict[str, Counter | Gauge] = {}
+_FAMILIES: dict[str, Counter | Gauge | Histogram] = {}
+#: Upper bounds (ms) of the latency buckets: a local answer takes a few ms, an escalation tens to
+#: hundreds, a timeout seconds.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000, 30000,
+)  # fmt: skip
 _LOCK = threading.Lock()
 
 DOCS = {
@@ -44,17 +55,61 @@ DOCS = {
     "mqtt_connected": "1 while connected to the broker",
     "pipeline_fps": "Frames per second over the last telemetry interval",
     "queue_depth": "Frames waiting between the source and the engine",
+    "frame_latency_ms": "Capture to final answer on the device, by path (local or escalated)",
+    "bridge_step_ms": "Time a request spent in each bridge step (queued, decode, triton, total)",
+    "triton_latency_ms": "Triton inference time as the bridge measured it, by model",
+    "cpu_percent": "CPU busy over the last telemetry interval, all cores",
+    "memory_used_percent": "Memory in use (total less available)",
+    "disk_used_percent": "Disk in use on the device's data filesystem",
+    "temperature_c": "Hottest thermal zone",
+    "gpu_load_percent": "GPU load (Jetson, from tegrastats)",
+    "power_mw": "Board input power (Jetson, from tegrastats)",
+    "emc_load_percent": "Memory controller load (Jetson, from tegrastats)",
 }
 
 
-def _family(name: str, kind: type[Counter] | type[Gauge], labels: tuple[str, ...]) -> Counter | Gauge:
+def _family(name: str, kind: type[Any], labels: tuple[str, ...]) -> Any:
     key = f"edgewire_{name.removesuffix('_total')}" if kind is Counter else f"edgewire_{name}"
     with _LOCK:
         fam = _FAMILIES.get(key)
         if fam is None:
-            fam = kind(key, DOCS.get(name, name), ("client", *labels))
+            if kind is Histogram:
+                fam = Histogram(key, DOCS.get(name, name), ("client", *labels), buckets=LATENCY_BUCKETS_MS)
+            else:
+                fam = kind(key, DOCS.get(name, name), ("client", *labels))
             _FAMILIES[key] = fam
         return fam
+
+
+class _Buckets:
+    """A histogram's own copy of its counts, for telemetry (the Prometheus child keeps its own)."""
+
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_MS, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def quantile(self, q: float) -> float | None:
+        """Prometheus' ``histogram_quantile``: linear within the bucket the rank falls in."""
+        if self.count == 0:
+            return None
+        rank = q * self.count
+        seen = 0
+        for i, n in enumerate(self.counts):
+            if seen + n >= rank and n > 0:
+                lower = LATENCY_BUCKETS_MS[i - 1] if i > 0 else 0.0
+                if i >= len(LATENCY_BUCKETS_MS):
+                    return LATENCY_BUCKETS_MS[-1]
+                return lower + (LATENCY_BUCKETS_MS[i] - lower) * (rank - seen) / n
+            seen += n
+        return LATENCY_BUCKETS_MS[-1]
 
 
 class Meter:
@@ -66,6 +121,8 @@ class Meter:
         # (name, kind, label items) -> (snapshot key, Prometheus child): a hot counter costs one
         # dict lookup, not a key built, a family looked up under a lock and a child resolved.
         self._slots: dict[tuple[Any, ...], tuple[str, Any]] = {}
+        self._histograms: dict[str, tuple[str, dict[str, str], _Buckets]] = {}
+        self._hslots: dict[tuple[Any, ...], tuple[_Buckets, Any]] = {}
 
     def _slot(self, name: str, kind: type[Counter] | type[Gauge], labels: dict[str, str]) -> tuple[str, Any]:
         ident = (name, kind, *labels.items())
@@ -85,6 +142,22 @@ class Meter:
         self._values[key] = float(value)
         child.set(value)
 
+    def observe(self, name: str, value_ms: float, **labels: str) -> None:
+        """One latency, in milliseconds, into the histogram ``name``."""
+        ident = (name, *labels.items())
+        slot = self._hslots.get(ident)
+        if slot is None:
+            child = _family(name, Histogram, tuple(sorted(labels))).labels(self.client_id, *_ordered(labels))
+            buckets = _Buckets()
+            self._histograms[_key(name, labels)] = (name, labels, buckets)
+            slot = self._hslots[ident] = (buckets, child)
+        slot[0].add(value_ms)
+        slot[1].observe(value_ms)
+
+    def quantile(self, name: str, q: float, **labels: str) -> float | None:
+        held = self._histograms.get(_key(name, labels))
+        return None if held is None else held[2].quantile(q)
+
     def get(self, name: str, **labels: str) -> float:
         return self._values.get(_key(name, labels), 0.0)
 
@@ -93,7 +166,15 @@ class Meter:
         return sum(v for k, v in self._values.items() if k == name or k.startswith(name + "{"))
 
     def snapshot(self) -> dict[str, float]:
-        return dict(self._values)
+        out = dict(self._values)
+        for name, labels, buckets in list(self._histograms.values()):
+            out[_key(name + "_count", labels)] = float(buckets.count)
+            out[_key(name + "_sum", labels)] = buckets.sum
+            for q, tag in ((0.5, "_p50"), (0.99, "_p99")):
+                value = buckets.quantile(q)
+                if value is not None:
+                    out[_key(name + tag, labels)] = value
+        return out
 
 
 def _ordered(labels: dict[str, str]) -> list[str]:
@@ -107,5 +188,5 @@ def _key(name: str, labels: dict[str, str]) -> str:
 
 
 def serve(port: int, host: str = "127.0.0.1") -> None:
-    """Expose every component's metrics over HTTP for Prometheus to scrape."""
+    """Expose every component's metrics at ``http://host:port/metrics`` for Prometheus to scrape."""
     start_http_server(port, addr=host)

@@ -20,6 +20,9 @@ def bridge(
     bridge_id: Annotated[str, typer.Option("--id", help="client id; keep it stable across restarts")] = "bridge-1",
     group: Annotated[str, typer.Option(help="shared-subscription group (MQTT 5 brokers)")] = "bridges",
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="address /metrics listens on (0.0.0.0: every interface)")
+    ] = "127.0.0.1",
     decode_workers: Annotated[
         int, typer.Option(min=0, help="processes decoding request images beside the event loop; 0: decode on it")
     ] = 1,
@@ -37,7 +40,7 @@ def bridge(
     except (EdgewireError, ValueError) as exc:
         raise fail(exc) from None
     if metrics_port is not None:
-        serve(metrics_port)
+        serve(metrics_port, metrics_host)
     b = Bridge(bridge_id, settings, dispatcher, rules, group=group, decode_workers=decode_workers)
     console.print(f"bridge {bridge_id}: {broker_url} → {', '.join(triton)}")
 

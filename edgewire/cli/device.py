@@ -50,7 +50,7 @@ def edge_run(
     except EdgewireError as exc:
         raise fail(exc) from None
     if cfg.metrics_port is not None:
-        serve(cfg.metrics_port)
+        serve(cfg.metrics_port, cfg.metrics_host)
     console.print(
         f"device {cfg.device_id}: model {agent.meta.name} {agent.meta.version}, broker {cfg.broker.url}, "
         f"mode {agent.mode}" + (" (no cloud configured)" if agent.mode == "local-only" else "")

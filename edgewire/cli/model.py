@@ -37,6 +37,9 @@ def distributor(
     client_id: Annotated[str | None, typer.Option("--id", help="client id (default distributor-<host>)")] = None,
     window: Annotated[int, typer.Option(min=1, help="chunk publishes in flight at once")] = 16,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="address /metrics listens on (0.0.0.0: every interface)")
+    ] = "127.0.0.1",
 ) -> None:
     """Store every model pushed over MQTT and resend the chunks devices ask for, until stopped."""
     from edgewire.cloud_bridge.distributor import Distributor
@@ -45,7 +48,7 @@ def distributor(
     settings = broker_settings(broker_url)
     d = Distributor(settings, store, client_id=client_id, window=window)
     if metrics_port is not None:
-        serve(metrics_port)
+        serve(metrics_port, metrics_host)
     console.print(f"distributor {d.client_id}: {broker_url}, store {store}")
     try:
         run_until_signal(d.run, d.stop)
