@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +48,7 @@ from .model_updater import ModelUpdater
 from .remote_config import RemoteConfig
 from .sources import Frame, QueueSource, chunks, open_source
 from .state import DeviceState
-from .tasks import Task, TaskState
+from .tasks import Task, TaskState, new_trace_ids
 from .telemetry import AgentSummary, publish_telemetry, report_every
 from .write_window import WriteWindow
 
@@ -114,7 +113,6 @@ class EdgeAgent:
         # results are still taken and published strictly in frame order.
         self._workers = config.pipeline.workers
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=f"infer-{config.device_id}")
-        self._run_id = secrets.token_hex(4)
         self.escalations: Escalations | None = None
         if config.cloud is not None:
             self.escalations = Escalations(config, meter=self.meter, mode=self.link_mode, publish=self._publish_later)
@@ -375,11 +373,12 @@ class EdgeAgent:
             return
         frames, meta = batch.frames, batch.model.meta
         # Every frame is answered here at once unless it is hard and has the cloud to go to.
+        trace_ids = new_trace_ids(len(verdicts))
         results = answered_here(
             [frames[i] for i in batch.ok] if batch.failures else frames,
             verdicts,
             device_id=self.config.device_id,
-            run_id=self._run_id,
+            trace_ids=trace_ids,
             model=meta.name,
             version=meta.version,
             now=time.time(),
@@ -392,7 +391,7 @@ class EdgeAgent:
             if payload is None or esc is None:
                 continue  # nothing to send or nowhere to send it: answered here, flagged degraded
             frame = frames[i]
-            task = Task(trace_id=f"{self._run_id}-{frame.seq}", seq=frame.seq, source_ref=frame.ref, created=frame.ts)
+            task = Task(trace_id=trace_ids[j], seq=frame.seq, source_ref=frame.ref, created=frame.ts)
             task.prediction = verdicts.prediction(j)
             task.reasons = verdicts.reasons[j]
             task.model, task.version = meta.name, meta.version
