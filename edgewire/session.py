@@ -397,25 +397,25 @@ class MqttSession:
         return {"clean_session": not self._persistent}
 
     async def _negotiate(self) -> MqttVersion:
-        """Ask the broker with a bare MQTT 5 CONNECT; a refusal means 3.1.1.
+        """Ask the broker with a bare MQTT 5 CONNECT; a refusal of the protocol means 3.1.1.
 
-        The probe carries no will on purpose: amqtt misparses an MQTT 5 CONNECT with a will and
-        leaves it hanging instead of refusing it, while a bare one is refused at once.
+        The probe carries no will and no credentials on purpose: amqtt misparses an MQTT 5
+        CONNECT with either and leaves it hanging instead of refusing it, while a bare one is
+        refused at once. A broker that answers the bare probe in MQTT 5 with any other refusal
+        (not authorized: anonymous logins are off) speaks MQTT 5; the real login follows.
         """
         probe = aiomqtt.Client(
             self.host,
             self.port,
             identifier=f"{self.client_id[:40]}-probe-{secrets.token_hex(3)}",
-            username=self._username,
-            password=self._password,
             protocol=ProtocolVersion.V5,
             timeout=10,
         )
         try:
             async with probe:
                 return "5"
-        except MqttConnectError:
-            return "3.1.1"
+        except MqttConnectError as exc:
+            return "3.1.1" if _refuses_protocol(exc) else "5"
 
     async def _connect(self) -> tuple[aiomqtt.Client, _Sender]:
         if self._resolver is not None and (self.connects == 0 or self.last_error is not None):
@@ -546,3 +546,13 @@ def presence_factory(client_id: str, kind: str, **fields: object) -> PresenceFac
         )
 
     return make
+
+
+#: CONNACK codes that refuse the protocol version: 1 in MQTT 3.1.1, 0x84 in MQTT 5.
+_PROTOCOL_REFUSALS = frozenset({1, 0x84})
+
+
+def _refuses_protocol(exc: MqttConnectError) -> bool:
+    rc = exc.rc
+    value = getattr(rc, "value", rc)
+    return value is None or value in _PROTOCOL_REFUSALS

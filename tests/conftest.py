@@ -85,12 +85,25 @@ class BrokerHandle:
         return f"mqtt://{self.host}:{self.port}"
 
 
-class Mosquitto:
-    """A Mosquitto process started from the shipped broker/mosquitto.conf on a free port."""
+@dataclass(frozen=True)
+class MosquittoFiles:
+    """The files ``edgewire flash`` renders for a broker, put in place of the shipped paths."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    password_file: Path
+    acl_file: Path
+    tls: str = ""  # extra lines for the listener (cafile, certfile, keyfile, ...)
+
+
+class Mosquitto:
+    """A Mosquitto process started from the shipped broker/mosquitto.conf on a free port.
+
+    With ``files`` the shipped logins, ACL and client-id rule hold, with the given files; without,
+    the tests that are not about identities get the same broker open to anonymous clients."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *, files: MosquittoFiles | None = None) -> None:
         self.port = port or free_port()
         self.workdir = workdir
+        self.files = files
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -99,6 +112,16 @@ class Mosquitto:
             pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
         shipped = (ROOT / "broker" / "mosquitto.conf").read_text()
         conf = re.sub(r"^listener .*$", f"listener {self.port} 127.0.0.1", shipped, flags=re.M)
+        if self.files is None:
+            conf = re.sub(r"^allow_anonymous false$", "allow_anonymous true", conf, flags=re.M)
+            conf = re.sub(r"^(password_file|acl_file|use_username_as_clientid) .*$", "", conf, flags=re.M)
+        else:
+            conf = re.sub(r"^password_file .*$", f"password_file {self.files.password_file}", conf, flags=re.M)
+            conf = re.sub(r"^acl_file .*$", f"acl_file {self.files.acl_file}", conf, flags=re.M)
+            if os.geteuid() == 0:  # as root Mosquitto becomes `mosquitto`, who cannot read pytest's 0700 folders
+                conf += "\nuser root\n"
+            listener = f"listener {self.port} 127.0.0.1"
+            conf = conf.replace(listener, f"{listener}\n{self.files.tls}" if self.files.tls else listener, 1)
         path = self.workdir / f"mosquitto-{self.port}.conf"
         path.write_text(conf)
         self.proc = subprocess.Popen([exe, "-c", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -160,7 +183,7 @@ async def broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         from edgewire.broker.embedded import EmbeddedBroker
 
         port = free_port()
-        async with EmbeddedBroker("127.0.0.1", port):
+        async with EmbeddedBroker("127.0.0.1", port, allow_anonymous=True):
             yield BrokerHandle("amqtt", "127.0.0.1", port)
     else:
         m = Mosquitto(tmp_path)
