@@ -20,6 +20,7 @@ import logging
 import random
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +37,7 @@ from edgewire import mqtt_fastpath, topics
 from edgewire.aio import cancel_and_wait
 from edgewire.errors import EdgewireError
 from edgewire.metrics import Meter
+from edgewire.tls import client_context
 
 if TYPE_CHECKING:
     from edgewire.config import BrokerSettings
@@ -93,8 +95,10 @@ class MqttSession:
         resolver: Callable[[], Awaitable[tuple[str, int]]] | None = None,
         session_expiry_s: int = 86_400,
         max_inflight: int = 256,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.client_id = client_id
+        self._tls = tls  # the broker's certificate checked with it (edgewire.tls); None: plain TCP
         self.host = host
         self.port = port
         self._username = username
@@ -139,6 +143,7 @@ class MqttSession:
             "protocol": broker.protocol,
             "reconnect_min_s": broker.reconnect_min_s,
             "reconnect_max_s": broker.reconnect_max_s,
+            "tls": client_context(broker.ca_file, broker.cert_file, broker.key_file) if broker.tls else None,
         }
         return cls(client_id, **{**fields, **options})
 
@@ -179,6 +184,10 @@ class MqttSession:
         return self._protocol
 
     @property
+    def url(self) -> str:
+        return f"{'mqtts' if self._tls is not None else 'mqtt'}://{self.host}:{self.port}"
+
+    @property
     def fast_path(self) -> bool:
         """Whether the live connection runs edgewire.mqtt_fastpath (False while disconnected)."""
         return isinstance(self._sender, mqtt_fastpath.FastPath)
@@ -188,7 +197,7 @@ class MqttSession:
             await asyncio.wait_for(self._connected.wait(), timeout)
         except asyncio.TimeoutError:
             raise NotConnected(
-                f"no connection to mqtt://{self.host}:{self.port} after {timeout}s"
+                f"no connection to {self.url} after {timeout}s"
                 + (f" (last error: {self.last_error})" if self.last_error else "")
             ) from None
 
@@ -378,6 +387,7 @@ class MqttSession:
             max_inflight_messages=self._max_inflight,
             # Small request/answer messages must not wait for Nagle's algorithm (~40 ms stalls).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            tls_context=self._tls,
             **self._session_options(protocol),
         )
         # aiomqtt warns past 10 unacknowledged publishes; we run up to max_inflight on purpose.
@@ -410,6 +420,7 @@ class MqttSession:
             identifier=f"{self.client_id[:40]}-probe-{secrets.token_hex(3)}",
             protocol=ProtocolVersion.V5,
             timeout=10,
+            tls_context=self._tls,
         )
         try:
             async with probe:
@@ -477,7 +488,7 @@ class MqttSession:
             self.meter.inc("mqtt_reconnects_total")
         self.meter.set("mqtt_connected", 1)
         self._connected.set()
-        log.info("%s: connected to mqtt://%s:%s", self.client_id, self.host, self.port)
+        log.info("%s: connected to %s", self.client_id, self.url)
         async for _ in client.messages:  # messages go straight to the inbox; this ends on disconnect
             pass
 

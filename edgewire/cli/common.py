@@ -57,6 +57,4 @@ def broker_settings(url: str) -> BrokerSettings:
 
 def operator_session(broker: BrokerSettings) -> MqttSession:
     """A short-lived session with a unique client id, so two operators never kick each other off."""
-    return MqttSession(
-        f"operator-{free_port()}", broker.host, broker.port, username=broker.username, password=broker.password
-    )
+    return MqttSession.from_settings(f"operator-{free_port()}", broker)

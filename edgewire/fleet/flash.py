@@ -32,6 +32,7 @@ from edgewire.profiles import available_profiles
 
 DEVICE_CONFIG = "etc/edgewire/device.yaml"
 SIGNING_KEY = "etc/edgewire/fleet-signing.pub"
+BROKER_CA = "etc/edgewire/broker-ca.pem"  # the CA that signed the broker's certificate (TLS)
 UNIT = "etc/systemd/system/edgewire-edge.service"
 #: The broker's side of the fleet, under ``--broker-out``: both brokers read PASSWD; Mosquitto
 #: reads ACL, the embedded broker ROLES (and applies the same rules from edgewire.acl).
@@ -91,6 +92,9 @@ class Fleet(StrictModel):
     # re-rendering is repeatable without storing a password per device.
     credentials_secret: str | None = None
     signing_public_key: str | None = None
+    # TLS: the CA (PEM) that signed the broker's certificate. Written to each device as
+    # BROKER_CA and named in its broker settings; the fleet's broker url is then mqtts://.
+    broker_ca: str | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
     devices: list[DeviceEntry] = Field(min_length=1)
 
@@ -208,6 +212,8 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
             password = _password(fleet, device_id, entry.password)
             if password:
                 doc["broker"] = {**doc["broker"], "username": device_id, "password": password}
+            if fleet.broker_ca:
+                doc["broker"] = {**doc["broker"], "ca_file": f"/{BROKER_CA}"}
             try:
                 cfg = DeviceConfig.model_validate(doc)
             except ValidationError as exc:
@@ -230,6 +236,8 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
             }
             if fleet.signing_public_key:
                 files[SIGNING_KEY] = (fleet.signing_public_key.strip() + "\n").encode()
+            if fleet.broker_ca:
+                files[BROKER_CA] = (fleet.broker_ca.strip() + "\n").encode()
             out.append(Rendered(device_id, files))
     if problems:
         raise ConfigError(f"invalid fleet {fleet_file} (nothing was written):\n" + "\n".join(problems))
