@@ -6,6 +6,9 @@ not dispatched, an unroutable one is answered ``rejected``. Requests are dedupli
 (device_id, trace_id): a redelivery (QoS 1 after a reconnect, or a device resending) is not run
 again, its cached answer is published again. A trace id is only unique within its device, so a
 device that sends another device's trace id gets its own request answered, never the other's.
+Each device's new requests are paid from its own token bucket (``device_rate_per_s``,
+``device_burst``): past it a request is answered ``rejected`` (reason ``rate limited``) without
+being decoded or dispatched, so one device cannot starve the others.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from edgewire.config import BrokerSettings
 from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
 from edgewire.preprocess import ImageRejected, Preprocessor, decode
+from edgewire.ratelimit import BucketsPerKey
 from edgewire.session import InboundMessage, MqttSession, NotConnected, presence_factory
 
 from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
@@ -51,6 +55,8 @@ class Bridge:
         telemetry_interval_s: float = 5.0,
         meter: Meter | None = None,
         decode_workers: int = 0,
+        device_rate_per_s: float = 50.0,
+        device_burst: float = 100.0,
     ) -> None:
         """``decode_workers``: child processes that decode and preprocess request images, a
         burst per pass of the event loop (see cloud_bridge.decoder); 0 decodes on the loop."""
@@ -65,6 +71,7 @@ class Bridge:
         self._dedupe_size = dedupe_size
         self._answered: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (device, trace) -> answer
         self._inflight: set[tuple[str, str]] = set()
+        self._budgets = BucketsPerKey(device_rate_per_s, device_burst)  # new requests, per device
         self._jobs: set[asyncio.Task[None]] = set()
         self._unacked: set[asyncio.Future[None]] = set()  # results sent, not yet acknowledged
         self._stop = asyncio.Event()
@@ -173,6 +180,11 @@ class Bridge:
             return
         if key in self._inflight:
             self.meter.inc("requests_duplicate_total", state="inflight")
+            return
+        if not self._budgets.take(device_id):
+            self.meter.inc("requests_rate_limited_total")
+            refusal = self._result(device_id, trace_id, received, "rejected", reason="rate limited")
+            self._spawn(self._publish(session, self._reply_topic(device_id), env.encode(refusal)))
             return
         self._inflight.add(key)
         self._spawn(self._handle(session, device_id, trace_id, bytes(message.payload), received))

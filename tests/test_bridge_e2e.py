@@ -326,3 +326,29 @@ async def test_a_trace_id_sent_first_by_another_device_does_not_take_the_answer(
     assert owner.raw[0] != thief.raw[0]
     assert bridge.meter.total("requests_duplicate_total") == 0
     assert bridge.meter.total("triton_calls_total") == 2
+
+
+async def test_a_flooding_device_is_rate_limited_and_does_not_starve_another(
+    broker: BrokerHandle, triton: EmbeddedTriton, demo: DemoArtifacts
+) -> None:
+    """One device sends far past its budget at once; the excess is answered `rejected: rate
+    limited` without reaching Triton, and another device's requests are all answered."""
+    jpeg = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
+    running = RunningBridge(broker, triton)
+    running.bridge._budgets = type(running.bridge._budgets)(2.0, 10.0)  # 10 at once, then 2/s
+    async with running as bridge, ResultReader(broker, "cam-flood") as flood, ResultReader(broker, "cam-calm") as calm:
+        started = time.monotonic()
+        for i in range(60):
+            await flood.send(request("cam-flood", f"f{i:04d}", jpeg))
+        for i in range(5):
+            await calm.send(request("cam-calm", f"c{i:04d}", jpeg))
+        flooded = await flood.wait(60, timeout=30)
+        elapsed = time.monotonic() - started
+        answers = await calm.wait(5, timeout=30)
+    assert len(answers) == 5 and all(r.status == "ok" for r in answers)
+    limited = [r for r in flooded if r.reason == "rate limited"]
+    assert len(flooded) == 60 and all(r.status == "rejected" for r in limited)
+    # 10 served from the burst, and at most 2/s more while the 60 arrived.
+    assert 60 - 10 - 2 * elapsed - 1 <= len(limited) <= 50
+    assert bridge.meter.total("requests_rate_limited_total") == len(limited)
+    assert bridge.meter.get("requests_total", status="ok") == 60 - len(limited) + 5
