@@ -460,12 +460,19 @@ class EdgeAgent:
 
     async def _listen(self, session: MqttSession) -> None:
         async for message in session.messages():
-            try:
-                await self._dispatch(str(message.topic), message.payload)
-            except (DecodeError, TopicError) as exc:
-                reason = "topic" if isinstance(exc, TopicError) else "payload"
-                self.meter.inc("messages_rejected_total", reason=reason)
-                log.warning("%s: rejected message on %s: %s", self.config.device_id, message.topic, exc)
+            await self._receive(str(message.topic), message.payload)
+
+    async def _receive(self, topic: str, payload: Any) -> None:
+        """One message in; whatever it holds, it is counted and the receive loop goes on."""
+        try:
+            await self._dispatch(topic, payload)
+        except (DecodeError, TopicError) as exc:
+            reason = "topic" if isinstance(exc, TopicError) else "payload"
+            self.meter.inc("messages_rejected_total", reason=reason)
+            log.warning("%s: rejected message on %s: %s", self.config.device_id, topic, exc)
+        except Exception:  # a bug must cost one message, not the device's receive loop
+            self.meter.inc("messages_rejected_total", reason="internal")
+            log.exception("%s: handling a message on %s failed", self.config.device_id, topic)
 
     async def _dispatch(self, topic: str, payload: Any) -> None:
         parsed = topics.parse(topic)
