@@ -448,8 +448,11 @@ class MqttSession:
             try:
                 client, sender = await self._connect()
             except (aiomqtt.MqttError, OSError, EdgewireError) as exc:
-                self.last_error = str(exc) or type(exc).__name__
-                log.debug("%s: connect failed: %s; retry in %.1fs", self.client_id, self.last_error, delay)
+                error = str(exc) or type(exc).__name__
+                # A new reason is worth a warning (a refused login, an untrusted certificate); its repeats are not.
+                level = logging.DEBUG if error == self.last_error else logging.WARNING
+                self.last_error = error
+                log.log(level, "%s: connect to %s failed: %s; retrying", self.client_id, self.url, error)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self._backoff[1])
                 continue

@@ -16,6 +16,7 @@ import pytest
 
 from edgewire import acl, topics
 from edgewire.broker.embedded import BrokerAuth, EmbeddedBroker
+from edgewire.errors import EdgewireError
 from edgewire.fleet import flash
 from edgewire.passwords import hash_password, read_password_file, verify_password
 from edgewire.ports import free_port
@@ -217,3 +218,29 @@ async def test_a_bridge_takes_requests_through_the_acl(fleet: Fleet) -> None:
         got = await asyncio.wait_for(anext(aiter(bridge.messages())), 5)
         assert str(got.topic) == "req/cam-a/0123456789abcdef" and bytes(got.payload) == b"request"
         assert shared == (fleet.kind == "mosquitto")
+
+
+async def test_commands_log_in_from_the_environment_and_a_refusal_is_a_warning(
+    fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import typer
+
+    from edgewire.cli.common import PASSWORD_FILE_ENV, broker_settings, operator_session
+
+    secret = tmp_path / "operator.password"
+    secret.write_text(fleet.passwords["operator"] + "\n")
+    monkeypatch.setenv(PASSWORD_FILE_ENV, str(secret))
+    settings = broker_settings(f"mqtt://operator@{fleet.host}:{fleet.port}")
+    assert settings.username == "operator" and settings.host == fleet.host
+    async with operator_session(settings) as op:
+        await op.wait_connected(10)
+    with pytest.raises(typer.Exit):
+        broker_settings(f"mqtt://operator:{fleet.passwords['operator']}@{fleet.host}:{fleet.port}")
+
+    secret.write_text("wrong\n")
+    caplog.set_level("WARNING", logger="edgewire.session")
+    async with operator_session(broker_settings(f"mqtt://operator@{fleet.host}:{fleet.port}")) as op:
+        with pytest.raises(EdgewireError, match="last error"):
+            await op.wait_connected(2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("connect to" in w and "failed" in w for w in warnings), warnings
