@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgewire import delivery, sdnotify, topics
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edgewire import delivery, sdnotify, signing, topics
 from edgewire import envelopes as env
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import BrokerSettings
@@ -90,7 +92,10 @@ class Distributor:
         session_factory: SessionFactory | None = None,
         limits: StoreLimits | None = None,
         fetch_limits: FetchLimits | None = None,
+        fleet_key: Ed25519PublicKey | None = None,
     ) -> None:
+        """``fleet_key``: when given, only announces signed with the fleet's key are stored (as
+        devices install only those); without it any announce within ``limits`` is."""
         self.broker = BrokerSettings(url=broker) if isinstance(broker, str) else broker
         self.store_dir = Path(store_dir)
         self.client_id = client_id or default_client_id()
@@ -100,6 +105,7 @@ class Distributor:
         self.meter = meter or Meter(self.client_id)
         self._session_factory = session_factory
         self.limits = limits or StoreLimits()
+        self.fleet_key = fleet_key
         fl = self.fetch_limits = fetch_limits or FetchLimits()
         self._device_budget = BucketsPerKey(fl.device_bytes_per_s, fl.device_burst_bytes)
         self._total_budget = TokenBucket.full(fl.total_bytes_per_s, fl.total_burst_bytes, time.monotonic())
@@ -261,6 +267,12 @@ class Distributor:
             reason, why = problem
             self._reject(reason, f"{model} {manifest.version}: {why}")
             return
+        if self.fleet_key is not None:
+            try:
+                signing.verify(self.fleet_key, bytes.fromhex(manifest.sha256), manifest.signature or b"")
+            except signing.SignatureError as exc:
+                self._reject("manifest_signature", f"{model} {manifest.version}: {exc}")
+                return
         key = (manifest.name, manifest.version)
         art = self._artefacts.get(key)
         if art is not None and delivery.same_artefact(art.manifest, manifest):

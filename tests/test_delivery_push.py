@@ -668,3 +668,19 @@ async def test_fetches_resend_no_more_than_the_fetch_budget(broker: BrokerHandle
             await dev.publish(topics.MODEL_FETCH.build(device_id="cam-r", model="m"), env.encode(req), qos=1)
             got = [env.decode(env.Chunk, p) for _, p in await messages_until_quiet(sub, topics.MODEL_CHUNK)]
         assert [c.index for c in got] == [7]
+
+
+async def test_a_distributor_with_the_fleet_key_stores_only_signed_announces(artefact: Path, tmp_path: Path) -> None:
+    private_pem, public_line = signing.generate()
+    d = Distributor(
+        "mqtt://127.0.0.1:9", tmp_path / "store", client_id="distributor-k", fleet_key=signing.load_public(public_line)
+    )
+    d._load_store()
+    announce = topics.MODEL_ANNOUNCE.build(model="m")
+    d._on_message(announce, env.encode(manifest_of(artefact, "1")))  # unsigned
+    other, _ = signing.generate()
+    d._on_message(announce, env.encode(manifest_of(artefact, "2", private_key=signing.load_private(other))))
+    assert d.rejected("manifest_signature") == 2 and list((tmp_path / "store").iterdir()) == []
+    signed = manifest_of(artefact, "3", private_key=signing.load_private(private_pem))
+    d._on_message(announce, env.encode(signed))
+    assert d.manifest("m", "3") == signed

@@ -35,13 +35,21 @@ def distributor(
     client_id: Annotated[str | None, typer.Option("--id", help="client id (default distributor-<host>)")] = None,
     window: Annotated[int, typer.Option(min=1, help="chunk publishes in flight at once")] = 16,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    public_key: Annotated[
+        Path | None, typer.Option("--public-key", help="store only announces signed with this fleet key")
+    ] = None,
 ) -> None:
     """Store every model pushed over MQTT and resend the chunks devices ask for, until stopped."""
+    from edgewire import signing
     from edgewire.cloud_bridge.distributor import Distributor
     from edgewire.metrics import serve
 
     settings = broker_settings(broker_url)
-    d = Distributor(settings, store, client_id=client_id, window=window)
+    try:
+        fleet_key = signing.load_public(public_key.read_text()) if public_key is not None else None
+    except (OSError, EdgewireError) as exc:
+        raise fail(exc) from None
+    d = Distributor(settings, store, client_id=client_id, window=window, fleet_key=fleet_key)
     if metrics_port is not None:
         serve(metrics_port)
     console.print(f"distributor {d.client_id}: {broker_url}, store {store}")
