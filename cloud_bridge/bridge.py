@@ -55,11 +55,15 @@ class Bridge:
         telemetry_interval_s: float = 5.0,
         meter: Meter | None = None,
         decode_workers: int = 0,
-        device_rate_per_s: float = 50.0,
-        device_burst: float = 100.0,
+        device_rate_per_s: float = 500.0,
+        device_burst: float = 1000.0,
     ) -> None:
         """``decode_workers``: child processes that decode and preprocess request images, a
-        burst per pass of the event loop (see cloud_bridge.decoder); 0 decodes on the loop."""
+        burst per pass of the event loop (see cloud_bridge.decoder); 0 decodes on the loop.
+        ``device_rate_per_s``, ``device_burst``: each device's budget of new requests. The
+        defaults are a device's own replay pace after an outage (``outbox.replay_per_s``), so a
+        device that keeps to its shipped settings is never refused; a fleet whose cameras and
+        Triton capacity are known sets them lower."""
         self.bridge_id = bridge_id
         self.broker = broker
         self.dispatcher = dispatcher
