@@ -58,7 +58,7 @@ def start_mosquitto(work: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 def start_amqtt() -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    proc = subprocess.Popen([*CLI, "broker", "--port", str(port)], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*CLI, "broker", "--allow-anonymous", "--port", str(port)], stderr=subprocess.DEVNULL)
     wait_port(port)
     return proc, port
 

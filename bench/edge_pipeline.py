@@ -64,7 +64,7 @@ def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int, str]:
         proc = subprocess.Popen([exe, "-c", str(conf)], stderr=subprocess.DEVNULL)
         kind = "mosquitto"
     else:
-        cmd = [sys.executable, "-m", "edgewire.cli", "broker", "--port", str(port)]
+        cmd = [sys.executable, "-m", "edgewire.cli", "broker", "--allow-anonymous", "--port", str(port)]
         proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
         kind = "amqtt"
     wait_port(port)

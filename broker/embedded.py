@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from amqtt.broker import Broker
-
 from edgewire.errors import EdgewireError
+
+from .guard import GuardedBroker
 
 log = logging.getLogger(__name__)
 
@@ -24,25 +26,62 @@ class BrokerError(EdgewireError):
     """The embedded broker could not start."""
 
 
-def broker_config(host: str, port: int) -> dict[str, Any]:
-    # A 'plugins' section replaces all of amqtt's defaults, so anonymous auth is listed on purpose;
-    # the $SYS and packet-logging plugins are left out (they cost CPU on every message).
+@dataclass(frozen=True)
+class BrokerAuth:
+    """The fleet's users as ``edgewire flash`` renders them: Mosquitto's password file (the same
+    file both brokers read) and the roles of the users that are not devices."""
+
+    password_file: Path
+    roles_file: Path | None = None
+
+
+def broker_config(host: str, port: int, auth: BrokerAuth | None) -> dict[str, Any]:
+    # A 'plugins' section replaces all of amqtt's defaults; the $SYS and packet-logging plugins
+    # are left out (they cost CPU on every message).
+    listeners = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
+    if auth is None:
+        return {
+            "listeners": listeners,
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+    roles = str(auth.roles_file) if auth.roles_file is not None else None
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        "listeners": listeners,
+        "plugins": {
+            "edgewire.broker.guard.FleetAuthPlugin": {"password_file": str(auth.password_file), "roles_file": roles},
+            "edgewire.broker.guard.FleetTopicPlugin": {"roles_file": roles},
+        },
     }
 
 
 class EmbeddedBroker:
-    """``async with EmbeddedBroker(port=...)``: started on enter, stopped on exit."""
+    """``async with EmbeddedBroker(port=...)``: started on enter, stopped on exit.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, mdns: bool = False, name: str | None = None):
+    Logins need the fleet's passwords (``auth``) and every topic is checked against
+    :mod:`edgewire.acl`; a broker open to anyone must be asked for (``allow_anonymous``, the
+    demo and the tests on loopback)."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        mdns: bool = False,
+        name: str | None = None,
+        auth: BrokerAuth | None = None,
+        allow_anonymous: bool = False,
+    ):
+        if auth is None and not allow_anonymous:
+            raise BrokerError("the embedded broker needs a password file (or allow_anonymous for a lab or demo)")
+        if auth is not None and allow_anonymous:
+            raise BrokerError("give a password file or allow anonymous logins, not both")
         self.host = host
         self.port = port
+        self.auth = auth
         self.mdns = mdns
         # One instance name per broker on the link: mDNS refuses a name already taken.
         self.name = name or f"edgewire-{socket.gethostname()[:30]}-{port}"
-        self._broker: Broker | None = None
+        self._broker: GuardedBroker | None = None
         self._advertiser: Any = None
 
     @property
@@ -54,8 +93,8 @@ class EmbeddedBroker:
         for noisy in ("amqtt", "amqtt.broker", "transitions"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         _check_port_free(self.host, self.port)
-        self._broker = Broker(broker_config(self.host, self.port))
         try:
+            self._broker = GuardedBroker(broker_config(self.host, self.port, self.auth))
             await self._broker.start()
         except Exception as exc:
             raise BrokerError(f"embedded broker failed to start on {self.url}: {exc}") from None

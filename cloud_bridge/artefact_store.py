@@ -14,11 +14,27 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgewire import delivery, durable
 from edgewire import envelopes as env
 from edgewire.errors import DecodeError
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """What the store takes from an announce before it allocates or creates anything: the
+    manifest is anyone's word until it is checked, and its numbers size the file, the per-chunk
+    record and the memory behind them."""
+
+    max_size: int = 2 * 1024 * env.MIB  # bytes of one artefact
+    max_chunk_count: int = 65536  # chunks of one artefact (one byte each in ``held``)
+
+    def __post_init__(self) -> None:
+        if self.max_size <= 0 or self.max_chunk_count <= 0:
+            raise ValueError(f"store limits must be positive: {self}")
 
 
 def version_folder(store_dir: Path, name: str, version: str) -> Path:
@@ -58,15 +74,22 @@ class StoredArtefact:
     def create(cls, store_dir: Path, manifest: env.Manifest) -> StoredArtefact:
         """An empty copy of ``manifest``'s artefact, replacing whatever that version held."""
         folder = version_folder(store_dir, manifest.name, manifest.version)
+        made_name = not folder.parent.exists()
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("complete", "held", "artefact"):
-            with contextlib.suppress(FileNotFoundError):
-                (folder / name).unlink()
-        durable.atomic_write(folder / "manifest.msgpack", env.encode(manifest))
-        held = bytearray(manifest.chunk_count)
-        (folder / "held").write_bytes(held)
-        with open(folder / "artefact", "wb") as f:
-            f.truncate(manifest.size)  # sparse: the space is taken as chunks land
+        try:
+            for name in ("complete", "held", "artefact"):
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+            with open(folder / "artefact", "wb") as f:
+                f.truncate(manifest.size)  # sparse: the space is taken as chunks land
+            held = bytearray(manifest.chunk_count)
+            (folder / "held").write_bytes(held)
+            # Last: a folder without its manifest is not a stored version (see stored_folders).
+            durable.atomic_write(folder / "manifest.msgpack", env.encode(manifest))
+        except OSError:
+            # No stray folder for a version that could not be made (a file the disk refuses).
+            shutil.rmtree(folder.parent if made_name else folder, ignore_errors=True)
+            raise
         return cls(folder, manifest, held, complete=False)
 
     @classmethod
@@ -134,15 +157,23 @@ class StoredArtefact:
         self._fd = self._held_fd = None
 
 
-def manifest_problem(manifest: env.Manifest) -> str | None:
+def manifest_problem(manifest: env.Manifest, limits: StoreLimits) -> tuple[str, str] | None:
+    """Why the store must not take this manifest, as (reason label, explanation), or None."""
     try:
         delivery.check_model_ids(manifest.name, manifest.version)
     except delivery.DeliveryError as exc:
-        return str(exc)
+        return "manifest", str(exc)
     if not 0 < manifest.chunk_size <= delivery.MAX_CHUNK_SIZE:
-        return f"chunk_size {manifest.chunk_size} out of range"
-    if manifest.size <= 0 or manifest.chunk_count != -(-manifest.size // manifest.chunk_size):
-        return f"size {manifest.size}, chunk_size {manifest.chunk_size} and chunk_count {manifest.chunk_count} disagree"
+        return "manifest", f"chunk_size {manifest.chunk_size} out of range (1 to {delivery.MAX_CHUNK_SIZE})"
+    if not 0 < manifest.size <= limits.max_size:
+        return "manifest_limits", f"size {manifest.size} out of range (1 to {limits.max_size} bytes)"
+    if not 0 < manifest.chunk_count <= limits.max_chunk_count:
+        return "manifest_limits", f"chunk_count {manifest.chunk_count} out of range (1 to {limits.max_chunk_count})"
+    if manifest.chunk_count != -(-manifest.size // manifest.chunk_size):
+        return (
+            "manifest",
+            f"size {manifest.size}, chunk_size {manifest.chunk_size} and chunk_count {manifest.chunk_count} disagree",
+        )
     if not re.fullmatch(r"[0-9a-f]{64}", manifest.sha256):
-        return "sha256 is not 64 lowercase hex digits"
+        return "manifest", "sha256 is not 64 lowercase hex digits"
     return None

@@ -3,8 +3,12 @@
 Each request is validated before anything is spent on it: the topic and payload must agree on
 who sent it, the answer may only go to that device's own result topic, an expired request is
 not dispatched, an unroutable one is answered ``rejected``. Requests are deduplicated by
-trace_id: a redelivery (QoS 1 after a reconnect, or a device resending) is not run again, its
-cached answer is published again.
+(device_id, trace_id): a redelivery (QoS 1 after a reconnect, or a device resending) is not run
+again, its cached answer is published again. A trace id is only unique within its device, so a
+device that sends another device's trace id gets its own request answered, never the other's.
+Each device's new requests are paid from its own token bucket (``device_rate_per_s``,
+``device_burst``): past it a request is answered ``rejected`` (reason ``rate limited``) without
+being decoded or dispatched, so one device cannot starve the others.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from edgewire.detection import DecodeSettings, decode_batch
 from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
 from edgewire.preprocess import ImageRejected, Preprocessor, decode
+from edgewire.ratelimit import BucketsPerKey
 from edgewire.session import InboundMessage, MqttSession, NotConnected, presence_factory
 
 from . import detect_merge
@@ -54,10 +59,16 @@ class Bridge:
         meter: Meter | None = None,
         decode_workers: int = 0,
         hop_stamps: bool = True,
+        device_rate_per_s: float = 500.0,
+        device_burst: float = 1000.0,
     ) -> None:
         """``decode_workers``: child processes that decode and preprocess request images, a
         burst per pass of the event loop (see cloud_bridge.decoder); 0 decodes on the loop.
-        ``hop_stamps``: put this bridge's hop times in each Result (edgewire.hops)."""
+        ``hop_stamps``: put this bridge's hop times in each Result (edgewire.hops).
+        ``device_rate_per_s``, ``device_burst``: each device's budget of new requests. The
+        defaults are a device's own replay pace after an outage (``outbox.replay_per_s``), so a
+        device that keeps to its shipped settings is never refused; a fleet whose cameras and
+        Triton capacity are known sets them lower."""
         self.hop_stamps = hop_stamps
         self.bridge_id = bridge_id
         self.broker = broker
@@ -68,8 +79,9 @@ class Bridge:
         dispatcher.meter = self.meter
         self._slots = asyncio.Semaphore(max_inflight)
         self._dedupe_size = dedupe_size
-        self._answered: OrderedDict[str, bytes] = OrderedDict()
-        self._inflight: set[str] = set()
+        self._answered: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (device, trace) -> answer
+        self._inflight: set[tuple[str, str]] = set()
+        self._budgets = BucketsPerKey(device_rate_per_s, device_burst)  # new requests, per device
         self._jobs: set[asyncio.Task[None]] = set()
         self._unacked: set[asyncio.Future[None]] = set()  # results sent, not yet acknowledged
         self._stop = asyncio.Event()
@@ -168,18 +180,24 @@ class Bridge:
             self.meter.inc("requests_rejected_total", reason="topic")
             log.warning("%s: %s", self.bridge_id, exc)
             return
-        trace_id = parsed["trace_id"]
-        cached = self._answered.get(trace_id)
+        device_id, trace_id = parsed["device_id"], parsed["trace_id"]
+        key = (device_id, trace_id)
+        cached = self._answered.get(key)
         if cached is not None:
             # Already answered: publish the same answer again, do not run it twice.
             self.meter.inc("requests_duplicate_total", state="answered")
-            self._spawn(self._publish(session, self._reply_topic(parsed["device_id"]), cached))
+            self._spawn(self._publish(session, self._reply_topic(device_id), cached))
             return
-        if trace_id in self._inflight:
+        if key in self._inflight:
             self.meter.inc("requests_duplicate_total", state="inflight")
             return
-        self._inflight.add(trace_id)
-        self._spawn(self._handle(session, parsed["device_id"], trace_id, bytes(message.payload), received))
+        if not self._budgets.take(device_id):
+            self.meter.inc("requests_rate_limited_total")
+            refusal = self._result(device_id, trace_id, received, "rejected", reason="rate limited")
+            self._spawn(self._publish(session, self._reply_topic(device_id), env.encode(refusal)))
+            return
+        self._inflight.add(key)
+        self._spawn(self._handle(session, device_id, trace_id, bytes(message.payload), received))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         spawn(self._jobs, coro)
@@ -193,8 +211,8 @@ class Bridge:
                 log.exception("%s: request %s failed", self.bridge_id, trace_id)
                 result = self._result(device_id, trace_id, received, "rejected", reason=f"internal error: {exc!r}")
             payload = env.encode(result)
-            self._remember(trace_id, payload)
-            self._inflight.discard(trace_id)
+            self._remember((device_id, trace_id), payload)
+            self._inflight.discard((device_id, trace_id))
             self.meter.inc("requests_total", status=result.status)
         topic = self._reply_topic(device_id)
         try:
@@ -427,8 +445,8 @@ class Bridge:
             hops=hops if self.hop_stamps else {},
         )
 
-    def _remember(self, trace_id: str, payload: bytes) -> None:
-        self._answered[trace_id] = payload
+    def _remember(self, key: tuple[str, str], payload: bytes) -> None:
+        self._answered[key] = payload
         while len(self._answered) > self._dedupe_size:
             self._answered.popitem(last=False)
 

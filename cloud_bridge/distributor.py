@@ -8,7 +8,10 @@ the chunks asked for on the ordinary chunk topic.
 
 Everything it receives is checked before it is believed: a chunk must agree with its topic, its
 manifest and its own checksum; a version is served only after the whole artefact hashes to the
-manifest's sha256; a fetch must come from the device its topic names. A bad message is logged
+manifest's sha256; a fetch must come from the device its topic names. An announce's numbers are
+bounded (``StoreLimits``) before anything is allocated or created for it, and fetches are paid
+for from token buckets (``FetchLimits``: one per device and one for all of them together), so
+a few small fetches cannot turn into hundreds of MiB re-broadcast. A bad message is logged
 with its reason and counted (``messages_rejected_total{reason=...}``); it never stops the loop.
 What is kept, and how, is :mod:`.artefact_store`'s.
 """
@@ -27,15 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgewire import delivery, sdnotify, topics
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edgewire import delivery, sdnotify, signing, topics
 from edgewire import envelopes as env
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import BrokerSettings
 from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
+from edgewire.ratelimit import BucketsPerKey, TokenBucket
 from edgewire.session import MqttSession, NotConnected, presence_factory
 
-from .artefact_store import StoredArtefact, artefact_file, manifest_problem, stored_folders
+from .artefact_store import StoredArtefact, StoreLimits, artefact_file, manifest_problem, stored_folders
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,19 @@ def default_client_id() -> str:
     """``distributor-<host>``: stable across restarts, so the broker keeps its persistent session."""
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "host"
     return f"distributor-{host}"[:128]
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """How many chunk bytes fetches may make the distributor resend: per device, and for all
+    devices together (which also bounds what made-up device ids can ask for). A fetch beyond
+    them is served as far as the buckets allow and refused for the rest; the device asks again
+    for what it still lacks when its link goes quiet."""
+
+    device_bytes_per_s: float = 2 * env.MIB
+    device_burst_bytes: float = 32 * env.MIB
+    total_bytes_per_s: float = 16 * env.MIB
+    total_burst_bytes: float = 128 * env.MIB
 
 
 @dataclass(frozen=True)
@@ -71,7 +90,12 @@ class Distributor:
         telemetry_interval_s: float = 5.0,
         meter: Meter | None = None,
         session_factory: SessionFactory | None = None,
+        limits: StoreLimits | None = None,
+        fetch_limits: FetchLimits | None = None,
+        fleet_key: Ed25519PublicKey | None = None,
     ) -> None:
+        """``fleet_key``: when given, only announces signed with the fleet's key are stored (as
+        devices install only those); without it any announce within ``limits`` is."""
         self.broker = BrokerSettings(url=broker) if isinstance(broker, str) else broker
         self.store_dir = Path(store_dir)
         self.client_id = client_id or default_client_id()
@@ -80,6 +104,11 @@ class Distributor:
         self.window = window
         self.meter = meter or Meter(self.client_id)
         self._session_factory = session_factory
+        self.limits = limits or StoreLimits()
+        self.fleet_key = fleet_key
+        fl = self.fetch_limits = fetch_limits or FetchLimits()
+        self._device_budget = BucketsPerKey(fl.device_bytes_per_s, fl.device_burst_bytes)
+        self._total_budget = TokenBucket.full(fl.total_bytes_per_s, fl.total_burst_bytes, time.monotonic())
         self._pending_limit = pending_limit_bytes
         self._telemetry_interval_s = telemetry_interval_s
         self._artefacts: dict[tuple[str, str], StoredArtefact] = {}
@@ -233,10 +262,17 @@ class Distributor:
         if manifest.name != model:
             self._reject("manifest", f"announce on {model} names {manifest.name}")
             return
-        problem = manifest_problem(manifest)
+        problem = manifest_problem(manifest, self.limits)
         if problem is not None:
-            self._reject("manifest", f"{model} {manifest.version}: {problem}")
+            reason, why = problem
+            self._reject(reason, f"{model} {manifest.version}: {why}")
             return
+        if self.fleet_key is not None:
+            try:
+                signing.verify(self.fleet_key, bytes.fromhex(manifest.sha256), manifest.signature or b"")
+            except signing.SignatureError as exc:
+                self._reject("manifest_signature", f"{model} {manifest.version}: {exc}")
+                return
         key = (manifest.name, manifest.version)
         art = self._artefacts.get(key)
         if art is not None and delivery.same_artefact(art.manifest, manifest):
@@ -252,7 +288,12 @@ class Distributor:
                 )
                 art.close()
                 self._unqueue(*key)
-            self._artefacts[key] = StoredArtefact.create(self.store_dir, manifest)
+            try:
+                self._artefacts[key] = StoredArtefact.create(self.store_dir, manifest)
+            except OSError as exc:
+                self._artefacts.pop(key, None)
+                self._reject("manifest_store", f"{model} {manifest.version}: cannot make room for it: {exc}")
+                return
             self.meter.inc("distributor_versions_announced_total")
             log.info("%s: storing %s %s (%d chunks)", self.client_id, *key, manifest.chunk_count)
         for chunk in self._pending_pop(key).values():
@@ -376,15 +417,29 @@ class Distributor:
                 return
             indices.update(range(r[0], r[1]))
         self.meter.inc("distributor_fetches_total")
-        queued = 0
+        queued = refused = 0
+        now = time.monotonic()
+        budget = self._device_budget.bucket(device)
         for index in sorted(indices):
             send = _Send(model, req.version, index)
             if send in self._queued:  # another device asked for it already; one publish serves both
                 self.meter.inc("distributor_chunks_coalesced_total")
                 continue
+            length = delivery.expected_chunk_length(art.manifest, index)
+            if refused or budget.available(now) < length or not self._total_budget.take(length, now):
+                refused += 1  # over budget: this chunk and every later one of this fetch
+                continue
+            budget.take(length, now)
             self._queued.add(send)
             self._sends.put_nowait(send)
             queued += 1
+        if refused:
+            self.meter.inc("distributor_fetch_chunks_refused_total", refused)
+            self._reject(
+                "fetch_rate_limited",
+                f"{device} asks for {len(indices)} chunk(s) of {model} {req.version}; "
+                f"{queued} queued, the rest is over the fetch budget (it may ask again later)",
+            )
         log.info(
             "%s: %s fetches %d chunk(s) of %s %s (%d queued)",
             self.client_id,
@@ -423,6 +478,7 @@ class Distributor:
                     log.warning("%s: chunk not sent to %s: %s", self.client_id, topic, exc)
                     continue
                 self.meter.inc("distributor_chunks_served_total")
+                self.meter.inc("distributor_bytes_served_total", len(data))
             except Exception as exc:  # an unreadable chunk costs that chunk, not a sender
                 self.meter.inc("distributor_chunks_unsent_total")
                 log.error(

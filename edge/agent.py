@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +50,7 @@ from .object_judge import ObjectVerdicts, crops_of
 from .remote_config import RemoteConfig
 from .sources import Frame, QueueSource, chunks, open_source
 from .state import DeviceState
-from .tasks import Task, TaskState
+from .tasks import Task, TaskState, new_trace_ids
 from .telemetry import AgentSummary, observe_answered_here, publish_telemetry, report_every
 from .track_escalation import ObjectTracks
 from .write_window import WriteWindow
@@ -121,7 +120,6 @@ class EdgeAgent:
         # results are still taken and published strictly in frame order.
         self._workers = config.pipeline.workers
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=f"infer-{config.device_id}")
-        self._run_id = secrets.token_hex(4)
         self.escalations: Escalations | None = None
         if config.cloud is not None:
             self.escalations = Escalations(config, meter=self.meter, mode=self.link_mode, publish=self._publish_later)
@@ -425,11 +423,12 @@ class EdgeAgent:
             return
         frames, meta = batch.frames, batch.model.meta
         # Every frame is answered here at once unless it is hard and has the cloud to go to.
+        trace_ids = new_trace_ids(len(verdicts))
         results = answered_here(
             [frames[i] for i in batch.ok] if batch.failures else frames,
             verdicts,
             device_id=self.config.device_id,
-            run_id=self._run_id,
+            trace_ids=trace_ids,
             model=meta.name,
             version=meta.version,
             now=time.time(),
@@ -442,7 +441,7 @@ class EdgeAgent:
             if payload is None or esc is None:
                 continue  # nothing to send or nowhere to send it: answered here, flagged degraded
             frame = frames[i]
-            task = Task(trace_id=f"{self._run_id}-{frame.seq}", seq=frame.seq, source_ref=frame.ref, created=frame.ts)
+            task = Task(trace_id=trace_ids[j], seq=frame.seq, source_ref=frame.ref, created=frame.ts)
             task.prediction = verdicts.prediction(j)
             task.reasons = verdicts.reasons[j]
             task.model, task.version = meta.name, meta.version
@@ -478,9 +477,10 @@ class EdgeAgent:
         results: list[env.LocalResult] = []
         completed = len(objects)
         hard = set(objects.hard)
+        trace_ids = new_trace_ids(len(batch.ok))
         for j, i in enumerate(batch.ok):
             frame, judged = frames[i], objects.frames[j]
-            task = Task(trace_id=f"{self._run_id}-{frame.seq}", seq=frame.seq, source_ref=frame.ref, created=frame.ts)
+            task = Task(trace_id=trace_ids[j], seq=frame.seq, source_ref=frame.ref, created=frame.ts)
             task.detections = objects.wire(j)
             crops = batch.crops.get(i)
             if self.tracks is not None:
@@ -567,12 +567,19 @@ class EdgeAgent:
 
     async def _listen(self, session: MqttSession) -> None:
         async for message in session.messages():
-            try:
-                await self._dispatch(str(message.topic), message.payload)
-            except (DecodeError, TopicError) as exc:
-                reason = "topic" if isinstance(exc, TopicError) else "payload"
-                self.meter.inc("messages_rejected_total", reason=reason)
-                log.warning("%s: rejected message on %s: %s", self.config.device_id, message.topic, exc)
+            await self._receive(str(message.topic), message.payload)
+
+    async def _receive(self, topic: str, payload: Any) -> None:
+        """One message in; whatever it holds, it is counted and the receive loop goes on."""
+        try:
+            await self._dispatch(topic, payload)
+        except (DecodeError, TopicError) as exc:
+            reason = "topic" if isinstance(exc, TopicError) else "payload"
+            self.meter.inc("messages_rejected_total", reason=reason)
+            log.warning("%s: rejected message on %s: %s", self.config.device_id, topic, exc)
+        except Exception:  # a bug must cost one message, not the device's receive loop
+            self.meter.inc("messages_rejected_total", reason="internal")
+            log.exception("%s: handling a message on %s failed", self.config.device_id, topic)
 
     async def _dispatch(self, topic: str, payload: Any) -> None:
         parsed = topics.parse(topic)

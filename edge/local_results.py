@@ -75,18 +75,19 @@ def answered_here(
     verdicts: Verdicts,
     *,
     device_id: str,
-    run_id: str,
+    trace_ids: list[str],
     model: str,
     version: str,
     now: float,
 ) -> LocalRows:
     """Rows for frames answered on the device at ``now``, complete at once; a hard one is
-    flagged degraded (it had no cloud to go to). ``frames[i]`` was judged ``verdicts[i]``."""
+    flagged degraded (it had no cloud to go to). ``frames[i]`` was judged ``verdicts[i]`` and
+    is known by ``trace_ids[i]``."""
     v = verdicts
     return LocalRows(
         [
             {
-                "trace_id": f"{run_id}-{frame.seq}",
+                "trace_id": trace_id,
                 "device_id": device_id,
                 "seq": frame.seq,
                 "source_ref": frame.ref,
@@ -104,8 +105,16 @@ def answered_here(
                 "late": False,
                 "hops": None,
             }
-            for frame, label, index, conf, margin, reasons, sharp in zip(
-                frames, v.labels, v.class_index, v.confidence, v.margin, v.reasons, v.sharpness, strict=True
+            for frame, trace_id, label, index, conf, margin, reasons, sharp in zip(
+                frames,
+                trace_ids,
+                v.labels,
+                v.class_index,
+                v.confidence,
+                v.margin,
+                v.reasons,
+                v.sharpness,
+                strict=True,
             )
         ]
     )

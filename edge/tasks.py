@@ -8,6 +8,7 @@ by the machine rather than by scattered checks.
 from __future__ import annotations
 
 import enum
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,18 @@ ALLOWED: dict[TaskState, frozenset[TaskState]] = {
     TaskState.TIMEOUT: frozenset(),
 }
 TERMINAL = frozenset({TaskState.COMPLETE, TaskState.TIMEOUT})
+
+#: Random bytes per trace id: 128 bits, so no one can guess the id of a frame not yet sent
+#: (a guessed id sent first would otherwise claim that frame's request at the bridge).
+TRACE_ID_BYTES = 16
+
+
+def new_trace_ids(count: int) -> list[str]:
+    """``count`` unguessable trace ids, lowercase hex (a valid topic level), from one read of
+    the system's random source so a batch of frames costs one call, not one per frame."""
+    raw = os.urandom(TRACE_ID_BYTES * count).hex()
+    step = TRACE_ID_BYTES * 2
+    return [raw[i : i + step] for i in range(0, len(raw), step)]
 
 
 @dataclass

@@ -205,6 +205,11 @@ class BrokerSettings(StrictModel):
     reconnect_max_s: float = Field(30.0, gt=0)
     # At start a device waits this long for the broker, then runs anyway (answering locally).
     startup_wait_s: float = Field(5.0, ge=0)
+    # TLS (an mqtts:// url): the CA that signed the broker's certificate (the system's CAs when
+    # absent) and, for mutual TLS, this client's certificate and key.
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     @field_validator("url")
     @classmethod
@@ -212,8 +217,8 @@ class BrokerSettings(StrictModel):
         if v == "auto":
             return v
         parts = urlsplit(v)
-        if parts.scheme != "mqtt" or not parts.hostname:
-            raise ValueError("expected mqtt://HOST[:PORT] (e.g. mqtt://127.0.0.1:1883) or auto")
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("expected mqtt://HOST[:PORT], mqtts://HOST[:PORT] (TLS) or auto")
         try:
             parts.port  # noqa: B018 - raises on a bad port
         except ValueError:
@@ -238,8 +243,20 @@ class BrokerSettings(StrictModel):
         return urlsplit(self.url).hostname or "127.0.0.1"
 
     @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+    @property
     def port(self) -> int:
-        return urlsplit(self.url).port or 1883
+        return urlsplit(self.url).port or (8883 if self.tls else 1883)
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> BrokerSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs both cert_file and key_file")
+        if not self.tls and (self.ca_file or self.cert_file):
+            raise ValueError("ca_file, cert_file and key_file are for an mqtts:// url")
+        return self
 
 
 class SourceSettings(StrictModel):

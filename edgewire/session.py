@@ -19,6 +19,7 @@ import contextlib
 import logging
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +37,7 @@ from edgewire.aio import cancel_and_wait
 from edgewire.backoff import Backoff
 from edgewire.errors import EdgewireError
 from edgewire.metrics import Meter
+from edgewire.tls import client_context
 
 if TYPE_CHECKING:
     from edgewire.config import BrokerSettings
@@ -93,8 +95,10 @@ class MqttSession:
         resolver: Callable[[], Awaitable[tuple[str, int]]] | None = None,
         session_expiry_s: int = 86_400,
         max_inflight: int = 256,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.client_id = client_id
+        self._tls = tls  # the broker's certificate checked with it (edgewire.tls); None: plain TCP
         self.host = host
         self.port = port
         self._username = username
@@ -139,6 +143,7 @@ class MqttSession:
             "protocol": broker.protocol,
             "reconnect_min_s": broker.reconnect_min_s,
             "reconnect_max_s": broker.reconnect_max_s,
+            "tls": client_context(broker.ca_file, broker.cert_file, broker.key_file) if broker.tls else None,
         }
         return cls(client_id, **{**fields, **options})
 
@@ -179,6 +184,10 @@ class MqttSession:
         return self._protocol
 
     @property
+    def url(self) -> str:
+        return f"{'mqtts' if self._tls is not None else 'mqtt'}://{self.host}:{self.port}"
+
+    @property
     def fast_path(self) -> bool:
         """Whether the live connection runs edgewire.mqtt_fastpath (False while disconnected)."""
         return isinstance(self._sender, mqtt_fastpath.FastPath)
@@ -188,7 +197,7 @@ class MqttSession:
             await asyncio.wait_for(self._connected.wait(), timeout)
         except asyncio.TimeoutError:
             raise NotConnected(
-                f"no connection to mqtt://{self.host}:{self.port} after {timeout}s"
+                f"no connection to {self.url} after {timeout}s"
                 + (f" (last error: {self.last_error})" if self.last_error else "")
             ) from None
 
@@ -378,6 +387,7 @@ class MqttSession:
             max_inflight_messages=self._max_inflight,
             # Small request/answer messages must not wait for Nagle's algorithm (~40 ms stalls).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            tls_context=self._tls,
             **self._session_options(protocol),
         )
         # aiomqtt warns past 10 unacknowledged publishes; we run up to max_inflight on purpose.
@@ -397,25 +407,26 @@ class MqttSession:
         return {"clean_session": not self._persistent}
 
     async def _negotiate(self) -> MqttVersion:
-        """Ask the broker with a bare MQTT 5 CONNECT; a refusal means 3.1.1.
+        """Ask the broker with a bare MQTT 5 CONNECT; a refusal of the protocol means 3.1.1.
 
-        The probe carries no will on purpose: amqtt misparses an MQTT 5 CONNECT with a will and
-        leaves it hanging instead of refusing it, while a bare one is refused at once.
+        The probe carries no will and no credentials on purpose: amqtt misparses an MQTT 5
+        CONNECT with either and leaves it hanging instead of refusing it, while a bare one is
+        refused at once. A broker that answers the bare probe in MQTT 5 with any other refusal
+        (not authorized: anonymous logins are off) speaks MQTT 5; the real login follows.
         """
         probe = aiomqtt.Client(
             self.host,
             self.port,
             identifier=f"{self.client_id[:40]}-probe-{secrets.token_hex(3)}",
-            username=self._username,
-            password=self._password,
             protocol=ProtocolVersion.V5,
             timeout=10,
+            tls_context=self._tls,
         )
         try:
             async with probe:
                 return "5"
-        except MqttConnectError:
-            return "3.1.1"
+        except MqttConnectError as exc:
+            return "3.1.1" if _refuses_protocol(exc) else "5"
 
     async def _connect(self) -> tuple[aiomqtt.Client, _Sender]:
         if self._resolver is not None and (self.connects == 0 or self.last_error is not None):
@@ -436,9 +447,12 @@ class MqttSession:
             try:
                 client, sender = await self._connect()
             except (aiomqtt.MqttError, OSError, EdgewireError) as exc:
-                self.last_error = str(exc) or type(exc).__name__
+                error = str(exc) or type(exc).__name__
+                # A new reason is worth a warning (a refused login, an untrusted certificate); its repeats are not.
+                level = logging.DEBUG if error == self.last_error else logging.WARNING
+                self.last_error = error
                 delay = self._backoff.next_delay()
-                log.debug("%s: connect failed: %s; retry in %.2fs", self.client_id, self.last_error, delay)
+                log.log(level, "%s: connect to %s failed: %s; retry in %.2fs", self.client_id, self.url, error, delay)
                 await asyncio.sleep(delay)
                 continue
             self._backoff.reset()
@@ -477,7 +491,7 @@ class MqttSession:
             self.meter.inc("mqtt_reconnects_total")
         self.meter.set("mqtt_connected", 1)
         self._connected.set()
-        log.info("%s: connected to mqtt://%s:%s", self.client_id, self.host, self.port)
+        log.info("%s: connected to %s", self.client_id, self.url)
         async for _ in client.messages:  # messages go straight to the inbox; this ends on disconnect
             pass
 
@@ -546,3 +560,13 @@ def presence_factory(client_id: str, kind: str, **fields: object) -> PresenceFac
         )
 
     return make
+
+
+#: CONNACK codes that refuse the protocol version: 1 in MQTT 3.1.1, 0x84 in MQTT 5.
+_PROTOCOL_REFUSALS = frozenset({1, 0x84})
+
+
+def _refuses_protocol(exc: MqttConnectError) -> bool:
+    rc = exc.rc
+    value = getattr(rc, "value", rc)
+    return value is None or value in _PROTOCOL_REFUSALS

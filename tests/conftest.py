@@ -104,12 +104,25 @@ class BrokerHandle:
         return f"mqtt://{self.host}:{self.port}"
 
 
-class Mosquitto:
-    """A Mosquitto process started from the shipped broker/mosquitto.conf on a free port."""
+@dataclass(frozen=True)
+class MosquittoFiles:
+    """The files ``edgewire flash`` renders for a broker, put in place of the shipped paths."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    password_file: Path
+    acl_file: Path
+    tls: str = ""  # extra lines for the listener (cafile, certfile, keyfile, ...)
+
+
+class Mosquitto:
+    """A Mosquitto process started from the shipped broker/mosquitto.conf on a free port.
+
+    With ``files`` the shipped logins, ACL and client-id rule hold, with the given files; without,
+    the tests that are not about identities get the same broker open to anonymous clients."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *, files: MosquittoFiles | None = None) -> None:
         self.port = port or free_port()
         self.workdir = workdir
+        self.files = files
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -118,6 +131,15 @@ class Mosquitto:
             pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
         shipped = (ROOT / "broker" / "mosquitto.conf").read_text()
         conf = re.sub(r"^listener .*$", f"listener {self.port} 127.0.0.1", shipped, flags=re.M)
+        if self.files is None:
+            conf = open_to_anonymous(conf)
+        else:
+            conf = re.sub(r"^password_file .*$", f"password_file {self.files.password_file}", conf, flags=re.M)
+            conf = re.sub(r"^acl_file .*$", f"acl_file {self.files.acl_file}", conf, flags=re.M)
+            if os.geteuid() == 0:  # as root Mosquitto becomes `mosquitto`, who cannot read pytest's 0700 folders
+                conf += "\nuser root\n"
+            listener = f"listener {self.port} 127.0.0.1"
+            conf = conf.replace(listener, f"{listener}\n{self.files.tls}" if self.files.tls else listener, 1)
         path = self.workdir / f"mosquitto-{self.port}.conf"
         path.write_text(conf)
         self.proc = subprocess.Popen([exe, "-c", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -126,6 +148,14 @@ class Mosquitto:
     def stop(self) -> None:
         stop_process(self.proc, 5)
         self.proc = None
+
+
+def open_to_anonymous(conf: str) -> str:
+    """The shipped Mosquitto config without its logins, ACL and client-id rule, for the tests
+    that are not about identities (tests/test_identity.py runs it whole)."""
+    conf = re.sub(r"^allow_anonymous false$", "allow_anonymous true", conf, flags=re.M)
+    assert "allow_anonymous true" in conf, "the shipped conf no longer has 'allow_anonymous false'"
+    return re.sub(r"^(password_file|acl_file|use_username_as_clientid) .*$", "", conf, flags=re.M)
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float = 10) -> None:
@@ -190,7 +220,7 @@ async def broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         from edgewire.broker.embedded import EmbeddedBroker
 
         port = free_port()
-        async with EmbeddedBroker("127.0.0.1", port):
+        async with EmbeddedBroker("127.0.0.1", port, allow_anonymous=True):
             yield BrokerHandle("amqtt", "127.0.0.1", port)
     else:
         m = Mosquitto(tmp_path)

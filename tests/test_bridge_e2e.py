@@ -304,3 +304,58 @@ async def test_a_device_with_impossible_deadlines_does_not_open_the_circuit_for_
     assert all(r.status in ("expired", "ok") for t, r in rude_results.items() if t != "nan")
     assert [r.status for r in fair_results] == ["ok"] * 10, [(r.status, r.reason) for r in fair_results]
     assert set(states.values()) <= {"closed"}, states
+
+
+async def test_a_trace_id_sent_first_by_another_device_does_not_take_the_answer(
+    broker: BrokerHandle, triton: EmbeddedTriton, demo: DemoArtifacts
+) -> None:
+    """Answers are kept per (device, trace id): a device that sends another's next trace id
+    first is served its own request, and the owner still gets the answer to its own frame."""
+    frames = sorted(demo.frames_dir.glob("*.jpg"))
+    by_label: dict[int, Path] = {}
+    for frame in frames:
+        by_label.setdefault(label_of(frame), frame)
+    mine, theirs = by_label[min(by_label)], by_label[max(by_label)]
+    async with (
+        RunningBridge(broker, triton) as bridge,
+        ResultReader(broker, "cam-owner") as owner,
+        ResultReader(broker, "cam-thief") as thief,
+    ):
+        stolen = "0123456789abcdef0123456789abcdef"
+        await thief.send(request("cam-thief", stolen, theirs.read_bytes()))
+        assert len(await thief.wait(1)) == 1
+        await owner.send(request("cam-owner", stolen, mine.read_bytes()))
+        answers = await owner.wait(1)
+        await asyncio.sleep(0.3)  # room for a stray answer to arrive where it must not
+    assert len(answers) == 1 and len(thief.results) == 1
+    assert answers[0].device_id == "cam-owner" and answers[0].status == "ok"
+    assert thief.results[0].device_id == "cam-thief"
+    assert owner.raw[0] != thief.raw[0]
+    assert bridge.meter.total("requests_duplicate_total") == 0
+    assert bridge.meter.total("triton_calls_total") == 2
+
+
+async def test_a_flooding_device_is_rate_limited_and_does_not_starve_another(
+    broker: BrokerHandle, triton: EmbeddedTriton, demo: DemoArtifacts
+) -> None:
+    """One device sends far past its budget at once; the excess is answered `rejected: rate
+    limited` without reaching Triton, and another device's requests are all answered."""
+    jpeg = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
+    running = RunningBridge(broker, triton)
+    running.bridge._budgets = type(running.bridge._budgets)(2.0, 10.0)  # 10 at once, then 2/s
+    async with running as bridge, ResultReader(broker, "cam-flood") as flood, ResultReader(broker, "cam-calm") as calm:
+        started = time.monotonic()
+        for i in range(60):
+            await flood.send(request("cam-flood", f"f{i:04d}", jpeg))
+        for i in range(5):
+            await calm.send(request("cam-calm", f"c{i:04d}", jpeg))
+        flooded = await flood.wait(60, timeout=30)
+        elapsed = time.monotonic() - started
+        answers = await calm.wait(5, timeout=30)
+    assert len(answers) == 5 and all(r.status == "ok" for r in answers)
+    limited = [r for r in flooded if r.reason == "rate limited"]
+    assert len(flooded) == 60 and all(r.status == "rejected" for r in limited)
+    # 10 served from the burst, and at most 2/s more while the 60 arrived.
+    assert 60 - 10 - 2 * elapsed - 1 <= len(limited) <= 50
+    assert bridge.meter.total("requests_rate_limited_total") == len(limited)
+    assert bridge.meter.get("requests_total", status="ok") == 60 - len(limited) + 5

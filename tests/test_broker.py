@@ -20,7 +20,7 @@ from .conftest import NETNS_SETUP, free_port, netns_available, wait_port
 def test_broker_command_serves_and_stops_cleanly() -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgewire.cli", "broker", "--port", str(port)],
+        [sys.executable, "-m", "edgewire.cli", "broker", "--allow-anonymous", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -54,16 +54,16 @@ def test_broker_command_serves_and_stops_cleanly() -> None:
 
 async def test_port_in_use_is_a_clear_error() -> None:
     port = free_port()
-    async with EmbeddedBroker("127.0.0.1", port):
+    async with EmbeddedBroker("127.0.0.1", port, allow_anonymous=True):
         with pytest.raises(BrokerError, match=f"cannot listen on 127.0.0.1:{port}"):
-            await EmbeddedBroker("127.0.0.1", port).start()
+            await EmbeddedBroker("127.0.0.1", port, allow_anonymous=True).start()
 
 
 async def test_amqtt_refuses_mqtt5_and_sessions_fall_back() -> None:
     from edgewire.session import MqttSession
 
     port = free_port()
-    async with EmbeddedBroker("127.0.0.1", port):
+    async with EmbeddedBroker("127.0.0.1", port, allow_anonymous=True):
         with pytest.raises(aiomqtt.MqttError):
             async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, timeout=5):
                 pass
@@ -87,7 +87,8 @@ def test_broker_is_advertised_on_mdns_inside_a_private_namespace() -> None:
         f"""
         import asyncio, json, subprocess, sys, socket, time
         from edgewire.mdns import MQTT_SERVICE, browse
-        proc = subprocess.Popen([sys.executable, "-m", "edgewire.cli", "broker", "--port", "{port}", "--mdns"],
+        args = ["broker", "--allow-anonymous", "--port", "{port}", "--mdns"]
+        proc = subprocess.Popen([sys.executable, "-m", "edgewire.cli", *args],
                                 stderr=subprocess.PIPE)
         try:
             found = asyncio.run(browse(MQTT_SERVICE, timeout=4, interfaces=["127.0.0.1"]))

@@ -582,3 +582,105 @@ async def test_failed_canary_stops_the_rollout_and_restores_the_previous_version
     assert devices[0].installed == ["1", "2"] and devices[0].active == "1"
     assert all(d.installed == ["1"] for d in devices[1:])  # nobody else ever got the bad version
     assert history.latest("m") == v1 and history.failed("m", "2")
+
+
+async def test_distributor_takes_no_announce_whose_numbers_it_cannot_afford(artefact: Path, tmp_path: Path) -> None:
+    """A manifest's size, chunk_size and chunk_count are bounded and must agree before a byte
+    or a folder is spent on it; the refusals are counted by reason."""
+    store = tmp_path / "store"
+    d = Distributor("mqtt://127.0.0.1:9", store, client_id="distributor-l")
+    d._load_store()
+    m = manifest_of(artefact)
+    announce = topics.MODEL_ANNOUNCE.build(model="m")
+
+    n = 300_000_000
+    tiny_chunks = m.model_copy(update={"version": "2", "chunk_size": 1, "size": n, "chunk_count": n})
+    huge = m.model_copy(update={"version": "3", "size": 10**13, "chunk_count": -(-(10**13) // m.chunk_size)})
+    disagree = m.model_copy(update={"version": "4", "chunk_count": m.chunk_count + 1})
+    zero = m.model_copy(update={"version": "5", "size": 0, "chunk_count": 0})
+    for bad in (tiny_chunks, huge, disagree, zero):
+        d._on_message(announce, env.encode(bad))
+        assert d.manifest("m", bad.version) is None
+    assert d.rejected("manifest_limits") == 3 and d.rejected("manifest") == 1
+    assert list(store.iterdir()) == []  # no folder, no file, for any of them
+
+    d._on_message(announce, env.encode(m))  # the genuine one is still taken
+    assert d.manifest("m", "1") == m and (store / "m" / "1" / "artefact").stat().st_size == m.size
+
+
+def test_a_version_the_disk_refuses_leaves_no_folder(artefact: Path, tmp_path: Path) -> None:
+    from edgewire.cloud_bridge.artefact_store import StoredArtefact
+
+    store = tmp_path / "store"
+    store.mkdir()
+    m = manifest_of(artefact).model_copy(update={"size": 2**62, "chunk_count": 1})  # past any file system
+    with pytest.raises(OSError):
+        StoredArtefact.create(store, m)
+    assert list(store.iterdir()) == []
+
+
+async def test_fetches_resend_no_more_than_the_fetch_budget(broker: BrokerHandle, tmp_path: Path) -> None:
+    """Five small fetches for a whole artefact from made-up device ids: without a budget they
+    would make the distributor re-broadcast five copies; with one it resends what the per-device
+    and overall buckets hold, refuses the rest by reason, and a real device's fetch is still
+    served once the buckets refill."""
+    from edgewire.cloud_bridge.distributor import FetchLimits
+
+    chunk = 4 * 1024
+    path = tmp_path / "big.onnx"
+    path.write_bytes(os.urandom(128 * chunk))  # 128 chunks, 512 KiB
+    m = delivery.build_manifest(path, name="m", version="1", chunk_size=chunk, precision="fp16")
+    limits = FetchLimits(
+        device_bytes_per_s=chunk,
+        device_burst_bytes=48 * chunk,
+        total_bytes_per_s=8 * chunk,
+        total_burst_bytes=96 * chunk,
+    )
+    d = Distributor(BrokerSettings(url=broker.url), tmp_path / "store", client_id="distributor-r", fetch_limits=limits)
+    async with running(d):
+        async with session(broker, "op-r") as op:
+            await push.push(op, path, m)
+        await until(lambda: d.holds("m", "1"))
+        served_before = d.meter.total("distributor_bytes_served_total")
+        started = time.monotonic()
+        async with session(broker, "nobody") as attacker:
+            for i in range(5):
+                req = env.FetchRequest(device_id=f"ghost-{i}", name="m", version="1", ranges=[[0, 128]])
+                await attacker.publish(
+                    topics.MODEL_FETCH.build(device_id=f"ghost-{i}", model="m"), env.encode(req), qos=1
+                )
+            await until(lambda: d.rejected("fetch_rate_limited") >= 4)
+            await until(lambda: d._sends.qsize() == 0 and not d._queued)
+        elapsed = time.monotonic() - started
+        resent = d.meter.total("distributor_bytes_served_total") - served_before
+        unlimited = 5 * m.size
+        print(f"re-broadcast by 5 whole-artefact fetches: {resent // 1024} KiB, unbounded {unlimited // 1024} KiB")
+        # At most the overall burst plus what it refilled while the test ran.
+        assert resent <= limits.total_burst_bytes + limits.total_bytes_per_s * elapsed + chunk
+        assert resent < unlimited / 4
+        assert d.meter.total("distributor_fetch_chunks_refused_total") > 0
+
+        # A device within its own budget is served once the overall bucket has refilled a chunk.
+        await asyncio.sleep(1.5)
+        async with session(broker, "watcher-r") as sub, session(broker, "cam-r") as dev:
+            await sub.subscribe(topics.MODEL_CHUNK.filter(model="m", version="1"), qos=1)
+            req = env.FetchRequest(device_id="cam-r", name="m", version="1", ranges=[[7, 8]])
+            await dev.publish(topics.MODEL_FETCH.build(device_id="cam-r", model="m"), env.encode(req), qos=1)
+            got = [env.decode(env.Chunk, p) for _, p in await messages_until_quiet(sub, topics.MODEL_CHUNK)]
+        assert [c.index for c in got] == [7]
+
+
+async def test_a_distributor_with_the_fleet_key_stores_only_signed_announces(artefact: Path, tmp_path: Path) -> None:
+    private_pem, public_line = signing.generate()
+    d = Distributor(
+        "mqtt://127.0.0.1:9", tmp_path / "store", client_id="distributor-k", fleet_key=signing.load_public(public_line)
+    )
+    d._load_store()
+    announce = topics.MODEL_ANNOUNCE.build(model="m")
+    d._on_message(announce, env.encode(manifest_of(artefact, "1")))  # unsigned
+    other, _ = signing.generate()
+    d._on_message(announce, env.encode(manifest_of(artefact, "2", private_key=signing.load_private(other))))
+    assert d.rejected("manifest_signature") == 2 and list((tmp_path / "store").iterdir()) == []
+    signed = manifest_of(artefact, "3", private_key=signing.load_private(private_pem))
+    d._on_message(announce, env.encode(signed))
+    assert d.manifest("m", "3") == signed

@@ -73,4 +73,4 @@ def test_the_summary_says_what_each_figure_is() -> None:
     assert any(line.split()[:1] == ["joint"] and "escalated" in line for line in lines)
     assert "from capture to final answer" in text
     assert "answered on the device  2.0 / 9.0 ms" in text and "escalated to the cloud  30.0 / 90.0 ms" in text
-    assert "`edgewire broker`" in text and "--config demo-data/device.yaml" in text
+    assert "`edgewire broker --allow-anonymous`" in text and "--config demo-data/device.yaml" in text

@@ -27,7 +27,7 @@ PY = sys.executable
 CONFIG, P1, P2 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
 def broker(port):
-    return subprocess.Popen([PY, "-m", "edgewire.cli", "broker", "--port", str(port), "--mdns"],
+    return subprocess.Popen([PY, "-m", "edgewire.cli", "broker", "--allow-anonymous", "--port", str(port), "--mdns"],
                             stderr=subprocess.DEVNULL)
 
 async def presence(port, timeout):
@@ -118,7 +118,7 @@ async def test_configured_broker_is_preferred_when_it_answers() -> None:
     port = free_port()
     # An interface that does not exist: any mDNS query would fail loudly.
     settings = BrokerSettings(url=f"mqtt://127.0.0.1:{port}", discover=True, mdns_interfaces=["192.0.2.1"])
-    async with EmbeddedBroker("127.0.0.1", port):
+    async with EmbeddedBroker("127.0.0.1", port, allow_anonymous=True):
         assert await find_broker(settings) == ("127.0.0.1", port)
     with pytest.raises(DiscoveryError):
         await find_broker(settings)  # configured one gone: now it must ask mDNS, which cannot run here

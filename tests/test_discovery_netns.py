@@ -20,6 +20,10 @@ from edgewire.demo.models import DemoArtifacts
 HOSTS = {"broker": "10.77.0.1", "broker2": "10.77.0.2", "dev1": "10.77.0.11", "dev2": "10.77.0.12"}
 
 
+def listen(host: str) -> list[str]:
+    return ["--host", host, "--port", "1883", "--mdns"]
+
+
 def _ip(*args: str, ns: str | None = None) -> None:
     cmd = (["ip", "netns", "exec", ns] if ns else []) + ["ip", *args]
     subprocess.run(cmd, check=True, capture_output=True)
@@ -119,7 +123,7 @@ def test_devices_find_the_broker_and_each_other_across_namespaces(demo: DemoArti
     check.write_text(CHECK)
     try:
         lan.up()
-        lan.run("broker", "-m", "edgewire.cli", "broker", "--host", HOSTS["broker"], "--port", "1883", "--mdns")
+        lan.run("broker", "-m", "edgewire.cli", "broker", "--allow-anonymous", *listen(HOSTS["broker"]))
         for k, host in enumerate(("dev1", "dev2"), start=1):
             cfg = {
                 "device_id": f"cam-{k}",
@@ -151,7 +155,7 @@ def test_devices_find_the_broker_and_each_other_across_namespaces(demo: DemoArti
         # The broker moves to another host: the device finds it again there.
         lan.procs[0].terminate()
         lan.procs[0].wait(10)
-        lan.run("broker2", "-m", "edgewire.cli", "broker", "--host", HOSTS["broker2"], "--port", "1883", "--mdns")
+        lan.run("broker2", "-m", "edgewire.cli", "broker", "--allow-anonymous", *listen(HOSTS["broker2"]))
         moved = lan.run("broker2", str(check), HOSTS["broker2"], "cam-1", frame)
         out, _ = moved.communicate(timeout=60)
         assert json.loads(out.decode().strip().splitlines()[-1]) == {"online": True, "answered": "probe.jpg"}

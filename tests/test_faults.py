@@ -57,7 +57,7 @@ from edgewire.demo.models import LABELS, DemoArtifacts
 from edgewire.ports import free_port, wait_port
 from edgewire.session import MqttSession, NotConnected
 
-from .conftest import ROOT, stop_process
+from .conftest import ROOT, open_to_anonymous, stop_process
 from .invariants import Verdict, Window, check, outage_window, read_outbox, until_quiet
 from .test_discovery_netns import HOSTS, Lan, _can_make_namespaces, _ip
 
@@ -167,7 +167,7 @@ def _mosquitto_exe() -> str:
 
 def mosquitto_conf(path: Path, host: str, port: int, persist_in: Path | None = None) -> Path:
     """The shipped configuration on another listener; with ``persist_in``, persistence on there."""
-    conf = (ROOT / "broker" / "mosquitto.conf").read_text()
+    conf = open_to_anonymous((ROOT / "broker" / "mosquitto.conf").read_text())
     conf = re.sub(r"^listener .*$", f"listener {port} {host}", conf, flags=re.M)
     if persist_in is not None:
         persist_in.mkdir(parents=True, exist_ok=True)

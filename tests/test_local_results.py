@@ -37,7 +37,7 @@ def expected(
     for frame, verdict in zip(frames, judge.judge(probs, sharp), strict=True):
         out.append(
             env.LocalResult(
-                trace_id=f"run-{frame.seq}",
+                trace_id=f"run-{frame.seq}",  # the ids handed to answered_here below
                 device_id="cam-01",
                 seq=frame.seq,
                 source_ref=frame.ref,
@@ -60,7 +60,15 @@ def rows_for(
     frames: list[Frame], judge: Judge, probs: np.ndarray, sharp: list[float | None] | None, now: float
 ) -> LocalRows:
     verdicts = judge.judge_batch(probs, sharp)
-    return answered_here(frames, verdicts, device_id="cam-01", run_id="run", model="digits", version="1.0", now=now)
+    return answered_here(
+        frames,
+        verdicts,
+        device_id="cam-01",
+        trace_ids=[f"run-{f.seq}" for f in frames],
+        model="digits",
+        version="1.0",
+        now=now,
+    )
 
 
 def test_rows_encode_to_the_bytes_of_the_envelope() -> None:

@@ -141,7 +141,8 @@ async def test_full_outbox_applies_its_policy_and_counts_drops(
         assert agent.meter.get("outbox_dropped_total", reason="drop_oldest") == 22
         # the newest eight are kept
         con = sqlite3.connect(db)
-        kept = sorted(int(t.rsplit("-", 1)[1]) for (t,) in con.execute("SELECT key FROM owed WHERE state = 'waiting'"))
+        notes = con.execute("SELECT note FROM owed WHERE state = 'waiting'").fetchall()
+        kept = sorted(env.decode(env.LocalResults, note).results[0].seq for (note,) in notes)
         con.close()
         assert kept == list(range(22, 30))
     else:

@@ -60,7 +60,7 @@ def test_broker_command_notifies_ready_and_pings(tmp_path: Path) -> None:
     sock.settimeout(20)
     env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "200000"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgewire.cli", "broker", "--port", str(port)],
+        [sys.executable, "-m", "edgewire.cli", "broker", "--allow-anonymous", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -134,3 +134,15 @@ def test_latency_counts_from_creation() -> None:
     task.to(S.JUDGED)
     task.to(S.COMPLETE)
     assert 500.0 <= task.latency_ms < 60_000.0
+
+
+def test_trace_ids_are_random_valid_topic_levels() -> None:
+    """A trace id is 128 random bits: no other device can send the next one first."""
+    from edgewire import topics
+    from edgewire.edge.tasks import new_trace_ids
+
+    ids = new_trace_ids(1000)
+    assert len(set(ids)) == 1000
+    assert all(len(i) == 32 for i in ids)
+    assert all(topics.REQUEST.build(device_id="cam-1", trace_id=i) for i in ids)
+    assert new_trace_ids(0) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,16 +16,29 @@ def broker(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 1883,
     mdns: Annotated[bool, typer.Option("--mdns/--no-mdns", help="advertise _mqtt._tcp over mDNS")] = False,
+    password_file: Annotated[
+        Path | None, typer.Option("--password-file", help="the fleet's broker passwords (from `edgewire flash`)")
+    ] = None,
+    roles: Annotated[
+        Path | None, typer.Option("--roles", help="roles of the users that are not devices (from `edgewire flash`)")
+    ] = None,
+    allow_anonymous: Annotated[
+        bool, typer.Option("--allow-anonymous", help="no logins at all: only for a lab on a trusted network")
+    ] = False,
 ) -> None:
-    """Run the embedded MQTT broker (amqtt, MQTT 3.1.1) until interrupted."""
-    from edgewire.broker.embedded import EmbeddedBroker
+    """Run the embedded MQTT broker (amqtt, MQTT 3.1.1) until interrupted. Logins need the
+    fleet's password file unless --allow-anonymous is given."""
+    from edgewire.broker.embedded import BrokerAuth, EmbeddedBroker
 
     stop = asyncio.Event()
+    auth = BrokerAuth(password_file, roles) if password_file is not None else None
+    if auth is None and not allow_anonymous:
+        raise fail(ValueError("give --password-file (rendered by `edgewire flash --broker-out`) or --allow-anonymous"))
 
     async def serve() -> None:
         from edgewire import sdnotify
 
-        async with EmbeddedBroker(host, port, mdns=mdns) as b:
+        async with EmbeddedBroker(host, port, mdns=mdns, auth=auth, allow_anonymous=allow_anonymous) as b:
             console.print(f"broker listening on {b.url}" + (" (advertised on mDNS)" if mdns else ""))
             sdnotify.notify(f"READY=1\nSTATUS=listening on {b.url}")
             pings = asyncio.create_task(sdnotify.watchdog())

@@ -4,9 +4,11 @@ the broker options."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
@@ -21,7 +23,9 @@ from edgewire.session import MqttSession
 console = Console(stderr=True)
 out = Console()
 
-BrokerOption = Annotated[str, typer.Option("--broker", help="mqtt://HOST:PORT")]
+BrokerOption = Annotated[
+    str, typer.Option("--broker", help="mqtt://HOST:PORT or mqtts://[USER@]HOST:PORT (login: $EDGEWIRE_MQTT_*)")
+]
 HistoryOption = Annotated[
     Path | None,
     typer.Option("--history", help="push history (default $EDGEWIRE_HOME/models, ~/.local/share/edgewire/models)"),
@@ -47,16 +51,37 @@ def run_until_signal(coro_factory: Any, on_signal: Any) -> Any:
     return asyncio.run(main())
 
 
+#: Where a command finds its broker login and TLS files: the environment (or a file it names),
+#: never the command line alone, whose arguments any local user can read in the process list.
+CREDENTIAL_ENV = {
+    "username": "EDGEWIRE_MQTT_USERNAME",
+    "password": "EDGEWIRE_MQTT_PASSWORD",
+    "ca_file": "EDGEWIRE_MQTT_CA_FILE",
+    "cert_file": "EDGEWIRE_MQTT_CERT_FILE",
+    "key_file": "EDGEWIRE_MQTT_KEY_FILE",
+}
+PASSWORD_FILE_ENV = "EDGEWIRE_MQTT_PASSWORD_FILE"
+
+
 def broker_settings(url: str) -> BrokerSettings:
-    """A broker URL checked up front, so a typo fails before anything starts."""
+    """A broker URL checked up front, so a typo fails before anything starts; the login and
+    TLS files come from CREDENTIAL_ENV (the password also from the file PASSWORD_FILE_ENV
+    names). A username in the URL (mqtt://user@host) is taken; a password in it is refused."""
     try:
-        return BrokerSettings(url=url)
+        parts = urlsplit(url)
+        fields: dict[str, Any] = {k: os.environ[v] for k, v in CREDENTIAL_ENV.items() if os.environ.get(v)}
+        if PASSWORD_FILE_ENV in os.environ and "password" not in fields:
+            fields["password"] = Path(os.environ[PASSWORD_FILE_ENV]).read_text(encoding="utf-8").strip()
+        if parts.password is not None:
+            raise ValueError(f"put the password in ${CREDENTIAL_ENV['password']} or ${PASSWORD_FILE_ENV}, not the url")
+        if parts.username is not None:
+            fields["username"] = unquote(parts.username)
+            url = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+        return BrokerSettings(url=url, **fields)
     except Exception as exc:
         raise fail(exc) from None
 
 
 def operator_session(broker: BrokerSettings) -> MqttSession:
     """A short-lived session with a unique client id, so two operators never kick each other off."""
-    return MqttSession(
-        f"operator-{free_port()}", broker.host, broker.port, username=broker.username, password=broker.password
-    )
+    return MqttSession.from_settings(f"operator-{free_port()}", broker)

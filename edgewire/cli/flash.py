@@ -17,6 +17,10 @@ def flash(
     target: Annotated[Path | None, typer.Option("--target", help="a device's root filesystem (one device)")] = None,
     devices: Annotated[str | None, typer.Option("--devices", help="glob on device ids, e.g. 'cam-*'")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the diff, write nothing")] = False,
+    broker_out: Annotated[
+        Path | None,
+        typer.Option("--broker-out", help="also write the broker's files here: passwd, acl, roles.yaml, credentials/"),
+    ] = None,
 ) -> None:
     """Render a fleet template into each device's files: validated first, written atomically."""
     from rich.progress import Progress
@@ -27,6 +31,7 @@ def flash(
         raise fail(ValueError("give exactly one of --out DIR or --target ROOTFS"))
     try:
         rendered = flasher.render(fleet_file, devices)
+        broker_files = flasher.render_broker(fleet_file) if broker_out is not None else None
     except EdgewireError as exc:
         raise fail(exc) from None
     if target is not None and len(rendered) != 1:
@@ -34,6 +39,8 @@ def flash(
     root = out_dir if out_dir is not None else target
     assert root is not None
     changes = list(flasher.plan(rendered, root, per_device_dirs=out_dir is not None))
+    if broker_files is not None and broker_out is not None:
+        changes += flasher.plan([broker_files], broker_out, per_device_dirs=False)
     if dry_run:
         for change in changes:
             out.print(change.diff(), highlight=False, markup=False, end="")

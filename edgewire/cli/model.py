@@ -40,13 +40,21 @@ def distributor(
     metrics_host: Annotated[
         str, typer.Option(help="address /metrics listens on (0.0.0.0: every interface)")
     ] = "127.0.0.1",
+    public_key: Annotated[
+        Path | None, typer.Option("--public-key", help="store only announces signed with this fleet key")
+    ] = None,
 ) -> None:
     """Store every model pushed over MQTT and resend the chunks devices ask for, until stopped."""
+    from edgewire import signing
     from edgewire.cloud_bridge.distributor import Distributor
     from edgewire.metrics import serve
 
     settings = broker_settings(broker_url)
-    d = Distributor(settings, store, client_id=client_id, window=window)
+    try:
+        fleet_key = signing.load_public(public_key.read_text()) if public_key is not None else None
+    except (OSError, EdgewireError) as exc:
+        raise fail(exc) from None
+    d = Distributor(settings, store, client_id=client_id, window=window, fleet_key=fleet_key)
     if metrics_port is not None:
         serve(metrics_port, metrics_host)
     console.print(f"distributor {d.client_id}: {broker_url}, store {store}")

@@ -33,7 +33,7 @@ def watch(
 
     async def run() -> None:
         seen = 0
-        async with MqttSession(f"watch-{socket.gethostname()[:20]}-{free_port()}", settings.host, settings.port) as s:
+        async with MqttSession.from_settings(f"watch-{socket.gethostname()[:20]}-{free_port()}", settings) as s:
             for f in topic:
                 await s.subscribe(f, qos=1)
             async for msg in s.messages():

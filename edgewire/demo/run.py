@@ -68,7 +68,8 @@ def write_standalone_config(arts: DemoArtifacts, path: Path) -> None:
     doc["model"]["path"] = os.path.relpath(arts.edge_model.absolute(), folder)
     doc["source"]["path"] = os.path.relpath(arts.frames_dir.absolute(), folder)
     path.write_text(
-        f"# The demo's first device, for a broker on {STANDALONE_BROKER} (start one with `edgewire broker`)\n"
+        f"# The demo's first device, for a broker on {STANDALONE_BROKER}\n"
+        "# (start one with `edgewire broker --allow-anonymous`)\n"
         "# and, for escalations, the demo cloud (`edgewire cloud --data <this folder>`). Paths are relative\n"
         "# to this file. Run it with: edgewire edge run --config <this file> --print\n"
         + yaml.safe_dump(doc, sort_keys=False)
@@ -152,7 +153,7 @@ async def run_demo(
     board = Scoreboard()
     started = time.monotonic()
     async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(EmbeddedBroker("127.0.0.1", port))
+        await stack.enter_async_context(EmbeddedBroker("127.0.0.1", port, allow_anonymous=True))
         say(f"broker {url}")
         if cloud:
             from edgewire.cloud_bridge.cloud import EmbeddedCloud
@@ -255,7 +256,7 @@ def summary_text(result: dict[str, Any], device_config: Path) -> str:
             "latency per frame, from capture to final answer (p50 / p99):",
             f"  answered on the device  {result['p50_ms_local']} / {result['p99_ms_local']} ms",
             f"  escalated to the cloud  {result['p50_ms_escalated']} / {result['p99_ms_escalated']} ms",
-            f"one device on its own: start a broker (`edgewire broker`), optionally the cloud "
+            f"one device on its own: start a broker (`edgewire broker --allow-anonymous`), optionally the cloud "
             f"(`edgewire cloud --data {device_config.parent}`), then "
             f"`edgewire edge run --config {device_config} --print`",
         ]

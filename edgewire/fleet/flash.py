@@ -19,19 +19,30 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from edgewire import acl
 from edgewire.config import DeviceConfig, StrictModel, deep_merge, format_validation_error, load_yaml_model
 from edgewire.errors import ConfigError
 from edgewire.fleet import sites as fleet_sites
+from edgewire.passwords import render_password_file
 from edgewire.profiles import available_profiles
 
 DEVICE_CONFIG = "etc/edgewire/device.yaml"
 SIGNING_KEY = "etc/edgewire/fleet-signing.pub"
+BROKER_CA = "etc/edgewire/broker-ca.pem"  # the CA that signed the broker's certificate (TLS)
 UNIT = "etc/systemd/system/edgewire-edge.service"
+#: The broker's side of the fleet, under ``--broker-out``: both brokers read PASSWD; Mosquitto
+#: reads ACL, the embedded broker ROLES (and applies the same rules from edgewire.acl).
+BROKER_PASSWD = "passwd"
+BROKER_ACL = "acl"
+BROKER_ROLES = "roles.yaml"
+BROKER_CREDENTIALS = "credentials"  # credentials/<user>: the password of each cloud-side user
+#: Files only their owner may read.
+SECRET_NAMES = ("device.yaml", BROKER_PASSWD)
 
 
 class DeviceRange(StrictModel):
@@ -65,13 +76,26 @@ class DeviceEntry(StrictModel):
         return self
 
 
+class BrokerUser(StrictModel):
+    """A cloud-side identity: a bridge (its bridge id), a distributor (its client id), an
+    operator or a monitor. Its password is given, or derived like a device's."""
+
+    role: Literal["bridge", "distributor", "operator", "monitor"]
+    password: str | None = None
+
+
 class Fleet(StrictModel):
     fleet: str
     broker: dict[str, Any]
+    # The broker's users that are not devices, by username (= client id).
+    broker_users: dict[str, BrokerUser] = Field(default_factory=dict)
     # Derives each device's MQTT password (HMAC of the device id) when none is given, so
     # re-rendering is repeatable without storing a password per device.
     credentials_secret: str | None = None
     signing_public_key: str | None = None
+    # TLS: the CA (PEM) that signed the broker's certificate. Written to each device as
+    # BROKER_CA and named in its broker settings; the fleet's broker url is then mqtts://.
+    broker_ca: str | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
     devices: list[DeviceEntry] = Field(min_length=1)
     # Site brokers bridged to a central one (edgewire.fleet.sites); a site's devices talk only to it.
@@ -105,7 +129,14 @@ class Change:
     old: bytes | None
     new: bytes
 
+    @property
+    def secret(self) -> bool:
+        """Whether only its owner may read it (it holds a password or a hash of one)."""
+        return self.path.name in SECRET_NAMES or self.path.parent.name == BROKER_CREDENTIALS
+
     def diff(self) -> str:
+        if self.secret and self.path.name != "device.yaml":  # never printed; the device's file always was
+            return f"--- a/{self.path}\n+++ b/{self.path}\n(secret: {len(self.new)} bytes, not shown)\n"
         old = (self.old or b"").decode(errors="replace").splitlines(keepends=True)
         new = self.new.decode(errors="replace").splitlines(keepends=True)
         return "".join(difflib.unified_diff(old, new, f"a/{self.path}", f"b/{self.path}"))
@@ -119,6 +150,50 @@ def _line_of(text: str, path: list[Any]) -> int | None:
 
 def _unit_text() -> bytes:
     return resources.files("edgewire.systemd").joinpath("edgewire-edge.service").read_bytes()
+
+
+def _password(fleet: Fleet, username: str, given: str | None) -> str | None:
+    if given:
+        return given
+    if fleet.credentials_secret:
+        return hmac.new(fleet.credentials_secret.encode(), username.encode(), hashlib.sha256).hexdigest()[:32]
+    return None
+
+
+def render_broker(fleet_file: Path) -> Rendered:
+    """The broker's files for the whole fleet: every device and cloud-side user's password
+    (hashed as mosquitto_passwd does), the Mosquitto ACL and the roles; plus, for each
+    cloud-side user, its own password in ``credentials/<user>`` to hand to that service."""
+    fleet = load_yaml_model(fleet_file, Fleet)
+    passwords: dict[str, str] = {}
+    missing: list[str] = []
+    for entry in fleet.devices:
+        for device_id in [entry.id] if entry.id else entry.range.ids():  # type: ignore[union-attr]
+            password = _password(fleet, device_id, entry.password)
+            if password is None:
+                missing.append(device_id)
+            else:
+                passwords[device_id] = password
+    files: dict[str, bytes] = {}
+    for name, user in fleet.broker_users.items():
+        if name in passwords:
+            raise ConfigError(f"{fleet_file}: broker user {name!r} is also a device id -- give it another name")
+        password = _password(fleet, name, user.password)
+        if password is None:
+            missing.append(name)
+            continue
+        passwords[name] = password
+        files[f"{BROKER_CREDENTIALS}/{name}"] = (password + "\n").encode()
+    if missing:
+        raise ConfigError(
+            f"{fleet_file}: no password for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+            "-- set credentials_secret (passwords derived per user) or give each a password"
+        )
+    roles = {name: user.role for name, user in fleet.broker_users.items()}
+    files[BROKER_PASSWD] = render_password_file(passwords).encode()
+    files[BROKER_ACL] = acl.mosquitto_acl(roles).encode()
+    files[BROKER_ROLES] = yaml.safe_dump(dict(sorted(roles.items())), sort_keys=False).encode()
+    return Rendered("broker", files)
 
 
 def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
@@ -149,13 +224,11 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
             if site is not None:
                 doc["broker"] = {**doc["broker"], "url": site.url}
                 site_devices.setdefault(site.name, []).append(device_id)
-            password = entry.password or (
-                hmac.new(fleet.credentials_secret.encode(), device_id.encode(), hashlib.sha256).hexdigest()[:32]
-                if fleet.credentials_secret
-                else None
-            )
+            password = _password(fleet, device_id, entry.password)
             if password:
                 doc["broker"] = {**doc["broker"], "username": device_id, "password": password}
+            if fleet.broker_ca:
+                doc["broker"] = {**doc["broker"], "ca_file": f"/{BROKER_CA}"}
             try:
                 cfg = DeviceConfig.model_validate(doc)
             except ValidationError as exc:
@@ -178,6 +251,8 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
             }
             if fleet.signing_public_key:
                 files[SIGNING_KEY] = (fleet.signing_public_key.strip() + "\n").encode()
+            if fleet.broker_ca:
+                files[BROKER_CA] = (fleet.broker_ca.strip() + "\n").encode()
             out.append(Rendered(device_id, files))
     if problems:
         raise ConfigError(f"invalid fleet {fleet_file} (nothing was written):\n" + "\n".join(problems))
@@ -209,7 +284,7 @@ def write(changes: list[Change], progress: Callable[[Change], None] | None = Non
                 f.write(change.new)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o600 if change.path.name == "device.yaml" else 0o644)  # it holds credentials
+            os.chmod(tmp, 0o600 if change.secret else 0o644)
             os.replace(tmp, change.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,140 @@
+"""The embedded broker's door: logins checked against the fleet's password file, the client id
+bound to the username, and every publish, subscription and delivery checked against the one
+set of rules in :mod:`edgewire.acl`.
+
+amqtt 0.12 looks a CONNECT's client id up among the existing sessions (and, for a clean
+session, deletes the one it finds) before any plugin is asked about the login, so a client with
+a wrong password, or with its own password and another's client id, could still knock that
+client off. :class:`GuardedBroker` asks the plugins first and refuses the CONNECT before any
+session is touched; that is the only amqtt internal used here (the release is pinned in
+pyproject.toml and the tests cover it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from amqtt.broker import Broker
+from amqtt.contexts import Action as AmqttAction
+from amqtt.errors import AMQTTError, MQTTError
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from edgewire.acl import ROLES, Role, allowed, identity_ok
+from edgewire.errors import ConfigError
+from edgewire.passwords import read_password_file, verify_password
+
+log = logging.getLogger(__name__)
+
+
+def read_roles(path: Path | None) -> dict[str, Role]:
+    """username -> role from a YAML mapping; a user not named there is a device."""
+    if path is None:
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of username to role")
+    for name, role in data.items():
+        if role not in ROLES:
+            raise ConfigError(f"{path}: {name}: unknown role {role!r} (one of {', '.join(ROLES)})")
+    return {str(k): v for k, v in data.items()}
+
+
+def _role_of(session: Session | None, roles: dict[str, Role]) -> tuple[str, Role] | None:
+    if session is None or not session.username:
+        return None
+    return session.username, roles.get(session.username, "device")
+
+
+class FleetAuthPlugin(BaseAuthPlugin):
+    """A login is a known username, its password, and a client id the username may use."""
+
+    @dataclass
+    class Config:
+        password_file: str = ""
+        roles_file: str | None = None
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._users = read_password_file(Path(self.config.password_file))
+        self._roles = read_roles(Path(self.config.roles_file) if self.config.roles_file else None)
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        who = _role_of(session, self._roles)
+        if who is None:
+            log.warning("embedded broker: refused %s: no username (anonymous logins are off)", session.client_id)
+            return False
+        username, role = who
+        hashed = self._users.get(username)
+        if hashed is None or not verify_password(session.password or "", hashed):
+            log.warning("embedded broker: refused %s: bad username or password", session.client_id)
+            return False
+        if not identity_ok(role, username, session.client_id or ""):
+            log.warning("embedded broker: refused client id %r for %r: not theirs", session.client_id, username)
+            return False
+        return True
+
+
+class FleetTopicPlugin(BaseTopicPlugin):
+    """Publish, subscribe and receive, each checked against the role's grants."""
+
+    @dataclass
+    class Config:
+        roles_file: str | None = None
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._roles = read_roles(Path(self.config.roles_file) if self.config.roles_file else None)
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: AmqttAction | None = None
+    ) -> bool | None:
+        who = _role_of(session, self._roles)
+        if who is None or topic is None:
+            return False
+        username, role = who
+        mode = "write" if action == AmqttAction.PUBLISH else "read"
+        ok = allowed(role, username, mode, topic)
+        if not ok and action != AmqttAction.RECEIVE:
+            log.warning("embedded broker: %s (%s) may not %s %s", username, role, mode, topic)
+        return ok
+
+
+class GuardedBroker(Broker):
+    """amqtt's broker with the login checked before any session is looked up (see above)."""
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except MQTTError:
+            await writer.close()
+            raise
+        if not await self._authenticate(session, None):  # type: ignore[arg-type]
+            handler.attach(session, reader, writer)
+            await handler.mqtt_connack_authorize(False)
+            await writer.close()
+            raise AMQTTError(f"login refused for client id {session.client_id!r} from {remote_address}")
+        # From here on as amqtt does it (amqtt.broker.Broker._initialize_client_session, 0.12).
+        if session.clean_session:
+            if session.client_id:
+                await self._delete_session(session.client_id)
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing, _ = self._sessions[session.client_id]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username", "password"):
+                setattr(existing, name, getattr(session, name))
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        return handler, session
