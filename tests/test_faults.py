@@ -487,7 +487,19 @@ def broker_process(kind: str, workdir: Path, port: int) -> ServiceProcess:
         conf = mosquitto_conf(workdir / "mosquitto.conf", "127.0.0.1", port, persist_in=workdir / "mosquitto-data")
         return ServiceProcess([_mosquitto_exe(), "-c", str(conf)], log, port)
     return ServiceProcess(
-        [sys.executable, "-m", "edgewire.cli", "broker", "--host", "127.0.0.1", "--port", str(port)], log, port
+        [
+            sys.executable,
+            "-m",
+            "edgewire.cli",
+            "broker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--allow-anonymous",
+        ],
+        log,
+        port,
     )
 
 

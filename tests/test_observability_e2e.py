@@ -70,7 +70,7 @@ class TelemetryReader:
 async def test_hops_add_up_and_metrics_match_telemetry(demo: DemoArtifacts, triton: EmbeddedTriton) -> None:
     port, metrics_port = free_port(), free_port()
     serve(metrics_port)
-    async with EmbeddedBroker("127.0.0.1", port):
+    async with EmbeddedBroker("127.0.0.1", port, allow_anonymous=True):
         url = f"mqtt://127.0.0.1:{port}"
         reader = TelemetryReader(port)
         reading = asyncio.create_task(reader.run())
@@ -147,7 +147,7 @@ async def test_hops_add_up_and_metrics_match_telemetry(demo: DemoArtifacts, trit
 
 async def test_trace_command_shows_a_live_escalation(demo: DemoArtifacts, triton: EmbeddedTriton) -> None:
     port = free_port()
-    async with EmbeddedBroker("127.0.0.1", port):
+    async with EmbeddedBroker("127.0.0.1", port, allow_anonymous=True):
         url = f"mqtt://127.0.0.1:{port}"
         async with RunningBridge(BrokerHandle("amqtt", "127.0.0.1", port), triton, bridge_id="bridge-tr"):
             proc = await asyncio.create_subprocess_exec(

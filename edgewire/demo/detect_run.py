@@ -178,7 +178,7 @@ async def run_detect_demo(out_dir: Path, *, say: Callable[[str], None] | None = 
     runs: dict[str, _Run] = {}
     agents: dict[str, Any] = {}
     async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(EmbeddedBroker("127.0.0.1", port))
+        await stack.enter_async_context(EmbeddedBroker("127.0.0.1", port, allow_anonymous=True))
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgewire-cloud-")))
         tell("starting Triton with the crop classifier (uncertain boxes are relabelled by it) …")
         rules = RuleSet(
