@@ -61,6 +61,10 @@ from .conftest import ROOT, open_to_anonymous, stop_process
 from .invariants import Verdict, Window, check, outage_window, read_outbox, until_quiet
 from .test_discovery_netns import HOSTS, Lan, _can_make_namespaces, _ip
 
+# Every test here runs whole processes through a crash and a quiet period: minutes together.
+# The default run leaves them out; CI runs them (`pytest -m slow`) and again with every core busy.
+pytestmark = pytest.mark.slow
+
 DEVICE = "cam-f"
 #: Nothing new from the device or on the broker for this long: the run is over.
 QUIET_S = 3.0
@@ -852,7 +856,6 @@ async def test_publish_in_flight_when_the_broker_dies_ends_with_the_connection(t
 # ---- 5. the device's link is cut for 30 s --------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(not _can_make_namespaces(), reason="needs root and iproute2 (ip netns)")
 def test_link_cut_30s_by_veth_down(demo: DemoArtifacts, tmp_path: Path) -> None:
