@@ -4,8 +4,10 @@ Each request is validated before anything is spent on it: the topic and payload 
 who sent it, the answer may only go to that device's own result topic, an expired request is
 not dispatched, an unroutable one is answered ``rejected``. Requests are deduplicated by
 (device_id, trace_id): a redelivery (QoS 1 after a reconnect, or a device resending) is not run
-again, its cached answer is published again. A trace id is only unique within its device, so a
-device that sends another device's trace id gets its own request answered, never the other's.
+again, its cached answer is published again -- except ``unavailable``, which only says no model
+could serve it then: a device resends such a request later and it is run then. A trace id is
+only unique within its device, so a device that sends another device's trace id gets its own
+request answered, never the other's.
 Each device's new requests are paid from its own token bucket (``device_rate_per_s``,
 ``device_burst``): past it a request is answered ``rejected`` (reason ``rate limited``) without
 being decoded or dispatched, so one device cannot starve the others.
@@ -211,7 +213,8 @@ class Bridge:
                 log.exception("%s: request %s failed", self.bridge_id, trace_id)
                 result = self._result(device_id, trace_id, received, "rejected", reason=f"internal error: {exc!r}")
             payload = env.encode(result)
-            self._remember((device_id, trace_id), payload)
+            if result.status != "unavailable":  # a passing state: a resend is served afresh
+                self._remember((device_id, trace_id), payload)
             self._inflight.discard((device_id, trace_id))
             self.meter.inc("requests_total", status=result.status)
         topic = self._reply_topic(device_id)

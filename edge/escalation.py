@@ -132,6 +132,7 @@ class Escalations:
         self.device_id = config.device_id
         self.fleet = config.fleet
         self.stamp_hops = config.publish.hop_stamps
+        self._retry_after_s = config.cloud.outbox.resend_after_s
         self.meter = meter
         self.mode = mode
         self._publish = publish
@@ -365,6 +366,7 @@ class Escalations:
         """Only an answer that flipped its owed row is used; a duplicate, even across restarts, is dropped."""
         finals: list[env.LocalResult] = []
         async with self._deciding:
+            burst = await self._retry_unserved(burst)
             fresh = await self._db(self.outbox.settle_many, [(r.trace_id, "answered") for r, _ in burst])
             for (result, received), new in zip(burst, fresh, strict=True):
                 if not new:
@@ -378,6 +380,24 @@ class Escalations:
                 if final is not None:
                     finals.append(final)
         await self._finished(finals)
+
+    async def _retry_unserved(self, burst: list[tuple[env.Result, float]]) -> list[tuple[env.Result, float]]:
+        """The answers that end their escalation. ``unavailable`` (no model could serve: Triton
+        down, circuits open) to a request nobody waits for here -- queued while degraded, or left
+        by a restart -- whose deadline is still well ahead does not end it: the request stays owed
+        and goes again on the forwarder's resend schedule, so an outage of the cloud's models
+        costs a queued request a delay, not its answer. A frame waiting here ends at once."""
+        maybe = [r.trace_id for r, _ in burst if r.status == "unavailable" and r.trace_id not in self._waiting]
+        if not maybe:
+            return burst
+        ahead_s = self._retry_after_s
+        kept = await self._db(lambda: self.outbox.retry_later(maybe, ahead_s=ahead_s))
+        later = {key for key, k in zip(maybe, kept, strict=True) if k}
+        if not later:
+            return burst
+        self.meter.inc("results_retried_total", len(later), status="unavailable")
+        self.mode.cloud_failed("unavailable", self.cloud.degraded_after)
+        return [(r, t) for r, t in burst if r.trace_id not in later]
 
     async def _outcome_of(
         self, trace_id: str, answer: env.Result | None, received: float | None = None

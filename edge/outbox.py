@@ -331,6 +331,21 @@ class Outbox:
         self.meter.set("outbox_depth", self._count)
         return done
 
+    def retry_later(self, keys: Iterable[str], *, ahead_s: float) -> list[bool]:
+        """Keep owed the requests the cloud could not serve yet whose deadline is more than
+        ``ahead_s`` away; True where kept. Their request stays in the outbox as sent, so the
+        forwarder's resend (``resend_after_s``, doubling per attempt) asks again."""
+        now = time.time()
+        kept: list[bool] = []
+        for key in keys:
+            row = self._db.execute(
+                "SELECT 1 FROM owed WHERE key = ? AND state = 'waiting' AND deadline > ? "
+                "AND EXISTS (SELECT 1 FROM outbox WHERE outbox.key = owed.key)",
+                (key, now + ahead_s),
+            ).fetchone()
+            kept.append(row is not None)
+        return kept
+
     def note_of(self, key: str) -> bytes | None:
         row = self._db.execute("SELECT note FROM owed WHERE key = ?", (key,)).fetchone()
         return None if row is None else bytes(row[0])

@@ -129,8 +129,12 @@ def check(
     for o in outcomes:
         by_trace.setdefault(o["r"]["trace_id"], []).append(o["r"])
     first_answer: dict[str, dict[str, Any]] = {}
+    first_ok: dict[str, dict[str, Any]] = {}
     for a in sorted(answers, key=lambda a: a["t"]):
         first_answer.setdefault(a["doc"]["trace_id"], {**a["doc"], "seen": a["t"]})
+        if a["doc"]["status"] == "ok":
+            # A queued request answered `unavailable` is asked again: its ok answer is the one taken.
+            first_ok.setdefault(a["doc"]["trace_id"], {**a["doc"], "seen": a["t"]})
 
     if queued:
         v.lost += queued
@@ -160,7 +164,7 @@ def check(
                 v.duplicates += max(len(on_time) - 1, 0) + max(len(late) - 1, 0)
                 v.problems.append(f"{key}: {len(on_time)} outcomes and {len(late)} late ones")
             final = late[0] if late else None
-        answer = first_answer.get(key)
+        answer = first_ok.get(key) or first_answer.get(key)
         # The cloud's answer taken: the owed row flipped by an answer and the outcome made from
         # it (the device's record; the broker's copy may be missing after a broker crash).
         cloud_ok = row.state == "answered" and final is not None and final["answered_by"] == "cloud"

@@ -372,8 +372,9 @@ def _total(metrics: dict[str, float], name: str) -> float:
 
 
 def bridge_runs(*bridges: Bridge) -> float:
-    """Requests the bridge(s) ran, whatever their answer."""
-    return sum(b.meter.total("requests_total") for b in bridges)
+    """Requests the bridge(s) ran: every answer but ``unavailable``, which says no model served
+    the request (a device asks again later for a queued one; that is a retry, not a rerun)."""
+    return sum(b.meter.total("requests_total") - b.meter.get("requests_total", status="unavailable") for b in bridges)
 
 
 async def triton_inferences(triton: EmbeddedTriton, model: str = "digits-cloud") -> int:
