@@ -397,13 +397,7 @@ def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None =
             except ValidationError as exc:
                 reading.problems.append(_problems(exc))
                 return reading
-        problem = output_problem(meta, graph)
-        if problem:
-            reading.problems.append(problem)
-            reading.fix_flags += _fix_flags(meta, graph)
-        else:
-            reading.meta = meta
-        return reading
+        return _checked(reading, meta, graph)
     exporter = {k: graph.metadata[k] for k in ("names", "imgsz", "stride", "task") if k in graph.metadata}
     reading = ModelReading(path, graph, "exporter" if exporter else "graph")
     inferred = reading.inferred
@@ -503,6 +497,12 @@ def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None =
     except ValidationError as exc:
         reading.problems.append(_problems(exc))
         return reading
+    return _checked(reading, meta, graph)
+
+
+def _checked(reading: ModelReading, meta: ModelMeta, graph: GraphInfo) -> ModelReading:
+    """The reading with its metadata, once the outputs are shown to fit it; else the problem
+    and the flags that fix it."""
     problem = output_problem(meta, graph)
     if problem:
         reading.problems.append(problem)
