@@ -319,7 +319,8 @@ def _exporter_size(metadata: Mapping[str, str]) -> tuple[int, int] | None:
     return None
 
 
-def _task_of(output: TensorInfo, input_hw: tuple[Dim, Dim]) -> tuple[Task, OutputFormat | None] | None:
+def task_of_output(output: TensorInfo, input_hw: tuple[Dim, Dim]) -> tuple[Task, OutputFormat | None] | None:
+    """The task (and a detector's format) an output's shape shows, or None when it shows neither."""
     if len(output.shape) == 2:
         return "classify", None
     fmt = recognise_format(output.shape, input_hw)
@@ -372,7 +373,7 @@ def output_problem(meta: ModelMeta, graph: GraphInfo) -> str | None:
             )
     if fits:
         return None
-    found = _task_of(out, (meta.input.height, meta.input.width))
+    found = task_of_output(out, (meta.input.height, meta.input.width))
     hint = ""
     if found is not None:
         hint = f" (it reads as a {found[0]} model" + (f", format {found[1]}" if found[1] else "") + ")"
@@ -380,24 +381,16 @@ def output_problem(meta: ModelMeta, graph: GraphInfo) -> str | None:
 
 
 def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None = None) -> ModelReading:
-    """Everything edgewire can tell about a model: its own entry if it has one (``overrides``
-    replacing parts of it), else exporter metadata (Ultralytics' ``names``, ``imgsz``,
-    ``stride``, ``task``) and the graph's shapes; what stays unknown is listed in ``missing``."""
+    """Everything edgewire can tell about a model: its own entry if it has one, else exporter
+    metadata (Ultralytics' ``names``, ``imgsz``, ``stride``, ``task``) and the graph's shapes,
+    completed by ``overrides``; what stays unknown is listed in ``missing``. An entry is read as
+    it stands (``edgewire model annotate`` rewrites one: :mod:`edgewire.model_inspect`)."""
     o = overrides or Overrides()
     path = str(path)
     raw = graph.metadata.get(META_KEY)
     if raw:
-        reading = ModelReading(path, graph, "edgewire")
-        meta = parse_model_meta(raw, f"{path} (ONNX metadata)")
-        changes = {k: v for k, v in _meta_changes(meta, o).items() if v is not None}
-        reading.inferred = {"everything": f"the '{META_KEY}' entry"}
-        if changes:
-            try:
-                meta = _rebuild(meta, changes, graph)
-            except ValidationError as exc:
-                reading.problems.append(_problems(exc))
-                return reading
-        return _checked(reading, meta, graph)
+        reading = ModelReading(path, graph, "edgewire", inferred={"everything": f"the '{META_KEY}' entry"})
+        return checked_reading(reading, parse_model_meta(raw, f"{path} (ONNX metadata)"), graph)
     exporter = {k: graph.metadata[k] for k in ("names", "imgsz", "stride", "task") if k in graph.metadata}
     reading = ModelReading(path, graph, "exporter" if exporter else "graph")
     inferred = reading.inferred
@@ -438,7 +431,7 @@ def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None =
     if out is None:
         reading.problems.append(f"no output '{o.output}' in the graph ({[t.name for t in graph.outputs]})")
         return reading
-    seen = _task_of(out, size or (None, None))
+    seen = task_of_output(out, size or (None, None))
     task: Task | None = o.task
     exporter_task = graph.metadata.get("task")
     if task is None and exporter_task in ("classify", "detect"):
@@ -495,12 +488,12 @@ def read_model(path: str | Path, graph: GraphInfo, overrides: Overrides | None =
             detect=DetectSpec(format=fmt, stride=stride if isinstance(stride, int) else 32) if detecting else None,  # type: ignore[arg-type]
         )
     except ValidationError as exc:
-        reading.problems.append(_problems(exc))
+        reading.problems.append(validation_problems(exc))
         return reading
-    return _checked(reading, meta, graph)
+    return checked_reading(reading, meta, graph)
 
 
-def _checked(reading: ModelReading, meta: ModelMeta, graph: GraphInfo) -> ModelReading:
+def checked_reading(reading: ModelReading, meta: ModelMeta, graph: GraphInfo) -> ModelReading:
     """The reading with its metadata, once the outputs are shown to fit it; else the problem
     and the flags that fix it."""
     problem = output_problem(meta, graph)
@@ -518,104 +511,12 @@ def _fix_flags(meta: ModelMeta, graph: GraphInfo) -> list[str]:
     out = graph.output(meta.output)
     if out is None:
         return [f"--output {graph.outputs[0].name}"] if graph.outputs else []
-    seen = _task_of(out, (meta.input.height, meta.input.width))
+    seen = task_of_output(out, (meta.input.height, meta.input.width))
     if seen is not None and seen[0] != meta.task:
         return [f"--task {seen[0]}"]
     return ["--labels LABELS.txt"]
 
 
-def _meta_changes(meta: ModelMeta, o: Overrides) -> dict[str, Any]:
-    return {
-        "name": o.name,
-        "version": o.version,
-        "task": o.task,
-        "labels": o.labels,
-        "output": o.output,
-        "format": o.format,
-        "input_size": o.input_size,
-        "layout": o.layout,
-        "color": o.color,
-        "resize": o.resize,
-        "scale": o.scale,
-        "mean": o.mean,
-        "std": o.std,
-        "pad_value": o.pad_value,
-    }
-
-
-def _problems(exc: ValidationError) -> str:
+def validation_problems(exc: ValidationError) -> str:
+    """Pydantic's complaints about a contract, one clause each, for a reading's ``problems``."""
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the entry'}: {e['msg']}" for e in exc.errors())
-
-
-def _rebuild(meta: ModelMeta, changes: dict[str, Any], graph: GraphInfo) -> ModelMeta:
-    data = meta.model_dump()
-    inp = data["input"]
-    for key in ("layout", "color", "resize", "scale", "mean", "std", "pad_value"):
-        if key in changes:
-            inp[key] = changes[key]
-    if "input_size" in changes:
-        h, w = changes["input_size"]
-        b = inp["shape"][0]
-        c = inp["shape"][1] if inp["layout"] == "NCHW" else inp["shape"][3]
-        inp["shape"] = (b, c, h, w) if inp["layout"] == "NCHW" else (b, h, w, c)
-    for key in ("name", "version", "task", "labels", "output"):
-        if key in changes:
-            data[key] = changes[key]
-    if "format" in changes:
-        data["detect"] = {**(data.get("detect") or {}), "format": changes["format"]}
-    if data["task"] == "classify":
-        data["detect"] = None
-    elif data.get("detect") is None and (out := graph.output(data["output"])) is not None:
-        # Declared a detector now: its format from the output's shape, as for a fresh model.
-        seen = _task_of(out, (inp["shape"][2], inp["shape"][3]) if inp["layout"] == "NCHW" else inp["shape"][1:3])
-        if seen is not None and seen[1] is not None:
-            data["detect"] = {"format": seen[1]}
-    return ModelMeta.model_validate(data)
-
-
-def write_model_meta(src: str | Path, dst: str | Path, meta: ModelMeta) -> None:
-    """Copy the ONNX file ``src`` to ``dst`` with ``meta`` as its ``edgewire`` entry (other
-    entries kept). Needs the ``onnx`` package (``pip install 'edgewire[models]'``)."""
-    try:
-        import onnx
-    except ImportError:
-        raise ModelError("writing model metadata needs the onnx package: pip install 'edgewire[models]'") from None
-    from edgewire.durable import atomic_write
-
-    model = onnx.load(str(src))
-    kept = [p for p in model.metadata_props if p.key != META_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = META_KEY, meta.model_dump_json()
-    atomic_write(Path(dst), model.SerializeToString())
-
-
-def inspect_report(reading: ModelReading) -> dict[str, Any]:
-    """``edgewire model inspect``'s answer as plain data (its ``--json``)."""
-    meta = reading.meta
-    g = reading.graph
-    return {
-        "file": reading.path,
-        "inputs": [{"name": t.name, "shape": list(t.shape)} for t in g.inputs],
-        "outputs": [{"name": t.name, "shape": list(t.shape)} for t in g.outputs],
-        "metadata_source": reading.source,
-        "exporter_metadata": {k: v for k, v in g.metadata.items() if k != META_KEY},
-        "task": meta.task if meta else None,
-        "format": meta.detect.format if meta and meta.detect else None,
-        "labels": list(meta.labels) if meta else None,
-        "inferred": reading.inferred,
-        "missing": reading.missing,
-        "problems": reading.problems,
-        "usable": meta is not None,
-        "fill_command": None if meta is not None and reading.source == "edgewire" else reading.fill_command(),
-        "meta": meta.model_dump(mode="json") if meta else None,
-    }
-
-
-def annotate_model(src: str | Path, dst: str | Path, overrides: Overrides | None = None) -> ModelReading:
-    """Write ``src`` to ``dst`` with edgewire's entry, inferred as far as the file allows and
-    completed by ``overrides``; a ModelError names what is still missing."""
-    reading = read_model(src, GraphInfo.from_file(src), overrides)
-    write_model_meta(src, dst, reading.require())
-    return reading

@@ -273,7 +273,8 @@ def model_inspect(
     """What edgewire reads from a model: its inputs and outputs, the task and output format it
     recognises, the metadata it found (edgewire's or an exporter's), and what is missing with
     the command that fills it. Exits 1 when a device would refuse the model."""
-    from edgewire.modelmeta import GraphInfo, inspect_report, read_model
+    from edgewire.model_inspect import inspect_report
+    from edgewire.modelmeta import GraphInfo, read_model
 
     try:
         report = inspect_report(read_model(file, GraphInfo.from_file(file)))
@@ -342,7 +343,8 @@ def model_annotate(
 ) -> None:
     """Write edgewire's metadata entry into a copy of a model, inferring all the file allows
     (a standard YOLO export needs no flags); flags state what it cannot say or override it."""
-    from edgewire.modelmeta import Overrides, annotate_model
+    from edgewire.model_inspect import annotate_model
+    from edgewire.modelmeta import Overrides
 
     choices = {
         "--task": (task, ("classify", "detect")),
