@@ -28,7 +28,6 @@ from edgewire import __version__, logs, sdnotify, topics
 from edgewire import envelopes as env
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import DeviceConfig
-from edgewire.detection import decode_batch
 from edgewire.errors import DecodeError, ModelError, SourceError, TopicError
 from edgewire.metrics import Meter
 from edgewire.modelmeta import ModelMeta
@@ -46,13 +45,12 @@ from .local_results import LocalRows, answered_here
 from .local_stream import LocalStream
 from .mode import DEGRADED, DeviceMode
 from .model_updater import ModelUpdater
-from .object_judge import ObjectVerdicts, crops_of
+from .object_frames import DetectedBatch, ObjectFrames
 from .remote_config import RemoteConfig
 from .sources import Frame, QueueSource, chunks, open_source
 from .state import DeviceState
 from .tasks import Task, TaskState, new_trace_ids
 from .telemetry import AgentSummary, observe_answered_here, publish_telemetry, report_every
-from .track_escalation import ObjectTracks
 from .write_window import WriteWindow
 
 log = logging.getLogger(__name__)
@@ -67,10 +65,8 @@ class _Batch:
     #: Indices in ``frames`` of the frames decoded, in order; ``verdicts`` are theirs.
     ok: list[int] = field(default_factory=list)
     verdicts: Verdicts | None = None
-    #: A detector's verdicts instead (``verdicts`` stays None).
-    objects: ObjectVerdicts | None = None
-    #: Crops of the uncertain boxes of hard frames, by index in ``frames`` (``send: crops``).
-    crops: dict[int, list[env.Crop]] = field(default_factory=dict)
+    #: A detector's batch instead (``verdicts`` stays None).
+    objects: DetectedBatch | None = None
     failures: dict[int, str] = field(default_factory=dict)
     #: Encoded bytes of the hard frames, by index in ``frames``, read on the worker thread.
     payloads: dict[int, bytes] = field(default_factory=dict)
@@ -132,10 +128,10 @@ class EdgeAgent:
         self._local_topic = topics.LOCAL.build(device_id=did)
         self._input_topic = topics.INPUT.build(device_id=did)
         self.remote_config = RemoteConfig(boot_config or config, state, self.meter)
-        # Objects followed across frames, so each uncertain one goes up once (detectors only).
-        track = config.detect.track
-        tracking = track.enabled if track.enabled is not None else config.source.kind != "folder"
-        self.tracks: ObjectTracks | None = ObjectTracks(track) if tracking else None
+        # A detector's frames, judged per object and followed across frames.
+        self.object_frames = ObjectFrames(
+            config, self.meter, self.escalations, lambda task: self._local_result(task, None)
+        )
 
     # -- the model -----------------------------------------------------------------------
 
@@ -353,7 +349,14 @@ class EdgeAgent:
         if not images:
             return out
         if model.detects:
-            return self._detect(out, images, model)
+            escalate = self.config.detect.escalate if self.config.cloud is not None else None
+            out.objects = self.object_frames.infer(group, out.ok, images, model, escalate)
+            if out.objects is None:
+                out.failures.update({i: "inference" for i in out.ok})
+                out.ok = []
+            else:
+                out.infer_s = out.objects.infer_s
+            return out
         sharp = [sharpness(img) for img in images] if model.judge.wants_sharpness else None
         t0 = time.perf_counter()
         try:
@@ -376,37 +379,6 @@ class EdgeAgent:
                     log.warning("%s: cannot escalate %s: %s", self.config.device_id, group[i].ref, exc)
         return out
 
-    def _detect(self, out: _Batch, images: list[np.ndarray], model: ActiveModel) -> _Batch:
-        """The detector's half of :meth:`_infer`: letterbox, infer, decode with NMS, judge each
-        object, and read what goes up for the hard frames (the frame or crops of its boxes)."""
-        assert model.objects is not None and model.meta.detect is not None
-        geometries = [model.pre.geometry(img) for img in images]
-        t0 = time.perf_counter()
-        try:
-            raw = model.engine.infer(model.pre.batch(images))
-            spec = model.meta.input
-            found = decode_batch(raw, model.meta.detect.format, geometries, model.decode, (spec.height, spec.width))
-        except Exception:
-            log.exception("%s: inference failed for a batch of %d", self.config.device_id, len(images))
-            out.failures.update({i: "inference" for i in out.ok})
-            out.ok = []
-            return out
-        out.infer_s = time.perf_counter() - t0
-        out.objects = model.objects.judge_batch(found, images if model.objects.settings.min_sharpness else None)
-        if self.config.cloud is not None:
-            escalate = self.config.detect.escalate
-            for j in out.objects.hard:
-                i = out.ok[j]
-                if escalate.send == "crops" and (crops := crops_of(images[j], out.objects.frames[j], escalate)):
-                    out.crops[i] = crops
-                    out.payloads[i] = b""
-                    continue
-                try:
-                    out.payloads[i] = out.frames[i].encoded()
-                except (OSError, SourceError) as exc:
-                    log.warning("%s: cannot escalate %s: %s", self.config.device_id, out.frames[i].ref, exc)
-        return out
-
     async def _finish(self, session: MqttSession, batch: _Batch, stream: LocalStream | None = None) -> None:
         m = self.meter
         m.inc("frames_total", len(batch.frames))
@@ -416,7 +388,10 @@ class EdgeAgent:
         if self.updater is not None:
             self.updater.observe(batch.model.meta.version, len(batch.ok), len(batch.failures), batch.infer_s)
         if batch.objects is not None:
-            await self._finish_objects(session, batch, stream)
+            results = self.object_frames.finish(batch.frames, batch.ok, batch.objects, batch.model.meta)
+            if results:
+                self._last_done = time.monotonic()
+                await self._publish_local(session, results, stream)
             return
         verdicts = batch.verdicts
         if verdicts is None or not len(verdicts):
@@ -466,59 +441,6 @@ class EdgeAgent:
         observe_answered_here(m, results.rows)
         await self._publish_local(session, results, stream)
 
-    async def _finish_objects(self, session: MqttSession, batch: _Batch, stream: LocalStream | None) -> None:
-        """:meth:`_finish` for a detector's batch: every frame's detections on ``local/``, the
-        hard ones escalated with their frame or their crops."""
-        objects = batch.objects
-        assert objects is not None
-        if not len(objects):
-            return
-        frames, meta, esc = batch.frames, batch.model.meta, self.escalations
-        results: list[env.LocalResult] = []
-        completed = len(objects)
-        hard = set(objects.hard)
-        trace_ids = new_trace_ids(len(batch.ok))
-        for j, i in enumerate(batch.ok):
-            frame, judged = frames[i], objects.frames[j]
-            task = Task(trace_id=trace_ids[j], seq=frame.seq, source_ref=frame.ref, created=frame.ts)
-            task.detections = objects.wire(j)
-            crops = batch.crops.get(i)
-            if self.tracks is not None:
-                tracked = self.tracks.observe(judged, task.detections, crops)
-                task.detections, crops = tracked.detections, tracked.crops
-                if not tracked.escalate:
-                    hard.discard(j)
-            task.reasons = judged.reasons if j in hard else ()
-            task.model, task.version = meta.name, meta.version
-            task.to(TaskState.JUDGED)
-            payload = batch.payloads.get(i)
-            sendable = j in hard and payload is not None and esc is not None
-            waits = sendable and esc is not None and esc.may_wait()
-            if waits:
-                task.to(TaskState.PENDING_CLOUD)
-                completed -= 1
-            else:
-                task.degraded = j in hard
-                task.to(TaskState.COMPLETE)
-            result = self._local_result(task, None)
-            results.append(result)
-            if sendable and esc is not None and payload is not None and (waits or esc.queues_offline):
-                esc.escalate(task, result, payload, frame.content_type, crops=crops)
-        if hard:
-            self.meter.inc("frames_hard_total", len(hard))
-            self.meter.inc("objects_uncertain_total", sum(int(objects.frames[j].uncertain.sum()) for j in hard))
-        self.meter.inc("objects_total", sum(len(f.detections) for f in objects.frames))
-        if self.tracks is not None:
-            self.meter.set("objects_escalated", self.tracks.once.escalated)
-            self.meter.set("escalations_saved", self.tracks.once.saved)
-        if completed:
-            self.meter.inc("frames_completed_total", completed)
-        self._last_done = time.monotonic()
-        for r in results:
-            if r.state == TaskState.COMPLETE.value:
-                self.meter.observe("frame_latency_ms", r.latency_ms, path="local")
-        await self._publish_local(session, results, stream)
-
     def _local_result(self, task: Task, sharp: float | None) -> env.LocalResult:
         assert task.prediction is not None or task.detections is not None
         return env.LocalResult(
@@ -556,8 +478,7 @@ class EdgeAgent:
         """Final outcomes of escalated frames, published as they come."""
         assert self.session is not None
         self._last_done = time.monotonic()
-        if self.tracks is not None:
-            self.tracks.answered(results)
+        self.object_frames.answered(results)
         await self._publish_local(self.session, results)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

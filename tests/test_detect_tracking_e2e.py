@@ -58,11 +58,11 @@ async def test_each_track_is_escalated_once_and_keeps_the_cloud_answer(
             await spying
 
     assert summary.completed == 24 and summary.timeouts == 0
-    assert agent.tracks is not None and requests
+    assert agent.object_frames.tracks is not None and requests
     asked = [c.track_id for r in requests for c in r.crops]
     assert None not in asked
-    assert len(asked) == len(set(asked)) == agent.tracks.once.escalated  # each track once
-    assert agent.tracks.once.saved > 0
+    assert len(asked) == len(set(asked)) == agent.object_frames.tracks.once.escalated  # each track once
+    assert agent.object_frames.tracks.once.saved > 0
     assert all(r.task == "detect" and r.payload == b"" for r in requests)  # crops only
 
     # The cloud's answer for a track is applied to that track's boxes in later frames.

@@ -209,7 +209,7 @@ async def run_detect_demo(out_dir: Path, *, say: Callable[[str], None] | None = 
         sent = agent.meter.total("frames_escalated_total")
         return round(agent.meter.total("bytes_escalated_total") / sent) if sent else 0
 
-    assert joint.tracks is not None
+    assert joint.object_frames.tracks is not None
     result = {
         "frames": n,
         "objects": int(sum(len(c) for _, c in frames.truth.values())),
@@ -217,14 +217,14 @@ async def run_detect_demo(out_dir: Path, *, say: Callable[[str], None] | None = 
         "map50_joint": round(_score(runs["joint"].final, frames.truth), 4),
         "map50_joint_untracked": round(_score(runs["untracked"].final, frames.truth), 4),
         "escalations_per_frame": {
-            "tracking": per_frame(joint.tracks.once.escalated),
+            "tracking": per_frame(joint.object_frames.tracks.once.escalated),
             "no_tracking": per_frame(untracked.meter.total("objects_uncertain_total")),
         },
         "requests_per_frame": {
             "tracking": per_frame(joint.meter.total("frames_escalated_total")),
             "no_tracking": per_frame(untracked.meter.total("frames_escalated_total")),
         },
-        "escalations_saved": joint.tracks.once.saved,
+        "escalations_saved": joint.object_frames.tracks.once.saved,
         "bytes_per_escalation": {"crops": bytes_each(joint), "frame": bytes_each(frame_run)},
         "timeouts": int(sum(a.meter.total("frames_timeout_total") for a in agents.values())),
         "train_seconds": round(detector.train_seconds + crops_model.train_seconds, 1),
