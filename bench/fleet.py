@@ -42,7 +42,8 @@ from edgewire.cloud_bridge.triton_server import EmbeddedTriton
 from edgewire.demo.models import build_demo
 from edgewire.fleet.history import History
 from edgewire.fleet.rollout import push_model
-from edgewire.fleet.sim import Fleet, SimSettings, anonymous_identities, load_frames, percentile
+from edgewire.fleet.sim import Fleet, anonymous_identities, load_frames, percentile
+from edgewire.fleet.sim_device import SimSettings
 from edgewire.ports import free_port, wait_port
 from edgewire.session import MqttSession
 

@@ -17,7 +17,8 @@ from edgewire import delivery, topics
 from edgewire import envelopes as env
 from edgewire.demo.models import DemoArtifacts
 from edgewire.fleet.push import push
-from edgewire.fleet.sim import Fleet, Identity, SimSettings, anonymous_identities, identities_from_fleet, load_frames
+from edgewire.fleet.sim import Fleet, anonymous_identities, identities_from_fleet, load_frames
+from edgewire.fleet.sim_device import Identity, SimSettings
 from edgewire.fleet.status import collect_presence, collect_status
 from edgewire.session import MqttSession
 

@@ -27,7 +27,8 @@ from edgewire.cloud_bridge.triton_server import EmbeddedTriton
 from edgewire.config import BrokerSettings, DeviceConfig
 from edgewire.demo.models import DemoArtifacts
 from edgewire.fleet import flash, sites
-from edgewire.fleet.sim import Identity, SimDevice, SimSettings, load_frames
+from edgewire.fleet.sim import load_frames
+from edgewire.fleet.sim_device import Identity, SimDevice, SimSettings
 from edgewire.ports import free_port, wait_port
 from edgewire.session import MqttSession
 

@@ -34,6 +34,7 @@ def sim(
     """Run N simulated devices (real connections, presence, telemetry, escalations of demo frames,
     model downloads; no inference) and report latency, loss and per-device CPU and memory."""
     from edgewire.fleet import sim as simulator
+    from edgewire.fleet.sim_device import SimSettings
 
     if protocol not in ("3.1.1", "5"):
         raise fail(ValueError("--protocol must be 3.1.1 or 5"))
@@ -55,7 +56,7 @@ def sim(
 
             console.print("building the demo frames ...")
             frames = build_demo(Path(tmp) / "demo").frames_dir
-        settings = simulator.SimSettings(
+        settings = SimSettings(
             host=broker.host,
             port=broker.port,
             protocol=protocol,
