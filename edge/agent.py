@@ -28,7 +28,7 @@ from edgewire import __version__, logs, sdnotify, topics
 from edgewire import envelopes as env
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import DeviceConfig
-from edgewire.errors import DecodeError, ModelError, SourceError, TopicError
+from edgewire.errors import ModelError, SourceError
 from edgewire.metrics import Meter
 from edgewire.modelmeta import ModelMeta
 from edgewire.preprocess import ImageRejected, decode, read, sharpness
@@ -40,6 +40,7 @@ from .backlog import Backlog
 from .connection import advertisement, device_session
 from .escalation import Escalations
 from .handoff import run_on
+from .inbox import Inbox
 from .judge import Judge, Verdicts
 from .local_results import LocalRows, answered_here
 from .local_stream import LocalStream
@@ -126,11 +127,20 @@ class EdgeAgent:
         self._jobs: set[asyncio.Future[Any]] = set()
         did = config.device_id
         self._local_topic = topics.LOCAL.build(device_id=did)
-        self._input_topic = topics.INPUT.build(device_id=did)
         self.remote_config = RemoteConfig(boot_config or config, state, self.meter)
         # A detector's frames, judged per object and followed across frames.
         self.object_frames = ObjectFrames(
             config, self.meter, self.escalations, lambda task: self._local_result(task, None)
+        )
+        self.inbox = Inbox(
+            config.device_id,
+            self.meter,
+            source=self.source,
+            escalations=self.escalations,
+            remote_config=self.remote_config,
+            updater=self.updater,
+            config=lambda: self.config,
+            reconfigure=self._reconfigure,
         )
 
     # -- the model -----------------------------------------------------------------------
@@ -226,14 +236,7 @@ class EdgeAgent:
         """Subscribe, run the pipeline to its end, wait out escalations; returns seconds run."""
         cfg = self.config
         esc = self.escalations
-        subscriptions = self.remote_config.subscriptions()
-        if isinstance(self.source, QueueSource):
-            subscriptions.append((self._input_topic, topics.INPUT.qos))
-        if esc is not None:
-            subscriptions += esc.subscriptions()
-        if self.updater is not None:
-            subscriptions += self.updater.subscriptions()
-        for topic_filter, qos in subscriptions:
+        for topic_filter, qos in self.inbox.subscriptions():
             await session.subscribe(topic_filter, qos=qos)
         if esc is not None:
             await esc.recover()
@@ -243,7 +246,7 @@ class EdgeAgent:
             log.warning("%s: %s; answering locally until the broker is reachable", cfg.device_id, exc)
         sdnotify.notify(f"READY=1\nSTATUS={self.mode}, broker {'up' if session.connected else 'down'}")
         helpers = [
-            asyncio.create_task(self._listen(session), name="listen"),
+            asyncio.create_task(self.inbox.listen(session), name="listen"),
             asyncio.create_task(self._report_telemetry(session), name="telemetry"),
             asyncio.create_task(sdnotify.watchdog(), name="watchdog"),
         ]
@@ -485,49 +488,6 @@ class EdgeAgent:
         spawn(self._jobs, coro)
 
     # -- control plane -------------------------------------------------------------------
-
-    async def _listen(self, session: MqttSession) -> None:
-        async for message in session.messages():
-            await self._receive(str(message.topic), message.payload)
-
-    async def _receive(self, topic: str, payload: Any) -> None:
-        """One message in; whatever it holds, it is counted and the receive loop goes on."""
-        try:
-            await self._dispatch(topic, payload)
-        except (DecodeError, TopicError) as exc:
-            reason = "topic" if isinstance(exc, TopicError) else "payload"
-            self.meter.inc("messages_rejected_total", reason=reason)
-            log.warning("%s: rejected message on %s: %s", self.config.device_id, topic, exc)
-        except Exception:  # a bug must cost one message, not the device's receive loop
-            self.meter.inc("messages_rejected_total", reason="internal")
-            log.exception("%s: handling a message on %s failed", self.config.device_id, topic)
-
-    async def _dispatch(self, topic: str, payload: Any) -> None:
-        parsed = topics.parse(topic)
-        data = payload if isinstance(payload, bytes | bytearray) else b""
-        if parsed.spec is topics.INPUT and isinstance(self.source, QueueSource):
-            frame = env.decode(env.Frame, data)
-            if not self.source.offer(frame.frame_id, frame.data, frame.ts, frame.content_type):
-                self.meter.inc("frames_dropped_total", reason="backlog")
-            return
-        if parsed.spec is topics.RESULT and self.escalations is not None:
-            self.escalations.receive(env.decode(env.Result, data), topic)
-            return
-        if parsed.spec in (topics.CONFIG_DESIRED, topics.CONFIG_FLEET) and self.remote_config.wants(topic):
-            outcome = await self.remote_config.receive(topic, data, self.config)
-            if outcome is not None:
-                if outcome.status != "rejected":
-                    self._reconfigure(outcome.config)
-                assert self.session is not None
-                await self.remote_config.report(self.session, outcome)
-            return
-        if self.updater is not None and self.updater.wants(parsed):
-            await self.updater.handle(parsed, data)
-            return
-        # An edgewire topic this device never asked for: amqtt hands every new client the retained
-        # messages of every filter any client subscribed to. Not an attack, not worth a warning.
-        self.meter.inc("messages_ignored_total", family=parsed.spec.name)
-        log.debug("%s: ignored a message on %s", self.config.device_id, topic)
 
     async def _report_telemetry(self, session: MqttSession) -> None:
         await report_every(session, self.meter, lambda: self.config.publish.telemetry_interval_s)

@@ -187,7 +187,7 @@ device_topics = (
 @given(topic=device_topics, payload=payload_strategy)
 def test_the_device_survives_and_counts_anything(agent: EdgeAgent, topic: str, payload: bytes) -> None:
     before = agent.meter.total("messages_rejected_total")
-    asyncio.run(agent._receive(topic, payload))  # raises nothing
+    asyncio.run(agent.inbox.receive(topic, payload))  # raises nothing
     after = agent.meter.total("messages_rejected_total")
     if not any(s.match(topic) for s in topics.TOPICS.values()):
         assert after == before + 1  # not an edgewire topic
