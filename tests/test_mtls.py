@@ -18,7 +18,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from edgewire.broker.embedded import BrokerAuth, BrokerTls, EmbeddedBroker
+from edgewire.broker.embedded import BrokerAuth, BrokerError, BrokerTls, EmbeddedBroker
 from edgewire.config import BrokerSettings, DeviceConfig
 from edgewire.fleet import flash
 from edgewire.fleet.ca import FleetCA
@@ -259,3 +259,17 @@ async def test_a_device_reads_only_its_own_results(mtls: MtlsFleet) -> None:
         assert got is not None and got.payload == b"answer"
         assert await next_message(a, 0.5) is None  # not the forged one
         assert await next_message(b, 1.0) is None
+
+
+def test_the_broker_command_checks_its_tls_options(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgewire.cli.app import app
+
+    runner = CliRunner()
+    half = runner.invoke(app, ["broker", "--certfile", str(tmp_path / "s.pem")])
+    assert half.exit_code != 0 and "--keyfile" in half.output
+    no_server = runner.invoke(app, ["broker", "--require-certificate", "--cafile", str(tmp_path / "ca.pem")])
+    assert no_server.exit_code != 0 and "--certfile" in no_server.output
+    with pytest.raises(BrokerError, match="require_certificate"):
+        EmbeddedBroker(auth=BrokerAuth(None, None), tls=BrokerTls(tmp_path / "s.pem", tmp_path / "s.key"))
