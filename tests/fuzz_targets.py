@@ -37,14 +37,21 @@ def device_config(data: bytes) -> DeviceConfig | None:
 
 
 def fleet_file(data: bytes) -> list[flash.Rendered] | None:
-    """A fleet file, rendered as `edgewire flash` renders it (in memory; nothing is written):
-    every device's files, or ConfigError naming the file."""
+    """A fleet file, rendered as `edgewire flash --broker-out` renders it (in memory; nothing is
+    written): every device's files and the broker's, or ConfigError naming the file (or the
+    CA folder it names)."""
+    path = _as_file(data, "fleet.yaml")
     try:
-        rendered = flash.render(_as_file(data, "fleet.yaml"))
+        ca = flash.load_ca(path)
+        rendered = flash.render(path, ca=ca)
     except ConfigError as exc:
-        assert "fleet.yaml" in str(exc)
+        assert "fleet.yaml" in str(exc) or "fleet-ca" in str(exc) or "certificate" in str(exc)
         return None
     assert rendered and all(r.files for r in rendered)
+    try:
+        rendered.append(flash.render_broker(path, ca=ca))
+    except ConfigError as exc:
+        assert "fleet.yaml" in str(exc) or "certificate" in str(exc)
     return rendered
 
 

@@ -220,3 +220,13 @@ def test_zz_inputs_per_target_are_reported(capsys: pytest.CaptureFixture[str]) -
 def test_found_by_fuzzing_deep_nesting_and_self_referring_aliases_are_config_errors(target: str, data: bytes) -> None:
     """Were RecursionError out of the YAML parser or the line finder (fuzzing found them)."""
     assert fuzz_targets.TARGETS[target](data) is None
+
+
+def test_found_by_fuzzing_a_broker_name_that_is_no_host_name_is_a_config_error() -> None:
+    """Was ValueError out of `cryptography` (a DNS name must be ASCII) when the broker's files
+    were rendered; now the fleet file is refused with the field and the fix."""
+    doc = SEEDS["fleet_file"] | {"client_certificates": {"ca_dir": "fleet-ca", "broker_names": ["ü"]}}
+    assert fuzz_targets.fleet_file(_dump(doc)) is None
+    doc["client_certificates"]["broker_names"] = ["::1", "broker.lab.example"]
+    rendered = fuzz_targets.fleet_file(_dump(doc))
+    assert rendered is not None and "server.pem" in rendered[-1].files

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -32,7 +32,7 @@ CA_KEY = "ca.key"
 CRL = "crl.pem"
 ISSUED = "issued"  # issued/<name>.pem and issued/<name>.key: the certificate in use per user
 REVOKED = "revoked"  # revoked/<serial>.pem: certificates replaced before their time
-BROKER = "broker"  # issued/broker.pem: the broker's server certificate (not a login)
+SERVER = "server"  # server.pem and server.key: the broker's certificate (not a login, not under issued/)
 CA_DAYS = 3650
 #: An issued certificate this close to its end is replaced at the next flash.
 RENEW_BEFORE = datetime.timedelta(days=30)
@@ -101,7 +101,7 @@ class FleetCA:
             try:
                 self.cert = x509.load_pem_x509_certificate(cert_pem)
                 key = serialization.load_pem_private_key(key_pem, password=None)
-            except ValueError as exc:
+            except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
                 raise ConfigError(f"{folder}: cannot read the fleet CA: {exc}") from None
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 raise ConfigError(f"{folder}/{CA_KEY}: expected an EC key (as flash creates)")
@@ -124,8 +124,8 @@ class FleetCA:
             return False
         return True
 
-    def _current(self, name: str) -> tuple[x509.Certificate, bytes, bytes] | None:
-        cert_pem, key_pem = self._read(f"{ISSUED}/{name}.pem"), self._read(f"{ISSUED}/{name}.key")
+    def _current(self, stem: str) -> tuple[x509.Certificate, bytes, bytes] | None:
+        cert_pem, key_pem = self._read(f"{stem}.pem"), self._read(f"{stem}.key")
         if cert_pem is None or key_pem is None:
             return None
         try:
@@ -134,7 +134,7 @@ class FleetCA:
             return None
         return cert, cert_pem, key_pem
 
-    def _issue(self, name: str, *, server_names: list[str] | None = None) -> tuple[bytes, bytes]:
+    def _issue(self, stem: str, name: str, *, server_names: list[str] | None = None) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         builder = (
@@ -161,8 +161,8 @@ class FleetCA:
             )
         cert = builder.sign(self._key, hashes.SHA256())
         cert_pem, key_pem = _cert_pem(cert), _key_pem(key)
-        self.pending[f"{ISSUED}/{name}.pem"] = cert_pem
-        self.pending[f"{ISSUED}/{name}.key"] = key_pem
+        self.pending[f"{stem}.pem"] = cert_pem
+        self.pending[f"{stem}.key"] = key_pem
         return cert_pem, key_pem
 
     def _usable(self, cert: x509.Certificate, name: str) -> bool:
@@ -186,17 +186,19 @@ class FleetCA:
         while it is still good, else a new one (and the old one revoked)."""
         if not _valid_name(name):
             raise ConfigError(f"{name!r} cannot be a certificate's name (letters, digits, . _ -)")
-        current = self._current(name)
+        current = self._current(f"{ISSUED}/{name}")
         if current is not None:
             cert, cert_pem, key_pem = current
             if not reissue and self._usable(cert, name):
                 return cert_pem, key_pem
             self._retire(cert, cert_pem)
-        return self._issue(name)
+        return self._issue(f"{ISSUED}/{name}", name)
 
     def server(self, names: list[str]) -> tuple[bytes, bytes]:
         """The broker's (certificate, key), valid for ``names`` (host names or IP addresses)."""
-        current = self._current(BROKER)
+        if not names or not all(names):
+            raise ConfigError("the broker's certificate needs at least one name (broker_names)")
+        current = self._current(SERVER)
         if current is not None:
             cert, cert_pem, key_pem = current
             try:
@@ -205,15 +207,15 @@ class FleetCA:
                 have += [str(v) for v in alt.get_values_for_type(x509.IPAddress)]
             except x509.ExtensionNotFound:
                 have = []
-            if self._usable(cert, BROKER) and sorted(have) == sorted(names):
+            if self._usable(cert, names[0]) and sorted(have) == sorted(names):
                 return cert_pem, key_pem
-        return self._issue(BROKER, server_names=names)
+        return self._issue(SERVER, names[0], server_names=names)
 
     def revocation_list(self, keep: Iterable[str]) -> bytes:
         """The CRL both brokers check: every certificate replaced before its time, and the
         current certificate of every issued name not in ``keep`` (users taken out of the
         fleet). Reused while it names the same serials, so a second flash changes nothing."""
-        keep = set(keep) | {BROKER}
+        keep = set(keep)
         serials: set[int] = set()
         revoked_dir = self.folder / REVOKED
         names = [f"{REVOKED}/{p.name}" for p in revoked_dir.glob("*.pem")] if revoked_dir.is_dir() else []

@@ -9,11 +9,14 @@ so a second run reports that nothing changed.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import hashlib
 import hmac
+import ipaddress
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -104,6 +107,9 @@ class BrokerUser(StrictModel):
     password: str | None = None
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+
+
 class ClientCertificates(StrictModel):
     """Mutual TLS: every broker user gets a certificate from the fleet's CA (CN = device id or
     username), and the broker takes the certificate's CN as the login."""
@@ -114,6 +120,18 @@ class ClientCertificates(StrictModel):
     # Names (or IP addresses) in the broker's certificate; default: the broker url's host. Not
     # used when broker_ca is given (the broker's certificate then comes from that CA).
     broker_names: list[str] = Field(default_factory=list)
+
+    @field_validator("broker_names")
+    @classmethod
+    def _host_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            with contextlib.suppress(ValueError):
+                ipaddress.ip_address(name)
+                continue
+            labels = name.removeprefix("*.").split(".")
+            if not all(label and len(label) <= 63 and _HOST_LABEL.fullmatch(label) for label in labels):
+                raise ValueError(f"{name!r} is not a host name or IP address (letters, digits, '-' and '.')")
+        return v
 
 
 class Fleet(StrictModel):
