@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgewire.errors import EdgewireError
+from edgewire.tls import server_context
 
 from .guard import GuardedBroker
 
@@ -31,14 +32,31 @@ class BrokerAuth:
     """The fleet's users as ``edgewire flash`` renders them: Mosquitto's password file (the same
     file both brokers read) and the roles of the users that are not devices."""
 
-    password_file: Path
+    password_file: Path | None
     roles_file: Path | None = None
 
 
-def broker_config(host: str, port: int, auth: BrokerAuth | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener: the broker's certificate and key; for mutual TLS, the CA that signed the
+    clients' certificates with ``require_certificate``, and the fleet's revocation list. With
+    ``require_certificate`` the certificate's CN is the login (Mosquitto's
+    ``use_identity_as_username``): no password is asked, and the client id must be that name."""
+
+    certfile: Path
+    keyfile: Path
+    cafile: Path | None = None
+    crlfile: Path | None = None
+    require_certificate: bool = False
+
+
+def broker_config(host: str, port: int, auth: BrokerAuth | None, tls: BrokerTls | None = None) -> dict[str, Any]:
     # A 'plugins' section replaces all of amqtt's defaults; the $SYS and packet-logging plugins
     # are left out (they cost CPU on every message).
-    listeners = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
+    listener: dict[str, Any] = {"type": "tcp", "bind": f"{host}:{port}"}
+    if tls is not None:
+        listener.update(ssl=True, certfile=str(tls.certfile), keyfile=str(tls.keyfile))
+    listeners = {"default": listener}
     if auth is None:
         return {
             "listeners": listeners,
@@ -48,7 +66,11 @@ def broker_config(host: str, port: int, auth: BrokerAuth | None) -> dict[str, An
     return {
         "listeners": listeners,
         "plugins": {
-            "edgewire.broker.guard.FleetAuthPlugin": {"password_file": str(auth.password_file), "roles_file": roles},
+            "edgewire.broker.guard.FleetAuthPlugin": {
+                "password_file": str(auth.password_file) if auth.password_file is not None else "",
+                "roles_file": roles,
+                "identity_from_certificate": tls is not None and tls.require_certificate,
+            },
             "edgewire.broker.guard.FleetTopicPlugin": {"roles_file": roles},
         },
     }
@@ -57,9 +79,10 @@ def broker_config(host: str, port: int, auth: BrokerAuth | None) -> dict[str, An
 class EmbeddedBroker:
     """``async with EmbeddedBroker(port=...)``: started on enter, stopped on exit.
 
-    Logins need the fleet's passwords (``auth``) and every topic is checked against
-    :mod:`edgewire.acl`; a broker open to anyone must be asked for (``allow_anonymous``, the
-    demo and the tests on loopback)."""
+    Logins need the fleet's passwords (``auth``), or with ``tls`` requiring certificates the
+    fleet's client certificates, and every topic is checked against :mod:`edgewire.acl`; a
+    broker open to anyone must be asked for (``allow_anonymous``, the demo and the tests on
+    loopback)."""
 
     def __init__(
         self,
@@ -70,11 +93,15 @@ class EmbeddedBroker:
         name: str | None = None,
         auth: BrokerAuth | None = None,
         allow_anonymous: bool = False,
+        tls: BrokerTls | None = None,
     ):
         if auth is None and not allow_anonymous:
             raise BrokerError("the embedded broker needs a password file (or allow_anonymous for a lab or demo)")
         if auth is not None and allow_anonymous:
             raise BrokerError("give a password file or allow anonymous logins, not both")
+        if auth is not None and auth.password_file is None and not (tls is not None and tls.require_certificate):
+            raise BrokerError("without a password file, logins need client certificates (require_certificate)")
+        self.tls = tls
         self.host = host
         self.port = port
         self.auth = auth
@@ -86,7 +113,7 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls is not None else 'mqtt'}://{self.host}:{self.port}"
 
     async def start(self) -> None:
         # amqtt logs every refused MQTT 5 CONNECT (our clients' protocol probe) as a warning.
@@ -94,7 +121,15 @@ class EmbeddedBroker:
             logging.getLogger(noisy).setLevel(logging.ERROR)
         _check_port_free(self.host, self.port)
         try:
-            self._broker = GuardedBroker(broker_config(self.host, self.port, self.auth))
+            self._broker = GuardedBroker(broker_config(self.host, self.port, self.auth, self.tls))
+            if self.tls is not None:
+                self._broker.tls_context = server_context(
+                    self.tls.certfile,
+                    self.tls.keyfile,
+                    ca_file=self.tls.cafile,
+                    crl_file=self.tls.crlfile,
+                    require_certificate=self.tls.require_certificate,
+                )
             await self._broker.start()
         except Exception as exc:
             raise BrokerError(f"embedded broker failed to start on {self.url}: {exc}") from None

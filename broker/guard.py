@@ -1,18 +1,22 @@
-"""The embedded broker's door: logins checked against the fleet's password file, the client id
-bound to the username, and every publish, subscription and delivery checked against the one
-set of rules in :mod:`edgewire.acl`.
+"""The embedded broker's door: logins checked against the fleet's password file (or, with
+mutual TLS, taken from the client certificate's CN, as Mosquitto's ``use_identity_as_username``),
+the client id bound to that name, and every publish, subscription and delivery checked against
+the one set of rules in :mod:`edgewire.acl`.
 
 amqtt 0.12 looks a CONNECT's client id up among the existing sessions (and, for a clean
 session, deletes the one it finds) before any plugin is asked about the login, so a client with
 a wrong password, or with its own password and another's client id, could still knock that
 client off. :class:`GuardedBroker` asks the plugins first and refuses the CONNECT before any
-session is touched; that is the only amqtt internal used here (the release is pinned in
-pyproject.toml and the tests cover it).
+session is touched. amqtt's own TLS context accepts a client without a certificate and reads no
+revocation list, so :class:`GuardedBroker` also builds the listener's context itself
+(:func:`edgewire.tls.server_context`). Those two are the only amqtt internals used here (the
+release is pinned in pyproject.toml and the tests cover them).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ from amqtt.session import Session
 from edgewire.acl import ROLES, Role, allowed, identity_ok
 from edgewire.errors import ConfigError
 from edgewire.passwords import read_password_file, verify_password
+from edgewire.tls import peer_common_name, server_context
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +57,24 @@ def _role_of(session: Session | None, roles: dict[str, Role]) -> tuple[str, Role
 
 
 class FleetAuthPlugin(BaseAuthPlugin):
-    """A login is a known username, its password, and a client id the username may use."""
+    """A login is a known username, its password, and a client id the username may use; with
+    ``identity_from_certificate``, the verified client certificate's CN is the username (any
+    username and password the client sent are dropped) and the client id must be that name."""
 
     @dataclass
     class Config:
         password_file: str = ""
         roles_file: str | None = None
+        identity_from_certificate: bool = False
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
-        self._users = read_password_file(Path(self.config.password_file))
+        self._users = read_password_file(Path(self.config.password_file)) if self.config.password_file else {}
         self._roles = read_roles(Path(self.config.roles_file) if self.config.roles_file else None)
 
     async def authenticate(self, *, session: Session) -> bool | None:
+        if self.config.identity_from_certificate:
+            return self._certificate_login(session)
         who = _role_of(session, self._roles)
         if who is None:
             log.warning("embedded broker: refused %s: no username (anonymous logins are off)", session.client_id)
@@ -76,6 +86,18 @@ class FleetAuthPlugin(BaseAuthPlugin):
             return False
         if not identity_ok(role, username, session.client_id or ""):
             log.warning("embedded broker: refused client id %r for %r: not theirs", session.client_id, username)
+            return False
+        return True
+
+    def _certificate_login(self, session: Session) -> bool:
+        name = peer_common_name(session.ssl_object)
+        if not name:
+            log.warning("embedded broker: refused %s: no client certificate with a name", session.client_id)
+            return False
+        session.username, session.password = name, None
+        role = self._roles.get(name, "device")
+        if not identity_ok(role, name, session.client_id or ""):
+            log.warning("embedded broker: refused client id %r for certificate %r: not theirs", session.client_id, name)
             return False
         return True
 
@@ -106,7 +128,16 @@ class FleetTopicPlugin(BaseTopicPlugin):
 
 
 class GuardedBroker(Broker):
-    """amqtt's broker with the login checked before any session is looked up (see above)."""
+    """amqtt's broker with the login checked before any session is looked up, and TLS
+    listeners given our context (see above)."""
+
+    #: Set by the embedded broker before start: the context every TLS listener serves with.
+    tls_context: ssl.SSLContext | None = None
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:  # type: ignore[override]
+        if self.tls_context is not None:
+            return self.tls_context
+        return server_context(Path(listener["certfile"]), Path(listener["keyfile"]))
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int

@@ -139,6 +139,17 @@ def load_yaml_model(path: str | Path, model: type[M], *, context: dict[str, Any]
 
 def parse_yaml_model(text: str, model: type[M], *, source: Path, context: dict[str, Any] | None = None) -> M:
     try:
+        return _parse_yaml_model(text, model, source=source, context=context)
+    except RecursionError:
+        # Thousands of nested brackets, or an alias that contains itself (`a: &x [*x]`).
+        raise ConfigError(
+            f"invalid configuration in {source}:\n  {source}: nested too deeply, or an alias (*name) refers to "
+            "itself; write the values out"
+        ) from None
+
+
+def _parse_yaml_model(text: str, model: type[M], *, source: Path, context: dict[str, Any] | None = None) -> M:
+    try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -25,20 +25,44 @@ def broker(
     allow_anonymous: Annotated[
         bool, typer.Option("--allow-anonymous", help="no logins at all: only for a lab on a trusted network")
     ] = False,
+    certfile: Annotated[Path | None, typer.Option("--certfile", help="TLS: the broker's certificate")] = None,
+    keyfile: Annotated[Path | None, typer.Option("--keyfile", help="TLS: the broker's key")] = None,
+    cafile: Annotated[
+        Path | None, typer.Option("--cafile", help="mutual TLS: the CA that signed the clients' certificates")
+    ] = None,
+    crlfile: Annotated[Path | None, typer.Option("--crlfile", help="mutual TLS: the fleet's revocation list")] = None,
+    require_certificate: Annotated[
+        bool,
+        typer.Option("--require-certificate", help="mutual TLS: a client certificate is required; its CN is the login"),
+    ] = False,
 ) -> None:
     """Run the embedded MQTT broker (amqtt, MQTT 3.1.1) until interrupted. Logins need the
-    fleet's password file unless --allow-anonymous is given."""
-    from edgewire.broker.embedded import BrokerAuth, EmbeddedBroker
+    fleet's password file, or with --require-certificate the fleet's client certificates,
+    unless --allow-anonymous is given. All TLS files come from `edgewire flash --broker-out`."""
+    from edgewire.broker.embedded import BrokerAuth, BrokerTls, EmbeddedBroker
 
     stop = asyncio.Event()
-    auth = BrokerAuth(password_file, roles) if password_file is not None else None
+    if (certfile is None) != (keyfile is None):
+        raise fail(ValueError("TLS needs both --certfile and --keyfile"))
+    tls = None
+    if certfile is not None and keyfile is not None:
+        tls = BrokerTls(certfile, keyfile, cafile, crlfile, require_certificate)
+    elif cafile or crlfile or require_certificate:
+        raise fail(ValueError("--cafile, --crlfile and --require-certificate need --certfile and --keyfile"))
+    logins = password_file is not None or require_certificate
+    auth = BrokerAuth(password_file, roles) if logins else None
     if auth is None and not allow_anonymous:
-        raise fail(ValueError("give --password-file (rendered by `edgewire flash --broker-out`) or --allow-anonymous"))
+        raise fail(
+            ValueError(
+                "give --password-file or --require-certificate (files from `edgewire flash --broker-out`) "
+                "or --allow-anonymous"
+            )
+        )
 
     async def serve() -> None:
         from edgewire import sdnotify
 
-        async with EmbeddedBroker(host, port, mdns=mdns, auth=auth, allow_anonymous=allow_anonymous) as b:
+        async with EmbeddedBroker(host, port, mdns=mdns, auth=auth, allow_anonymous=allow_anonymous, tls=tls) as b:
             console.print(f"broker listening on {b.url}" + (" (advertised on mDNS)" if mdns else ""))
             sdnotify.notify(f"READY=1\nSTATUS=listening on {b.url}")
             pings = asyncio.create_task(sdnotify.watchdog())

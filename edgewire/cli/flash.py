@@ -21,6 +21,13 @@ def flash(
         Path | None,
         typer.Option("--broker-out", help="also write the broker's files here: passwd, acl, roles.yaml, credentials/"),
     ] = None,
+    reissue: Annotated[
+        str | None,
+        typer.Option(
+            "--reissue",
+            help="client certificates: issue new ones for these users (glob) and revoke their old ones",
+        ),
+    ] = None,
 ) -> None:
     """Render a fleet template into each device's files: validated first, written atomically."""
     from rich.progress import Progress
@@ -30,8 +37,9 @@ def flash(
     if (out_dir is None) == (target is None):
         raise fail(ValueError("give exactly one of --out DIR or --target ROOTFS"))
     try:
-        rendered = flasher.render(fleet_file, devices)
-        broker_files = flasher.render_broker(fleet_file) if broker_out is not None else None
+        ca = flasher.load_ca(fleet_file)
+        rendered = flasher.render(fleet_file, devices, ca=ca, reissue=reissue)
+        broker_files = flasher.render_broker(fleet_file, ca=ca, reissue=reissue) if broker_out is not None else None
     except EdgewireError as exc:
         raise fail(exc) from None
     if target is not None and len(rendered) != 1:
@@ -41,6 +49,7 @@ def flash(
     changes = list(flasher.plan(rendered, root, per_device_dirs=out_dir is not None))
     if broker_files is not None and broker_out is not None:
         changes += flasher.plan([broker_files], broker_out, per_device_dirs=False)
+    changes += flasher.plan(flasher.ca_files(ca), root)  # a new CA, new certificates, the revocation list
     if dry_run:
         for change in changes:
             out.print(change.diff(), highlight=False, markup=False, end="")

@@ -9,11 +9,14 @@ so a second run reports that nothing changed.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import hashlib
 import hmac
+import ipaddress
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,15 +28,25 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from edgewire import acl
-from edgewire.config import DeviceConfig, StrictModel, deep_merge, format_validation_error, load_yaml_model
+from edgewire.config import (
+    BrokerSettings,
+    DeviceConfig,
+    StrictModel,
+    deep_merge,
+    format_validation_error,
+    load_yaml_model,
+)
 from edgewire.errors import ConfigError
 from edgewire.fleet import sites as fleet_sites
+from edgewire.fleet.ca import FleetCA
 from edgewire.passwords import render_password_file
 from edgewire.profiles import available_profiles
 
 DEVICE_CONFIG = "etc/edgewire/device.yaml"
 SIGNING_KEY = "etc/edgewire/fleet-signing.pub"
 BROKER_CA = "etc/edgewire/broker-ca.pem"  # the CA that signed the broker's certificate (TLS)
+CLIENT_CERT = "etc/edgewire/client.pem"  # mutual TLS: the device's certificate (CN = device id)
+CLIENT_KEY = "etc/edgewire/client.key"
 UNIT = "etc/systemd/system/edgewire-edge.service"
 #: The broker's side of the fleet, under ``--broker-out``: both brokers read PASSWD; Mosquitto
 #: reads ACL, the embedded broker ROLES (and applies the same rules from edgewire.acl).
@@ -41,7 +54,17 @@ BROKER_PASSWD = "passwd"
 BROKER_ACL = "acl"
 BROKER_ROLES = "roles.yaml"
 BROKER_CREDENTIALS = "credentials"  # credentials/<user>: the password of each cloud-side user
-#: Files only their owner may read.
+#: Mutual TLS, under ``--broker-out``: the CA that signed the clients' certificates, the
+#: certificates no longer trusted, the broker's certificate and key, and Mosquitto's listener
+#: (credentials/<user>.pem and .key: each cloud-side user's certificate).
+BROKER_CLIENT_CA = "ca.pem"
+BROKER_CRL = "crl.pem"
+BROKER_CERT = "server.pem"
+BROKER_KEY = "server.key"
+BROKER_MTLS_CONF = "mosquitto-mtls.conf"
+#: Where the broker's files are installed (the paths broker/mosquitto.conf names).
+BROKER_INSTALL_DIR = "/etc/mosquitto/edgewire"
+#: Files only their owner may read (and every ``*.key``).
 SECRET_NAMES = ("device.yaml", BROKER_PASSWD)
 
 
@@ -84,6 +107,33 @@ class BrokerUser(StrictModel):
     password: str | None = None
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+
+
+class ClientCertificates(StrictModel):
+    """Mutual TLS: every broker user gets a certificate from the fleet's CA (CN = device id or
+    username), and the broker takes the certificate's CN as the login."""
+
+    # The CA's folder, relative to the fleet file; created with a new CA on the first flash.
+    ca_dir: Path = Path("fleet-ca")
+    days: int = Field(825, ge=31, le=3650)
+    # Names (or IP addresses) in the broker's certificate; default: the broker url's host. Not
+    # used when broker_ca is given (the broker's certificate then comes from that CA).
+    broker_names: list[str] = Field(default_factory=list)
+
+    @field_validator("broker_names")
+    @classmethod
+    def _host_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            with contextlib.suppress(ValueError):
+                ipaddress.ip_address(name)
+                continue
+            labels = name.removeprefix("*.").split(".")
+            if not all(label and len(label) <= 63 and _HOST_LABEL.fullmatch(label) for label in labels):
+                raise ValueError(f"{name!r} is not a host name or IP address (letters, digits, '-' and '.')")
+        return v
+
+
 class Fleet(StrictModel):
     fleet: str
     broker: dict[str, Any]
@@ -96,6 +146,7 @@ class Fleet(StrictModel):
     # TLS: the CA (PEM) that signed the broker's certificate. Written to each device as
     # BROKER_CA and named in its broker settings; the fleet's broker url is then mqtts://.
     broker_ca: str | None = None
+    client_certificates: ClientCertificates | None = None
     defaults: dict[str, Any] = Field(default_factory=dict)
     devices: list[DeviceEntry] = Field(min_length=1)
     # Site brokers bridged to a central one (edgewire.fleet.sites); a site's devices talk only to it.
@@ -106,6 +157,12 @@ class Fleet(StrictModel):
     def _sites_need_central(self) -> Fleet:
         if self.sites and self.central is None:
             raise ValueError("'sites' bridge to a central broker: add 'central: {url: mqtt://HOST:PORT}'")
+        return self
+
+    @model_validator(mode="after")
+    def _mtls_needs_tls(self) -> Fleet:
+        if self.client_certificates is not None and not str(self.broker.get("url", "")).startswith("mqtts://"):
+            raise ValueError("client_certificates need TLS: give the broker url as mqtts://HOST:PORT")
         return self
 
     @field_validator("defaults")
@@ -120,6 +177,7 @@ class Fleet(StrictModel):
 class Rendered:
     device_id: str
     files: dict[str, bytes]
+    root: Path | None = None  # written here rather than under the output folder
 
 
 @dataclass(frozen=True)
@@ -132,7 +190,9 @@ class Change:
     @property
     def secret(self) -> bool:
         """Whether only its owner may read it (it holds a password or a hash of one)."""
-        return self.path.name in SECRET_NAMES or self.path.parent.name == BROKER_CREDENTIALS
+        return (
+            self.path.name in SECRET_NAMES or self.path.parent.name == BROKER_CREDENTIALS or self.path.suffix == ".key"
+        )
 
     def diff(self) -> str:
         if self.secret and self.path.name != "device.yaml":  # never printed; the device's file always was
@@ -160,15 +220,68 @@ def _password(fleet: Fleet, username: str, given: str | None) -> str | None:
     return None
 
 
-def render_broker(fleet_file: Path) -> Rendered:
+def _fleet_ca(fleet_file: Path, fleet: Fleet) -> FleetCA | None:
+    if fleet.client_certificates is None:
+        return None
+    folder = fleet.client_certificates.ca_dir
+    folder = folder if folder.is_absolute() else fleet_file.parent / folder
+    return FleetCA(folder, fleet=fleet.fleet, days=fleet.client_certificates.days)
+
+
+def load_ca(fleet_file: Path) -> FleetCA | None:
+    """The fleet's CA when it uses client certificates (a new one, in memory, on the first
+    run): give the same one to :func:`render` and :func:`render_broker`, then write
+    :func:`ca_files` with the rest."""
+    return _fleet_ca(fleet_file, load_yaml_model(fleet_file, Fleet))
+
+
+def ca_files(ca: FleetCA | None) -> list[Rendered]:
+    """What a flash adds to the CA's folder: a new CA, certificates issued, the revocation list."""
+    if ca is None or not ca.pending:
+        return []
+    return [Rendered("fleet-ca", dict(ca.pending), root=ca.folder)]
+
+
+def _reissue(name: str, reissue: str | None) -> bool:
+    return reissue is not None and fnmatch.fnmatchcase(name, reissue)
+
+
+def mosquitto_mtls_listener(port: int, install_dir: str = BROKER_INSTALL_DIR) -> str:
+    """Mosquitto's mutual-TLS listener: a client certificate from the fleet's CA is required,
+    and its CN is the login (``use_identity_as_username``; no password is asked), so the ACL's
+    ``%u`` applies to the certificate's name. Mosquitto keeps ``use_username_as_clientid`` per
+    listener, so it is repeated here: the client id becomes the CN, whatever the client asked."""
+    return (
+        "# Rendered by `edgewire flash` (client_certificates): the mutual-TLS listener. Append it to\n"
+        "# broker/mosquitto.conf; keep the password listener on 127.0.0.1 for local tools, or remove it.\n"
+        f"listener {port}\n"
+        f"cafile {install_dir}/{BROKER_CLIENT_CA}\n"
+        f"certfile {install_dir}/{BROKER_CERT}\n"
+        f"keyfile {install_dir}/{BROKER_KEY}\n"
+        f"crlfile {install_dir}/{BROKER_CRL}\n"
+        "tls_version tlsv1.2\n"
+        "require_certificate true\n"
+        "use_identity_as_username true\n"
+        "use_username_as_clientid true\n"
+    )
+
+
+def render_broker(fleet_file: Path, *, ca: FleetCA | None = None, reissue: str | None = None) -> Rendered:
     """The broker's files for the whole fleet: every device and cloud-side user's password
     (hashed as mosquitto_passwd does), the Mosquitto ACL and the roles; plus, for each
-    cloud-side user, its own password in ``credentials/<user>`` to hand to that service."""
+    cloud-side user, its own password in ``credentials/<user>`` to hand to that service. With
+    client certificates also the clients' CA, the revocation list, the broker's certificate
+    (unless ``broker_ca`` names another CA for it), each cloud-side user's certificate and
+    Mosquitto's mutual-TLS listener; passwords are then optional."""
     fleet = load_yaml_model(fleet_file, Fleet)
+    if ca is None:
+        ca = _fleet_ca(fleet_file, fleet)
     passwords: dict[str, str] = {}
     missing: list[str] = []
+    device_ids: list[str] = []
     for entry in fleet.devices:
         for device_id in [entry.id] if entry.id else entry.range.ids():  # type: ignore[union-attr]
+            device_ids.append(device_id)
             password = _password(fleet, device_id, entry.password)
             if password is None:
                 missing.append(device_id)
@@ -176,15 +289,19 @@ def render_broker(fleet_file: Path) -> Rendered:
                 passwords[device_id] = password
     files: dict[str, bytes] = {}
     for name, user in fleet.broker_users.items():
-        if name in passwords:
+        if name in passwords or name in device_ids:
             raise ConfigError(f"{fleet_file}: broker user {name!r} is also a device id -- give it another name")
+        if ca is not None:
+            cert, key = ca.client(name, reissue=_reissue(name, reissue))
+            files[f"{BROKER_CREDENTIALS}/{name}.pem"] = cert
+            files[f"{BROKER_CREDENTIALS}/{name}.key"] = key
         password = _password(fleet, name, user.password)
         if password is None:
             missing.append(name)
             continue
         passwords[name] = password
         files[f"{BROKER_CREDENTIALS}/{name}"] = (password + "\n").encode()
-    if missing:
+    if missing and ca is None:
         raise ConfigError(
             f"{fleet_file}: no password for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
             "-- set credentials_secret (passwords derived per user) or give each a password"
@@ -193,12 +310,29 @@ def render_broker(fleet_file: Path) -> Rendered:
     files[BROKER_PASSWD] = render_password_file(passwords).encode()
     files[BROKER_ACL] = acl.mosquitto_acl(roles).encode()
     files[BROKER_ROLES] = yaml.safe_dump(dict(sorted(roles.items())), sort_keys=False).encode()
+    if ca is not None and fleet.client_certificates is not None:
+        try:
+            settings = BrokerSettings.model_validate(fleet.broker)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(fleet_file, exc, BrokerSettings, {})) from None
+        files[BROKER_CLIENT_CA] = ca.cert_pem
+        files[BROKER_CRL] = ca.revocation_list([*device_ids, *fleet.broker_users])
+        if fleet.broker_ca is None:
+            names = fleet.client_certificates.broker_names or [settings.host]
+            files[BROKER_CERT], files[BROKER_KEY] = ca.server(names)
+        files[BROKER_MTLS_CONF] = mosquitto_mtls_listener(settings.port).encode()
     return Rendered("broker", files)
 
 
-def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
-    """Every selected device's files, all validated; ConfigError (file, line, fix) otherwise."""
+def render(
+    fleet_file: Path, select: str | None = None, *, ca: FleetCA | None = None, reissue: str | None = None
+) -> list[Rendered]:
+    """Every selected device's files, all validated; ConfigError (file, line, fix) otherwise.
+    With client certificates each device gets its own (the one issued before while good, a new
+    one for devices matching ``reissue``)."""
     fleet = load_yaml_model(fleet_file, Fleet)
+    if ca is None:
+        ca = _fleet_ca(fleet_file, fleet)
     text = fleet_file.read_text(encoding="utf-8")
     problems: list[str] = []
     seen: dict[str, int] = {}
@@ -227,8 +361,10 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
             password = _password(fleet, device_id, entry.password)
             if password:
                 doc["broker"] = {**doc["broker"], "username": device_id, "password": password}
-            if fleet.broker_ca:
+            if fleet.broker_ca or ca is not None:
                 doc["broker"] = {**doc["broker"], "ca_file": f"/{BROKER_CA}"}
+            if ca is not None:
+                doc["broker"] = {**doc["broker"], "cert_file": f"/{CLIENT_CERT}", "key_file": f"/{CLIENT_KEY}"}
             try:
                 cfg = DeviceConfig.model_validate(doc)
             except ValidationError as exc:
@@ -253,6 +389,10 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
                 files[SIGNING_KEY] = (fleet.signing_public_key.strip() + "\n").encode()
             if fleet.broker_ca:
                 files[BROKER_CA] = (fleet.broker_ca.strip() + "\n").encode()
+            elif ca is not None:
+                files[BROKER_CA] = ca.cert_pem
+            if ca is not None:
+                files[CLIENT_CERT], files[CLIENT_KEY] = ca.client(device_id, reissue=_reissue(device_id, reissue))
             out.append(Rendered(device_id, files))
     if problems:
         raise ConfigError(f"invalid fleet {fleet_file} (nothing was written):\n" + "\n".join(problems))
@@ -267,7 +407,10 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
 def plan(rendered: list[Rendered], root: Path, per_device_dirs: bool = True) -> Iterator[Change]:
     """What writing would change, file by file (unchanged files are not listed)."""
     for device in rendered:
-        base = root / device.device_id if per_device_dirs else root
+        if device.root is not None:
+            base = device.root
+        else:
+            base = root / device.device_id if per_device_dirs else root
         for rel, data in sorted(device.files.items()):
             path = base / rel
             old = path.read_bytes() if path.exists() else None
