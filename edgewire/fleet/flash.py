@@ -42,7 +42,7 @@ BROKER_ACL = "acl"
 BROKER_ROLES = "roles.yaml"
 BROKER_CREDENTIALS = "credentials"  # credentials/<user>: the password of each cloud-side user
 #: Files only their owner may read.
-SECRET_NAMES = ("device.yaml", BROKER_PASSWD)
+SECRET_NAMES = ("device.yaml", BROKER_PASSWD, Path(fleet_sites.SITE_PASSWD).name)
 
 
 class DeviceRange(StrictModel):
@@ -205,6 +205,7 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
     out: list[Rendered] = []
     unit = _unit_text()
     site_devices: dict[str, list[str]] = {}
+    site_passwords: dict[str, str] = {}
     for index, entry in enumerate(fleet.devices):
         ids = [entry.id] if entry.id else entry.range.ids()  # type: ignore[union-attr]
         for device_id in ids:
@@ -227,6 +228,8 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
             password = _password(fleet, device_id, entry.password)
             if password:
                 doc["broker"] = {**doc["broker"], "username": device_id, "password": password}
+                if site is not None:
+                    site_passwords[device_id] = password
             if fleet.broker_ca:
                 doc["broker"] = {**doc["broker"], "ca_file": f"/{BROKER_CA}"}
             try:
@@ -259,7 +262,9 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
     if select and not out:
         raise ConfigError(f"no device of {fleet_file} matches --devices {select!r}")
     if fleet.sites and fleet.central is not None and not select:
-        brokers = fleet_sites.render_brokers(fleet.central, fleet.sites, site_devices, secret=fleet.credentials_secret)
+        brokers = fleet_sites.render_brokers(
+            fleet.central, fleet.sites, site_devices, secret=fleet.credentials_secret, passwords=site_passwords
+        )
         out += [Rendered(folder, files) for folder, files in brokers.items()]
     return out
 
