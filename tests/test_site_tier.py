@@ -42,6 +42,7 @@ from edgewire.session import MqttSession
 from .conftest import Mosquitto, stop_process, until
 from .test_sites import Relay, site_broker, write_fleet
 
+BUDGET = 32  # more than cam-a1 sends in all; cam-a2 sends 3 more than this
 FAST_BREAKER = {"window": 6, "min_calls": 3, "error_rate": 0.5, "open_s": 5.0}
 
 
@@ -179,15 +180,19 @@ async def test_site_answers_what_it_is_sure_of_the_cloud_the_rest_and_everything
         BrokerSettings(url=f"mqtt://{address}", username=user, reconnect_min_s=0.1),
         site_dispatcher,
         load_rules(tmp_path / "site-rules.yaml"),
+        # Each device's budget at the site: BUDGET requests, then (no refill to speak of) busy.
+        device_rate_per_s=0.001,
+        device_burst=BUDGET,
     )
-    central_bridge = Bridge(
-        "central-bridge",
-        BrokerSettings(url=f"mqtt://127.0.0.1:{central.port}", reconnect_min_s=0.1),
-        central_dispatcher,
-        default_rules(CLOUD_NAME),
-    )
+
+    def cloud_bridge() -> Bridge:
+        at_central = BrokerSettings(url=f"mqtt://127.0.0.1:{central.port}", reconnect_min_s=0.1)
+        return Bridge("central-bridge", at_central, central_dispatcher, default_rules(CLOUD_NAME))
+
+    central_bridge = cloud_bridge()
     tasks: list[asyncio.Task[None]] = []
     device = Device("cam-a1", port_a)
+    busy_device = Device("cam-a2", port_a)
     sent: dict[str, str] = {}  # trace id -> what is expected: site or cloud
     try:
         procs.append(site_broker(site_files, tmp_path, "site-a", central.port))
@@ -196,6 +201,7 @@ async def test_site_answers_what_it_is_sure_of_the_cloud_the_rest_and_everything
         await asyncio.wait_for(central_bridge.ready.wait(), 30)
         await asyncio.wait_for(site_bridge.ready.wait(), 30)
         await device.start()
+        await busy_device.start()
         await asyncio.sleep(2)  # the uplink's subscriptions at the central broker
 
         # 1. Sure at the site: the site answers. Unsure: the cloud answers.
@@ -228,7 +234,38 @@ async def test_site_answers_what_it_is_sure_of_the_cloud_the_rest_and_everything
         assert site_bridge.meter.get("requests_duplicate_total", state="answered") == 1
         assert central_bridge.meter.total("requests_total") == 8
 
-        # 2. The site's Triton down: every request is answered by the cloud, once.
+        # 2. Busy: a device past its budget at the site is served by the cloud.
+        burst = [request("cam-a2", sure[i % len(sure)]) for i in range(BUDGET + 3)]
+        for req in burst:
+            await busy_device.send(req)
+        assert await until(lambda: len(busy_device.answers) == len(burst), 60), f"{len(busy_device.answers)} answered"
+        await asyncio.sleep(1)
+        tiers = [busy_device.answers[req.trace_id] for req in burst]
+        assert all(len(answers) == 1 and answers[0].status == "ok" for answers in tiers)
+        assert sorted(answers[0].tier or "" for answers in tiers) == ["cloud"] * 3 + ["site"] * BUDGET
+        assert site_bridge.meter.get("requests_handed_up_total", why="busy") == 3
+        assert central_bridge.meter.total("requests_total") == 8 + 3
+
+        # 3. The cloud down: an unsure request gets the site's own answer before its deadline, and
+        # the cloud's answer arriving later is not sent on (the device sees one answer).
+        central_bridge.stop()
+        await asyncio.wait_for(tasks[0], 30)
+        cloudless = [request("cam-a1", frame, deadline_s=6.0) for frame in unsure[:4]]
+        for req in cloudless:
+            await device.send(req)
+        assert await until(lambda: all(r.trace_id in device.answers for r in cloudless), 30)
+        for req in cloudless:
+            (answer,) = device.answers[req.trace_id]
+            assert (answer.status, answer.tier, answer.bridge_id) == ("ok", "site", user)
+            assert answer.prediction is not None and answer.prediction.confidence < bar
+            assert answer.hops["bridge_sent"] < req.deadline  # in time for the device
+        central_bridge = cloud_bridge()  # back: it answers what waited for it at the central broker
+        tasks[0] = asyncio.create_task(central_bridge.run())
+        assert await until(lambda: site_bridge.meter.get("upstream_answers_unmatched_total") == 4, 30)
+        await asyncio.sleep(1)
+        assert all(len(device.answers[req.trace_id]) == 1 for req in cloudless)
+
+        # 4. The site's Triton down: every request is answered by the cloud, once.
         await site_triton.cut()
         down: dict[str, str] = {}
         for frame in sure[:4] + unsure[:4]:
@@ -241,13 +278,17 @@ async def test_site_answers_what_it_is_sure_of_the_cloud_the_rest_and_everything
             (answer,) = device.answers[trace_id]
             assert answer.status == "ok" and answer.tier == "cloud" and answer.bridge_id == "central-bridge"
         handed = site_bridge.meter.total("requests_handed_up_total")
-        assert handed == 16 and site_bridge.meter.get("requests_handed_up_total", why="unsure") == 8
-        assert central_bridge.meter.total("requests_total") == 16  # nothing ran twice
+        assert handed == 8 + 3 + 4 + 8 and site_bridge.meter.get("requests_handed_up_total", why="unsure") == 8 + 4
+        # The cloud answered each request it got once: phase 4's, and phase 3's (ok, or expired when
+        # its deadline passed first), which the site did not send on.
+        assert central_bridge.meter.total("requests_total") == 8 + 4
         assert central_bridge.meter.total("requests_duplicate_total") == 0
-        assert site_bridge.meter.get("upstream_answers_unmatched_total") == 0
-        assert site_bridge.meter.total("requests_total") == len(sent) + len(down)
+        answered = len(sent) + len(burst) + len(cloudless) + len(down)
+        assert site_bridge.meter.total("requests_total") == answered
+        assert sum(map(len, device.answers.values())) + sum(map(len, busy_device.answers.values())) == answered + 1
     finally:
         await device.close()
+        await busy_device.close()
         for bridge in (site_bridge, central_bridge):
             bridge.stop()
         for task in tasks:
