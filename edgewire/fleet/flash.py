@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from edgewire import acl
 from edgewire.config import DeviceConfig, StrictModel, deep_merge, format_validation_error, load_yaml_model
 from edgewire.errors import ConfigError
+from edgewire.fleet import emqx
 from edgewire.fleet import sites as fleet_sites
 from edgewire.passwords import render_password_file
 from edgewire.profiles import available_profiles
@@ -42,7 +43,13 @@ BROKER_ACL = "acl"
 BROKER_ROLES = "roles.yaml"
 BROKER_CREDENTIALS = "credentials"  # credentials/<user>: the password of each cloud-side user
 #: Files only their owner may read.
-SECRET_NAMES = ("device.yaml", BROKER_PASSWD, Path(fleet_sites.SITE_PASSWD).name)
+SECRET_NAMES = (
+    "device.yaml",
+    BROKER_PASSWD,
+    Path(fleet_sites.SITE_PASSWD).name,
+    Path(emqx.EMQX_USERS).name,
+    Path(emqx.EMQX_CONF).name,  # the node cookie
+)
 
 
 class DeviceRange(StrictModel):
@@ -206,6 +213,7 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
     unit = _unit_text()
     site_devices: dict[str, list[str]] = {}
     site_passwords: dict[str, str] = {}
+    all_passwords: dict[str, str] = {}
     for index, entry in enumerate(fleet.devices):
         ids = [entry.id] if entry.id else entry.range.ids()  # type: ignore[union-attr]
         for device_id in ids:
@@ -228,6 +236,7 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
             password = _password(fleet, device_id, entry.password)
             if password:
                 doc["broker"] = {**doc["broker"], "username": device_id, "password": password}
+                all_passwords[device_id] = password
                 if site is not None:
                     site_passwords[device_id] = password
             if fleet.broker_ca:
@@ -266,7 +275,44 @@ def render(fleet_file: Path, select: str | None = None) -> list[Rendered]:
             fleet.central, fleet.sites, site_devices, secret=fleet.credentials_secret, passwords=site_passwords
         )
         out += [Rendered(folder, files) for folder, files in brokers.items()]
+    if fleet.central is not None and len(fleet.central.nodes) > 1 and not select:
+        cluster = _emqx_cluster(fleet_file, fleet, site_devices, all_passwords)
+        central = next((r for r in out if r.device_id == "central"), None)
+        out = [r for r in out if r is not central]
+        out.append(Rendered("central", {**(central.files if central else {}), **cluster}))
     return out
+
+
+def _emqx_cluster(
+    fleet_file: Path, fleet: Fleet, site_devices: dict[str, list[str]], device_passwords: dict[str, str]
+) -> dict[str, bytes]:
+    """The central broker as an EMQX cluster (edgewire.fleet.emqx): every login and the same rules
+    as the Mosquitto ACLs flash renders for it (the broker's roles and the sites' uplinks)."""
+    central = fleet.central
+    assert central is not None
+    secret = fleet.credentials_secret
+    if not secret:
+        raise ConfigError(
+            f"{fleet_file}: central.nodes makes an EMQX cluster, whose node cookie and logins are derived "
+            "from credentials_secret -- set credentials_secret"
+        )
+    passwords = dict(device_passwords)
+    for name, user in fleet.broker_users.items():
+        passwords[name] = _password(fleet, name, user.password) or ""
+    for site in fleet.sites:
+        passwords[site.bridge_client_id] = fleet_sites.uplink_password(secret, site)
+    roles = {name: user.role for name, user in fleet.broker_users.items()}
+    acls = [acl.mosquitto_acl(roles)]
+    if fleet.sites:
+        acls.append(fleet_sites.render_central_acl(fleet.sites, site_devices))
+    return emqx.render_cluster(
+        url=central.url,
+        nodes=central.nodes,
+        cluster_name=central.cluster_name,
+        secret=secret,
+        acls=acls,
+        passwords=passwords,
+    )
 
 
 def plan(rendered: list[Rendered], root: Path, per_device_dirs: bool = True) -> Iterator[Change]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import re
 from importlib import resources
 from urllib.parse import urlsplit
 
@@ -81,6 +82,21 @@ class Central(StrictModel):
     """The broker every site bridges to."""
 
     url: str
+    # More than one central broker: the EMQX nodes that form it (``emqx@HOST``), the cluster's
+    # static seeds; flash then renders the cluster's configuration (edgewire.fleet.emqx,
+    # untested here), and ``url`` is the cluster's load-balanced address.
+    nodes: list[str] = Field(default_factory=list)
+    cluster_name: str = Field("edgewire", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, v: list[str]) -> list[str]:
+        bad = [n for n in v if not re.fullmatch(r"[A-Za-z0-9_-]+@[A-Za-z0-9_.-]+", n)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: an EMQX node name is NAME@HOST, e.g. emqx@10.0.0.1")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a node more than once")
+        return v
 
     @field_validator("url")
     @classmethod
@@ -226,6 +242,7 @@ def render_site_acl(site: Site) -> str:
         tier = (
             f"\nuser {user}\n"
             "topic read req/+/+\n"
+            "topic read $share/+/req/+/+\n"
             "topic write result/+\n"
             f"topic write {UPLINK_PREFIX}req/#\n"
             f"topic read {UPLINK_PREFIX}result/+\n"
