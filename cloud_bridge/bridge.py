@@ -231,7 +231,7 @@ class Bridge:
         logs.bind(bridge_id=self.bridge_id, device_id=device_id, trace_id=trace_id)  # this request's task only
         try:
             async with self._slots:
-                outcome = await self._answer_request(session, device_id, trace_id, data, received, over_budget)
+                outcome = await self._answer_request(device_id, trace_id, data, received, over_budget)
             # Handed up: the wait for the cloud holds no slot (an uplink cut must not stall the site).
             result = await self._settle(outcome) if isinstance(outcome, HandedUp) else outcome
         except Exception as exc:  # a bug must cost one answer, not the bridge
@@ -260,7 +260,7 @@ class Bridge:
             log.warning("%s: a result was not acknowledged by the broker: %s", self.bridge_id, acked.exception())
 
     async def _answer_request(
-        self, session: MqttSession, device_id: str, trace_id: str, data: bytes, received: float, over_budget: bool
+        self, device_id: str, trace_id: str, data: bytes, received: float, over_budget: bool = False
     ) -> env.Result | HandedUp:
         try:
             req = env.decode(env.Request, data)
@@ -278,17 +278,17 @@ class Bridge:
         if route is None:
             return self._result(device_id, trace_id, received, "rejected", reason=f"no route for {req.model_hint!r}")
         if route.hands_up and self.upstream is not None:
-            return await self._serve_at_site(session, req, data, route, received, over_budget)
+            return await self._serve_at_site(req, data, route, received, over_budget)
         if over_budget:
             self.meter.inc("requests_rate_limited_total")
             return self._result(device_id, trace_id, received, "rejected", reason="rate limited")
         return await self._serve(req, route, received)
 
     async def _serve_at_site(
-        self, session: MqttSession, req: env.Request, data: bytes, route: Route, received: float, over_budget: bool
+        self, req: env.Request, data: bytes, route: Route, received: float, over_budget: bool
     ) -> env.Result | HandedUp:
         """This tier's models first; up to the cloud tier when they are unsure, busy or down."""
-        assert self.upstream is not None
+        assert self.upstream is not None and self.session is not None
         here = route.at_this_tier()
         site_answer: env.Result | None = None
         if over_budget:
@@ -314,7 +314,9 @@ class Bridge:
                 req.device_id, req.trace_id, received, "expired", reason="deadline passed before handing up"
             )
         try:
-            return await self.upstream.hand_up(session, req, data, received=received, why=why, site_answer=site_answer)
+            return await self.upstream.hand_up(
+                self.session, req, data, received=received, why=why, site_answer=site_answer
+            )
         except EdgewireError as exc:
             return site_answer or self._result(
                 req.device_id, req.trace_id, received, "unavailable", reason=f"cannot hand up ({why}): {exc}"
