@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from edgewire import envelopes as env
 from edgewire import topics
-from edgewire.errors import DecodeError, TopicError
+from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
 from edgewire.session import InboundMessage, MqttSession
 
@@ -68,6 +68,7 @@ class Upstream:
         self.settings = settings
         self.meter = meter
         self._waiting: dict[tuple[str, str], HandedUp] = {}
+        self._stopping = False
 
     @property
     def prefix(self) -> str:
@@ -92,6 +93,8 @@ class Upstream:
     ) -> HandedUp:
         """Republish the request's bytes on the uplinked prefix (QoS 1: the site broker keeps
         it through an uplink cut) and note what to wait for."""
+        if self._stopping:
+            raise EdgewireError("the bridge is stopping: no answer could come down any more")
         key = (request.device_id, request.trace_id)
         handed = HandedUp(request, received, time.time(), why, site_answer)
         self._waiting[key] = handed
@@ -144,7 +147,9 @@ class Upstream:
 
     def abandon(self) -> None:
         """Stop waiting (the bridge is stopping): every request still waiting is answered now,
-        with the site's own answer or ``unavailable`` (the device asks again later)."""
+        with the site's own answer or ``unavailable`` (the device asks again later), and nothing
+        more is handed up."""
+        self._stopping = True
         for handed in self._waiting.values():
             if not handed.answer.done():
                 handed.answer.set_result(None)

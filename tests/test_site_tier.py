@@ -301,3 +301,78 @@ async def test_site_answers_what_it_is_sure_of_the_cloud_the_rest_and_everything
         for proc in procs:
             stop_process(proc, 5)
         await asyncio.to_thread(central.stop)
+
+
+async def test_a_site_without_triton_hands_up_and_a_stopping_site_bridge_answers_what_waits(
+    tmp_path: Path, demo: DemoArtifacts
+) -> None:
+    """No Triton anywhere: the site is down, so every request goes up; the cloud's answer
+    (``unavailable``: its Triton is down too) comes back once, through the site bridge. With the
+    cloud bridge gone, a site bridge that stops answers the request waiting for the cloud at once
+    (``unavailable``: the device asks again later) instead of holding its stop."""
+    frame = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
+    central = Mosquitto(tmp_path)
+    await asyncio.to_thread(central.start)
+    port_a = free_port()
+    write_fleet(tmp_path / "fleet.yaml", port_a, free_port())
+    doc = yaml.safe_load((tmp_path / "fleet.yaml").read_text())
+    nowhere = f"grpc://127.0.0.1:{free_port()}"
+    doc["sites"][0]["tier"] = {"triton": nowhere, "model": EDGE_NAME}
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
+    site_files = {r.device_id: r.files for r in flash.render(tmp_path / "fleet.yaml")}["site-a"]
+    (tmp_path / "site-rules.yaml").write_bytes(site_files[sites.SITE_BRIDGE_RULES])
+    dispatchers = [Dispatcher([nowhere], call_timeout_s=2.0) for _ in range(2)]
+    site_bridge = Bridge(
+        "site-a-bridge",
+        BrokerSettings(url=f"mqtt://127.0.0.1:{port_a}", username="site-a-bridge", reconnect_min_s=0.1),
+        dispatchers[0],
+        load_rules(tmp_path / "site-rules.yaml"),
+    )
+    at_central = BrokerSettings(url=f"mqtt://127.0.0.1:{central.port}", reconnect_min_s=0.1)
+    central_bridge = Bridge("central-bridge", at_central, dispatchers[1], default_rules(CLOUD_NAME))
+    device = Device("cam-a1", port_a)
+    procs: list[subprocess.Popen[bytes]] = []
+    tasks: dict[str, asyncio.Task[None]] = {}
+    try:
+        procs.append(site_broker(site_files, tmp_path, "site-a", central.port))
+        await asyncio.to_thread(wait_port, port_a)
+        tasks["central"] = asyncio.create_task(central_bridge.run())
+        tasks["site"] = asyncio.create_task(site_bridge.run())
+        await asyncio.wait_for(central_bridge.ready.wait(), 30)
+        await asyncio.wait_for(site_bridge.ready.wait(), 30)
+        await device.start()
+        await asyncio.sleep(2)  # the uplink's subscriptions at the central broker
+
+        first = request("cam-a1", frame)
+        await device.send(first)
+        assert await until(lambda: first.trace_id in device.answers, 30)
+        await asyncio.sleep(1)
+        (answer,) = device.answers[first.trace_id]
+        assert (answer.status, answer.tier, answer.bridge_id) == ("unavailable", "cloud", "central-bridge")
+        assert {"site_received", "handed_up", "site_relayed"} <= set(answer.hops)
+        assert site_bridge.meter.get("requests_handed_up_total", why="down") == 1
+
+        central_bridge.stop()
+        await asyncio.wait_for(tasks.pop("central"), 30)
+        waiting = request("cam-a1", frame)
+        await device.send(waiting)
+        assert await until(lambda: site_bridge.meter.total("requests_handed_up_total") == 2, 30)
+        stopped_at = time.monotonic()
+        site_bridge.stop()
+        await asyncio.wait_for(tasks.pop("site"), 30)
+        assert time.monotonic() - stopped_at < 20  # not the 600 s it would wait for the cloud
+        assert await until(lambda: waiting.trace_id in device.answers, 10)
+        (answer,) = device.answers[waiting.trace_id]
+        assert (answer.status, answer.tier, answer.bridge_id) == ("unavailable", "site", "site-a-bridge")
+    finally:
+        await device.close()
+        for bridge in (site_bridge, central_bridge):
+            bridge.stop()
+        for task in tasks.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 30)
+        for dispatcher in dispatchers:
+            await dispatcher.close()
+        for proc in procs:
+            stop_process(proc, 5)
+        await asyncio.to_thread(central.stop)
