@@ -337,7 +337,8 @@ class Bridge:
             site = handed.site_answer
             return site.model_copy(update={"hops": {**site.hops, "bridge_sent": now} if site.hops else {}})
         req = handed.request
-        reason = f"handed up ({handed.why}); no answer from the cloud within {self.upstream.settings.hold_s:g} s"
+        held = self.upstream.settings.hold_s
+        reason = f"handed up ({handed.why}); no answer came down from the cloud (held up to {held:g} s)"
         return self._result(req.device_id, req.trace_id, handed.received, "unavailable", reason=reason)
 
     async def _serve(self, req: env.Request, route: Route, received: float) -> env.Result:
