@@ -11,6 +11,13 @@ request answered, never the other's.
 Each device's new requests are paid from its own token bucket (``device_rate_per_s``,
 ``device_burst``): past it a request is answered ``rejected`` (reason ``rate limited``) without
 being decoded or dispatched, so one device cannot starve the others.
+
+A bridge whose rules have an ``upstream`` is a site's bridge (the edge-server tier, results say
+``tier: site``): a route ending in ``tier:cloud`` serves a request with the site's models first
+and hands it up to the cloud tier when the site's answer is unsure, the site is busy (the
+device's budget spent, ``max_local_queue`` requests at the site, a breaker open) or down
+(Triton unreachable); the one answer the device gets then is the cloud's (``tier: cloud``), or
+the site's own when the cloud could not do better in time (cloud_bridge.upstream).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
 from .dispatch import Answer, Dispatcher, Unavailable
 from .rules import Route, RuleSet
 from .steps import record_steps
+from .upstream import HandedUp, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +107,10 @@ class Bridge:
         self._reply_topics: dict[str, str] = {}  # device_id -> its result topic, built once
         self.session: MqttSession | None = None
         self.ready = asyncio.Event()
+        # A site's bridge: requests its routes hand up to the cloud tier, and their answers.
+        self.upstream = Upstream(rules.upstream, self.meter) if rules.upstream is not None else None
+        self.tier = "site" if self.upstream is not None else "cloud"
+        self._at_site = 0  # requests being served by this tier's models right now
 
     def stop(self) -> None:
         """Stop taking requests, answer those already taken, then disconnect."""
@@ -130,6 +142,8 @@ class Bridge:
                 await session.subscribe(topics.REQUEST.shared_filter(self.group), qos=topics.REQUEST.qos)
             else:
                 await session.subscribe(topics.REQUEST.filter(), qos=topics.REQUEST.qos)
+            if self.upstream is not None:  # the cloud's answers to what this site handed up
+                await session.subscribe(self.upstream.answer_filter(), qos=topics.RESULT.qos)
             log.info("%s: serving %s over MQTT %s", self.bridge_id, topics.REQUEST.filter(), session.protocol)
             for (endpoint, model), ok in (await self._check_health()).items():
                 if not ok:
@@ -148,6 +162,8 @@ class Bridge:
             await cancel_and_wait(listener)
             for message in session.drain_inbox():  # taken from the broker already: answer them too
                 self._on_request(session, message)
+            if self.upstream is not None:  # no more answers come down: settle what waits for one
+                self.upstream.abandon()
             if self._jobs:
                 await asyncio.gather(*self._jobs, return_exceptions=True)
             if self._unacked:
@@ -174,6 +190,9 @@ class Bridge:
     def _on_request(self, session: MqttSession, message: InboundMessage) -> None:
         received = time.time()
         topic = str(message.topic)
+        if self.upstream is not None and self.upstream.owns(topic):
+            self.upstream.take(message)
+            return
         try:
             parsed = topics.parse(topic)
             if parsed.spec is not topics.REQUEST:
@@ -193,30 +212,36 @@ class Bridge:
         if key in self._inflight:
             self.meter.inc("requests_duplicate_total", state="inflight")
             return
-        if not self._budgets.take(device_id):
+        over_budget = not self._budgets.take(device_id)
+        if over_budget and self.upstream is None:
             self.meter.inc("requests_rate_limited_total")
             refusal = self._result(device_id, trace_id, received, "rejected", reason="rate limited")
             self._spawn(self._publish(session, self._reply_topic(device_id), env.encode(refusal)))
             return
+        # A site's bridge decides after routing: over budget is busy where the route hands up.
         self._inflight.add(key)
-        self._spawn(self._handle(session, device_id, trace_id, bytes(message.payload), received))
+        self._spawn(self._handle(session, device_id, trace_id, bytes(message.payload), received, over_budget))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         spawn(self._jobs, coro)
 
-    async def _handle(self, session: MqttSession, device_id: str, trace_id: str, data: bytes, received: float) -> None:
+    async def _handle(
+        self, session: MqttSession, device_id: str, trace_id: str, data: bytes, received: float, over_budget: bool
+    ) -> None:
         logs.bind(bridge_id=self.bridge_id, device_id=device_id, trace_id=trace_id)  # this request's task only
-        async with self._slots:
-            try:
-                result = await self._answer_request(device_id, trace_id, data, received)
-            except Exception as exc:  # a bug must cost one answer, not the bridge
-                log.exception("%s: request %s failed", self.bridge_id, trace_id)
-                result = self._result(device_id, trace_id, received, "rejected", reason=f"internal error: {exc!r}")
-            payload = env.encode(result)
-            if result.status != "unavailable":  # a passing state: a resend is served afresh
-                self._remember((device_id, trace_id), payload)
-            self._inflight.discard((device_id, trace_id))
-            self.meter.inc("requests_total", status=result.status)
+        try:
+            async with self._slots:
+                outcome = await self._answer_request(device_id, trace_id, data, received, over_budget)
+            # Handed up: the wait for the cloud holds no slot (an uplink cut must not stall the site).
+            result = await self._settle(outcome) if isinstance(outcome, HandedUp) else outcome
+        except Exception as exc:  # a bug must cost one answer, not the bridge
+            log.exception("%s: request %s failed", self.bridge_id, trace_id)
+            result = self._result(device_id, trace_id, received, "rejected", reason=f"internal error: {exc!r}")
+        payload = env.encode(result)
+        if result.status != "unavailable":  # a passing state: a resend is served afresh
+            self._remember((device_id, trace_id), payload)
+        self._inflight.discard((device_id, trace_id))
+        self.meter.inc("requests_total", status=result.status)
         topic = self._reply_topic(device_id)
         try:
             # Queued now; the broker's acknowledgement is watched, not waited for, so this
@@ -234,7 +259,9 @@ class Bridge:
             self.meter.inc("results_unsent_total")
             log.warning("%s: a result was not acknowledged by the broker: %s", self.bridge_id, acked.exception())
 
-    async def _answer_request(self, device_id: str, trace_id: str, data: bytes, received: float) -> env.Result:
+    async def _answer_request(
+        self, device_id: str, trace_id: str, data: bytes, received: float, over_budget: bool = False
+    ) -> env.Result | HandedUp:
         try:
             req = env.decode(env.Request, data)
         except DecodeError as exc:
@@ -250,6 +277,73 @@ class Bridge:
         route = self.rules.route(req)
         if route is None:
             return self._result(device_id, trace_id, received, "rejected", reason=f"no route for {req.model_hint!r}")
+        if route.hands_up and self.upstream is not None:
+            return await self._serve_at_site(req, data, route, received, over_budget)
+        if over_budget:
+            self.meter.inc("requests_rate_limited_total")
+            return self._result(device_id, trace_id, received, "rejected", reason="rate limited")
+        return await self._serve(req, route, received)
+
+    async def _serve_at_site(
+        self, req: env.Request, data: bytes, route: Route, received: float, over_budget: bool
+    ) -> env.Result | HandedUp:
+        """This tier's models first; up to the cloud tier when they are unsure, busy or down."""
+        assert self.upstream is not None and self.session is not None
+        here = route.at_this_tier()
+        site_answer: env.Result | None = None
+        if over_budget:
+            why = "busy"
+        elif here is None:
+            why = "routed"
+        elif self._at_site >= self.upstream.settings.max_local_queue:
+            why = "busy"
+        else:
+            self._at_site += 1
+            try:
+                site = await self._serve(req, here, received)
+            finally:
+                self._at_site -= 1
+            if site.status == "unavailable":
+                why = "busy" if "circuit open" in (site.reason or "") else "down"
+            elif site.status == "ok" and route.unsure(site.prediction):
+                why, site_answer = "unsure", site
+            else:
+                return site  # sure, or a request no tier would answer otherwise (rejected, expired)
+        if time.time() >= req.deadline:
+            return site_answer or self._result(
+                req.device_id, req.trace_id, received, "expired", reason="deadline passed before handing up"
+            )
+        try:
+            return await self.upstream.hand_up(
+                self.session, req, data, received=received, why=why, site_answer=site_answer
+            )
+        except EdgewireError as exc:
+            return site_answer or self._result(
+                req.device_id, req.trace_id, received, "unavailable", reason=f"cannot hand up ({why}): {exc}"
+            )
+
+    async def _settle(self, handed: HandedUp) -> env.Result:
+        """The one answer to a request handed up: the cloud's (with this site's stamps), else
+        the site's own unsure one, else ``unavailable`` (the device asks again later)."""
+        assert self.upstream is not None
+        cloud = await self.upstream.settle(handed)
+        now = time.time()
+        if cloud is not None and (cloud.status == "ok" or handed.site_answer is None):
+            hops = {**cloud.hops, "site_received": handed.received, "handed_up": handed.handed_up, "site_relayed": now}
+            return cloud.model_copy(
+                update={"hops": hops if self.hop_stamps else cloud.hops, "tier": cloud.tier or "cloud"}
+            )
+        if handed.site_answer is not None:
+            site = handed.site_answer
+            return site.model_copy(update={"hops": {**site.hops, "bridge_sent": now} if site.hops else {}})
+        req = handed.request
+        held = self.upstream.settings.hold_s
+        reason = f"handed up ({handed.why}); no answer came down from the cloud (held up to {held:g} s)"
+        return self._result(req.device_id, req.trace_id, handed.received, "unavailable", reason=reason)
+
+    async def _serve(self, req: env.Request, route: Route, received: float) -> env.Result:
+        """Serve with this bridge's own Triton models."""
+        device_id, trace_id = req.device_id, req.trace_id
         try:
             metas = {m: await self.dispatcher.model_meta(m) for m in route.route_to}
         except (Unavailable, EdgewireError) as exc:
@@ -446,6 +540,7 @@ class Bridge:
             ),
             reason=reason,
             hops=hops if self.hop_stamps else {},
+            tier=self.tier,
         )
 
     def _remember(self, key: tuple[str, str], payload: bytes) -> None:

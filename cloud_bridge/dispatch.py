@@ -288,11 +288,18 @@ class Dispatcher:
                 raise Unavailable(str(exc)) from None
         if route.strategy == "fallback":
             reasons = []
+            unsure: list[Answer] = []  # ok answers under the route's min_confidence
             for model in targets:
                 try:
-                    return await self.call(model, tensors[model], deadline, cap)
+                    answer = await self.call(model, tensors[model], deadline, cap)
                 except (Unavailable, ModelError) as exc:
                     reasons.append(str(exc))
+                    continue
+                if not route.unsure(answer.prediction):
+                    return answer
+                unsure.append(answer)
+            if unsure:  # none was sure: the surest (the caller sees it is still under the bar)
+                return max(unsure, key=lambda a: a.prediction.confidence if a.prediction else 0.0)
             raise Unavailable("; ".join(reasons))
         jobs = [asyncio.ensure_future(self.call(m, tensors[m], deadline, cap)) for m in targets]
         if route.strategy == "first_success":

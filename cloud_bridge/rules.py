@@ -39,6 +39,24 @@ Strategies, for a route with several targets:
 
 ``timeout_ms`` caps each dispatch of the route; the request's own deadline still applies.
 
+Tiers: a bridge at a site (an edge server between the site's devices and the cloud) names the
+cloud as the last target of a ``fallback`` route, ``tier:cloud``, and says where such a request
+is handed up in ``upstream``::
+
+    upstream:
+      prefix: cloud/            # the site broker's uplink carries cloud/req/# up as req/#
+      max_local_queue: 64       # more requests than this at the site at once: busy, hand up
+    default:
+      route_to: [digits-site, "tier:cloud"]
+      strategy: fallback
+      min_confidence: 0.8       # a site answer less sure than this is unsure: hand up
+
+A request goes up when the site's model is unsure (an ``ok`` classify answer under
+``min_confidence``), busy (the device's rate budget spent, ``max_local_queue`` reached, or the
+breaker open) or down (Triton unreachable): see cloud_bridge.upstream. ``min_confidence`` also
+works between models of one tier: a ``fallback`` route asks its next model when an answer is
+unsure, and keeps the surest answer when none is sure.
+
 Merge policies, for ``detect`` requests (see cloud_bridge.detect_merge):
 
 - ``relabel`` (the default for a route to classifiers): the route's classifier labels each crop
@@ -76,6 +94,9 @@ Merge = Literal["replace", "relabel", "union"]
 #: Model names are folders in a Triton repository and labels in metrics: keep them to safe characters.
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RULE_NAME = _MODEL
+#: The route target that hands a request up to the cloud tier (not a model: a colon is not
+#: allowed in model names). Only as the last target of a route.
+TIER_CLOUD = "tier:cloud"
 #: Key under which load_rules threads sibling knowledge through validation (see Rule._siblings).
 _SCOPE = "edgewire.rules.scope"
 
@@ -95,6 +116,9 @@ class Route(StrictModel):
     timeout_ms: float | None = Field(None, gt=0)
     #: How a detect request's answer is formed; None: relabel for classifiers, replace for detectors.
     merge: Merge | None = None
+    #: A fallback route's bar for an answer: an ok classify answer below it is unsure, and the
+    #: next target (another model, or ``tier:cloud``) is asked.
+    min_confidence: float | None = Field(None, ge=0, le=1)
     #: The rule this route came from ("default" for the default route), for logs and metrics.
     name: str = "default"
 
@@ -108,7 +132,9 @@ class Route(StrictModel):
     def _targets(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("is empty; name at least one Triton model")
-        bad = [m for m in v if not _MODEL.match(m)]
+        if TIER_CLOUD in v[:-1]:
+            raise ValueError(f"{TIER_CLOUD!r} hands a request up, so it can only be the last target")
+        bad = [m for m in v if not _MODEL.match(m) and m != TIER_CLOUD]
         if bad:
             raise ValueError(f"{', '.join(map(repr, bad))}: a model name is 1-128 of A-Z a-z 0-9 . _ -")
         dupes = sorted({m for m in v if v.count(m) > 1})
@@ -130,6 +156,36 @@ class Route(StrictModel):
                 )
             return None
         return v or "max_confidence"
+
+    @model_validator(mode="after")
+    def _tiers_fall_back(self) -> Route:
+        several = len(self.route_to) > 1
+        if several and self.strategy != "fallback" and (TIER_CLOUD in self.route_to or self.min_confidence is not None):
+            what = f"{TIER_CLOUD!r}" if TIER_CLOUD in self.route_to else "'min_confidence'"
+            raise ValueError(
+                f"{what} needs one target after another, and this route is '{self.strategy}'; set 'strategy: fallback'"
+            )
+        if self.min_confidence is not None and not several:
+            raise ValueError("'min_confidence' decides when to ask the next target, and this route has one; add one")
+        return self
+
+    @property
+    def hands_up(self) -> bool:
+        """Whether this route may hand a request up to the cloud tier."""
+        return self.route_to[-1] == TIER_CLOUD
+
+    def unsure(self, prediction: Prediction | None) -> bool:
+        """Whether a classify answer is under this route's bar (a detect answer has no bar here)."""
+        return (
+            self.min_confidence is not None and prediction is not None and prediction.confidence < self.min_confidence
+        )
+
+    def at_this_tier(self) -> Route | None:
+        """The same route without ``tier:cloud``: what this tier's Triton serves (None: nothing)."""
+        if not self.hands_up:
+            return self
+        models = self.route_to[:-1]
+        return self.model_copy(update={"route_to": models}) if models else None
 
 
 class When(StrictModel):
@@ -245,9 +301,24 @@ def _conflict(names: set[str], catch_all: str | None, rule: Rule) -> str | None:
     return None
 
 
+class UpstreamSettings(StrictModel):
+    """Where a site's bridge hands requests up (routes ending in ``tier:cloud``)."""
+
+    #: Prefix of the topics the site broker's uplink carries: a request is republished on
+    #: ``<prefix>req/<device>/<trace>`` (the uplink strips the prefix at the central broker) and
+    #: the cloud's answer comes down on ``<prefix>result/<device>``.
+    prefix: str = Field("cloud/", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}/$")
+    #: Requests being served at the site at once past which the site is busy and hands up.
+    max_local_queue: int = Field(64, ge=1)
+    #: How long a handed-up request waits for the cloud's answer before it is answered
+    #: ``unavailable`` (the device asks again later): an uplink cut lasts this long at most.
+    hold_s: float = Field(600.0, gt=0)
+
+
 class RuleSet(StrictModel):
     rules: list[Rule] = Field(default_factory=list)
     default: Route | None = None
+    upstream: UpstreamSettings | None = None
 
     @field_validator("default")
     @classmethod
@@ -273,7 +344,15 @@ class RuleSet(StrictModel):
             raise ValueError(_unused_default(catch_all))
         if not self.rules and self.default is None:
             raise ValueError("no rules and no default, so every request would be rejected; add a rule or a 'default'")
+        if self.upstream is None and any(r.hands_up for r in self._routes()):
+            raise ValueError(
+                f"a route hands requests up ({TIER_CLOUD!r}) and there is no 'upstream'; "
+                "add 'upstream: {prefix: cloud/}'"
+            )
         return self
+
+    def _routes(self) -> list[Route]:
+        return [*self.rules, *([self.default] if self.default is not None else [])]
 
     def route(self, request: Request) -> Route | None:
         """The first matching rule's route, else the default, else None (no route)."""
@@ -284,8 +363,7 @@ class RuleSet(StrictModel):
 
     def models(self) -> set[str]:
         """Every model some route may call, so the bridge can check them all at start."""
-        routes: list[Route] = [*self.rules, *([self.default] if self.default is not None else [])]
-        return {m for r in routes for m in r.route_to}
+        return {m for r in self._routes() for m in r.route_to if m != TIER_CLOUD}
 
 
 def _unused_default(catch_all: str) -> str:

@@ -34,7 +34,7 @@ from edgewire import topics
 from edgewire.aio import spawn
 from edgewire.config import CloudSettings, DeviceConfig
 from edgewire.errors import DecodeError
-from edgewire.hops import BRIDGE_HOPS
+from edgewire.hops import ANSWER_HOPS
 from edgewire.metrics import Meter
 from edgewire.session import MqttSession
 
@@ -419,7 +419,7 @@ class Escalations:
                 return None
             first, late = env.decode(env.LocalResults, note).results[0], True
         if hops is not None and answer is not None:
-            hops = {**hops, **{k: answer.hops[k] for k in BRIDGE_HOPS if k in answer.hops}}
+            hops = {**hops, **{k: answer.hops[k] for k in ANSWER_HOPS if k in answer.hops}}
             if received is not None:
                 hops["answer_received"] = received
         final = final_outcome(self.cloud, first, answer, late=late, hops=hops)

@@ -120,6 +120,9 @@ class Result(Envelope):
     reason: str | None = None
     #: The bridge's hop stamps (epoch seconds, see edgewire.hops); empty when it stamps none.
     hops: dict[str, float] = Field(default_factory=dict)
+    #: The tier whose model answered: ``site`` (a site's edge server) or ``cloud``; None from a
+    #: bridge that names none (an older one: the cloud).
+    tier: Literal["site", "cloud"] | None = None
 
 
 class LocalResult(_Strict):

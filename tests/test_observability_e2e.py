@@ -27,7 +27,7 @@ from edgewire.demo.models import DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
 from edgewire.edge.tegrastats import parse
 from edgewire.fleet.trace import collect, timeline
-from edgewire.hops import BRIDGE_HOPS, HOPS
+from edgewire.hops import BRIDGE_HOPS, HOPS, RELAY_HOPS
 from edgewire.metrics import DOCS, serve
 from edgewire.ports import free_port
 from edgewire.session import MqttSession
@@ -106,7 +106,7 @@ async def test_hops_add_up_and_metrics_match_telemetry(demo: DemoArtifacts, trit
     for result in found:
         t = timeline(result)
         assert result.answered_by == "cloud" and result.state == "COMPLETE"
-        assert set(result.hops or {}) == {h for h, _ in HOPS}
+        assert set(result.hops or {}) == {h for h, _ in HOPS if h not in RELAY_HOPS}  # no site tier here
         assert abs(t["steps_ms"] - result.latency_ms) < 1.0
         assert all(s["ms"] >= 0 for s in t["steps"])  # one clock here: no step runs backwards
         assert {s["hop"] for s in t["steps"]} >= set(BRIDGE_HOPS)
@@ -168,7 +168,7 @@ async def test_trace_command_shows_a_live_escalation(demo: DemoArtifacts, triton
     assert len(shown) == 2
     for t in shown:
         assert t["device_id"] == "cam-tr" and t["answered_by"] == "cloud"
-        assert [s["hop"] for s in t["steps"]] == [h for h, _ in HOPS[1:]]
+        assert [s["hop"] for s in t["steps"]] == [h for h, _ in HOPS[1:] if h not in RELAY_HOPS]
         assert abs(t["steps_ms"] - t["latency_ms"]) < 1.0
 
 

@@ -410,3 +410,42 @@ def test_merge_policy_is_checked_when_the_rules_load(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="merge"):
         load_rules(path)
     assert Route(route_to=["m"]).merge is None  # chosen by the model's task at dispatch
+
+
+# ---- tiers: a site's bridge falls back to the cloud ---------------------------------------
+
+SITE = """\
+upstream: {prefix: cloud/, max_local_queue: 8}
+default:
+  route_to: [digits-site, "tier:cloud"]
+  strategy: fallback
+  min_confidence: 0.8
+"""
+
+
+def test_a_site_route_serves_here_first_then_hands_up(tmp_path: Path) -> None:
+    rules = load_rules(write(tmp_path, SITE))
+    route = rules.route(request())
+    assert route is not None and route.hands_up and rules.models() == {"digits-site"}
+    assert rules.upstream is not None and (rules.upstream.prefix, rules.upstream.max_local_queue) == ("cloud/", 8)
+    here = route.at_this_tier()
+    assert here is not None and here.route_to == ["digits-site"] and not here.hands_up
+    assert route.unsure(pred("3", 0.79)) and not route.unsure(pred("3", 0.8)) and not route.unsure(None)
+    only_up = Route(route_to=["tier:cloud"])
+    assert only_up.hands_up and only_up.at_this_tier() is None
+    plain = Route(route_to=["m1", "m2"], strategy="fallback")
+    assert not plain.hands_up and plain.at_this_tier() is plain and not plain.unsure(pred("3", 0.01))
+
+
+def test_tier_cloud_only_last_only_with_fallback_and_only_with_an_upstream(tmp_path: Path) -> None:
+    path, message = refused(tmp_path, 'upstream: {}\ndefault:\n  route_to: ["tier:cloud", m]\n  strategy: fallback\n')
+    assert f"{path}:3: default.route_to:" in message and "can only be the last target" in message
+    path, message = refused(tmp_path, 'upstream: {}\ndefault:\n  route_to: [m, "tier:cloud"]\n')
+    assert "needs one target after another, and this route is 'first_success'" in message
+    assert "set 'strategy: fallback'" in message
+    path, message = refused(tmp_path, SITE.split("\n", 1)[1])
+    assert "there is no 'upstream'" in message and "add 'upstream: {prefix: cloud/}'" in message
+    path, message = refused(tmp_path, "default:\n  route_to: [m]\n  min_confidence: 0.5\n")
+    assert "'min_confidence' decides when to ask the next target, and this route has one" in message
+    path, message = refused(tmp_path, "upstream: {prefix: cloud}\ndefault: {route_to: [m]}\n")
+    assert f"{path}:1: upstream.prefix:" in message

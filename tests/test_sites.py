@@ -138,6 +138,54 @@ def test_flash_renders_each_site_broker_and_points_devices_at_it(tmp_path: Path)
     assert "topic read result/cam-b1" in site_b_block and "cam-a" not in site_b_block
 
 
+def test_flash_renders_a_site_tier_bridge_whose_uplink_carries_only_what_it_hands_up(tmp_path: Path) -> None:
+    from edgewire.cloud_bridge.rules import load_rules
+    from edgewire.passwords import verify_password
+
+    write_fleet(tmp_path / "fleet.yaml", 21883, 22883)
+    doc = yaml.safe_load((tmp_path / "fleet.yaml").read_text())
+    doc["credentials_secret"] = "s3cret"
+    doc["sites"][0]["tier"] = {"triton": "grpc://10.0.0.5:8001", "model": "digits-site", "min_confidence": 0.7}
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(doc))
+    rendered = {r.device_id: r.files for r in flash.render(tmp_path / "fleet.yaml")}
+    site_a, site_b = rendered["site-a"], rendered["site-b"]
+    conf_a = site_a[sites.SITE_CONF].decode()
+    # Requests go up and answers come down only under the prefix: the site bridge's, never the devices'.
+    assert 'topic req/# out 1 cloud/ ""' in conf_a and "topic req/# out 1\n" not in conf_a
+    assert 'topic result/cam-a1 in 1 cloud/ ""' in conf_a and "topic result/cam-a1 in 1\n" not in conf_a
+    assert "topic config/desired/cam-a1 in 1\n" in conf_a and "topic presence/# out 1\n" in conf_a
+    assert "topic req/# out 1\n" in site_b[sites.SITE_CONF].decode()  # a site without a tier: as before
+    assert sites.SITE_BRIDGE_RULES not in site_b
+    rules_path = tmp_path / "site-rules.yaml"
+    rules_path.write_bytes(site_a[sites.SITE_BRIDGE_RULES])
+    rules = load_rules(rules_path)
+    assert rules.upstream is not None and rules.upstream.prefix == sites.UPLINK_PREFIX
+    route = rules.default
+    assert route is not None and route.route_to == ["digits-site", "tier:cloud"] and route.min_confidence == 0.7
+    env_text = site_a[sites.SITE_BRIDGE_ENV].decode()
+    assert "EDGEWIRE_BROKER=mqtt://site-a-bridge@127.0.0.1:21883" in env_text
+    assert (
+        "EDGEWIRE_TRITON=grpc://10.0.0.5:8001" in env_text
+        and "EDGEWIRE_RULES=/etc/edgewire/site-rules.yaml" in env_text
+    )
+    password = site_a[f"{sites.SITE_BRIDGE_CREDENTIALS}/site-a-bridge"].decode().strip()
+    assert f"EDGEWIRE_MQTT_PASSWORD_FILE=/{sites.SITE_BRIDGE_CREDENTIALS}/site-a-bridge" in env_text
+    assert "--id site-a-bridge" in site_a[sites.SITE_BRIDGE_UNIT].decode()
+    logins = dict(line.split(":", 1) for line in site_a[sites.SITE_PASSWD].decode().splitlines())
+    assert set(logins) == {"cam-a1", "cam-a2", "site-a-bridge"} and verify_password(password, logins["site-a-bridge"])
+    device = DeviceConfig.model_validate(yaml.safe_load(rendered["cam-a1"][flash.DEVICE_CONFIG]))
+    assert device.broker.password is not None and verify_password(device.broker.password, logins["cam-a1"])
+    acl_a = site_a[sites.SITE_ACL].decode()
+    bridge_block = acl_a.split("user site-a-bridge", 1)[1]
+    for line in ("topic read req/+/+", "topic write result/+", "topic write cloud/req/#", "topic read cloud/result/+"):
+        assert line in bridge_block
+    central_acl = rendered["central"][sites.CENTRAL_ACL].decode()
+    assert "topic write presence/site-a-bridge" in central_acl.split("user site-a", 1)[1].split("user site-b")[0]
+    changes = list(flash.plan(list(flash.render(tmp_path / "fleet.yaml")), tmp_path / "out"))
+    secret = {c.path.name for c in changes if c.secret}
+    assert {"site-a-bridge", "edgewire-site.passwd", "device.yaml"} <= secret
+
+
 def test_sites_without_a_central_broker_are_refused(tmp_path: Path) -> None:
     from edgewire.errors import ConfigError
 

@@ -37,6 +37,7 @@ from edgewire.config import (
     load_yaml_model,
 )
 from edgewire.errors import ConfigError
+from edgewire.fleet import emqx
 from edgewire.fleet import sites as fleet_sites
 from edgewire.fleet.ca import FleetCA
 from edgewire.passwords import render_password_file
@@ -65,7 +66,13 @@ BROKER_MTLS_CONF = "mosquitto-mtls.conf"
 #: Where the broker's files are installed (the paths broker/mosquitto.conf names).
 BROKER_INSTALL_DIR = "/etc/mosquitto/edgewire"
 #: Files only their owner may read (and every ``*.key``).
-SECRET_NAMES = ("device.yaml", BROKER_PASSWD)
+SECRET_NAMES = (
+    "device.yaml",
+    BROKER_PASSWD,
+    Path(fleet_sites.SITE_PASSWD).name,
+    Path(emqx.EMQX_USERS).name,
+    Path(emqx.EMQX_CONF).name,  # the node cookie
+)
 
 
 class DeviceRange(StrictModel):
@@ -339,6 +346,8 @@ def render(
     out: list[Rendered] = []
     unit = _unit_text()
     site_devices: dict[str, list[str]] = {}
+    site_passwords: dict[str, str] = {}
+    all_passwords: dict[str, str] = {}
     for index, entry in enumerate(fleet.devices):
         ids = [entry.id] if entry.id else entry.range.ids()  # type: ignore[union-attr]
         for device_id in ids:
@@ -361,6 +370,9 @@ def render(
             password = _password(fleet, device_id, entry.password)
             if password:
                 doc["broker"] = {**doc["broker"], "username": device_id, "password": password}
+                all_passwords[device_id] = password
+                if site is not None:
+                    site_passwords[device_id] = password
             if fleet.broker_ca or ca is not None:
                 doc["broker"] = {**doc["broker"], "ca_file": f"/{BROKER_CA}"}
             if ca is not None:
@@ -399,9 +411,48 @@ def render(
     if select and not out:
         raise ConfigError(f"no device of {fleet_file} matches --devices {select!r}")
     if fleet.sites and fleet.central is not None and not select:
-        brokers = fleet_sites.render_brokers(fleet.central, fleet.sites, site_devices, secret=fleet.credentials_secret)
+        brokers = fleet_sites.render_brokers(
+            fleet.central, fleet.sites, site_devices, secret=fleet.credentials_secret, passwords=site_passwords
+        )
         out += [Rendered(folder, files) for folder, files in brokers.items()]
+    if fleet.central is not None and len(fleet.central.nodes) > 1 and not select:
+        cluster = _emqx_cluster(fleet_file, fleet, site_devices, all_passwords)
+        central = next((r for r in out if r.device_id == "central"), None)
+        out = [r for r in out if r is not central]
+        out.append(Rendered("central", {**(central.files if central else {}), **cluster}))
     return out
+
+
+def _emqx_cluster(
+    fleet_file: Path, fleet: Fleet, site_devices: dict[str, list[str]], device_passwords: dict[str, str]
+) -> dict[str, bytes]:
+    """The central broker as an EMQX cluster (edgewire.fleet.emqx): every login and the same rules
+    as the Mosquitto ACLs flash renders for it (the broker's roles and the sites' uplinks)."""
+    central = fleet.central
+    assert central is not None
+    secret = fleet.credentials_secret
+    if not secret:
+        raise ConfigError(
+            f"{fleet_file}: central.nodes makes an EMQX cluster, whose node cookie and logins are derived "
+            "from credentials_secret -- set credentials_secret"
+        )
+    passwords = dict(device_passwords)
+    for name, user in fleet.broker_users.items():
+        passwords[name] = _password(fleet, name, user.password) or ""
+    for site in fleet.sites:
+        passwords[site.bridge_client_id] = fleet_sites.uplink_password(secret, site)
+    roles = {name: user.role for name, user in fleet.broker_users.items()}
+    acls = [acl.mosquitto_acl(roles)]
+    if fleet.sites:
+        acls.append(fleet_sites.render_central_acl(fleet.sites, site_devices))
+    return emqx.render_cluster(
+        url=central.url,
+        nodes=central.nodes,
+        cluster_name=central.cluster_name,
+        secret=secret,
+        acls=acls,
+        passwords=passwords,
+    )
 
 
 def plan(rendered: list[Rendered], root: Path, per_device_dirs: bool = True) -> Iterator[Change]:
