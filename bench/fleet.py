@@ -5,13 +5,15 @@
 Phases, each measured on its own:
   connect      every device connects (paced), retained presence and last will in place
   bridges_1    escalations at --rate per device with one bridge: rate, p50/p99, CPU per process
-  bridges_2    the same with a second bridge on the shared subscription ($share, MQTT 5)
+  bridges_2    the same with a second bridge on the shared subscription ($share, MQTT 5); the
+               bridges share one dedupe file (--dedupe-db), so a request runs once across them
   storm        Mosquitto SIGKILLed and restarted (persistence on): time until every device is
                back, the broker's peak connection rate (connections accepted in the busiest 1-s
                window, from each device's connect time), escalations continuing throughout
   drain        escalations stop; every owed request must be answered (lost), none run twice
   rollout      a 1 MiB model pushed with a 5% canary: time until every device reports it active,
-               the devices' fetches, the chunk publishes, the chunk bytes delivered and the
+               the devices' fetches, the chunk publishes (the push's for the fleet, the
+               distributor's resends to one device each), the chunk bytes delivered and the
                bytes the broker sent meanwhile (its $SYS/broker/bytes/sent)
 
 CPU is read from /proc/<pid>/stat (utime + stime, the process and its children) for the broker,
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import psutil
 
-from edgewire import delivery
+from edgewire import delivery, topics
 from edgewire.cloud_bridge.model_repository import write_python_repository
 from edgewire.cloud_bridge.triton_server import EmbeddedTriton
 from edgewire.demo.models import build_demo
@@ -110,22 +112,27 @@ class Mosquitto:
 
 
 class BrokerCounter:
-    """Chunks published on the broker, one copy each, and the bytes the broker has sent (its
+    """Chunks published on the broker, one copy each (the push's for the fleet, the
+    distributor's resends to one device), and the bytes the broker has sent (its
     ``$SYS/broker/bytes/sent``, every ``sys_interval``), seen on a session of its own."""
 
     def __init__(self, port: int) -> None:
         self.session = MqttSession("bench-chunks", "127.0.0.1", port, protocol="5")
         self.publishes = 0
+        self.resends = 0
         self.bytes_sent = 0
         self.bytes_updates = 0
 
     async def follow(self) -> None:
-        await self.session.subscribe("model/chunk/#", qos=0)
+        await self.session.subscribe(topics.MODEL_CHUNK.filter(), qos=0)
+        await self.session.subscribe(topics.MODEL_RESEND.filter(), qos=0)
         await self.session.subscribe(BYTES_SENT, qos=0)
         async for message in self.session.messages():
             if message.topic == BYTES_SENT:
                 self.bytes_sent = int(bytes(message.payload))
                 self.bytes_updates += 1
+            elif message.topic.startswith("model/resend/"):
+                self.resends += 1
             else:
                 self.publishes += 1
 
@@ -172,7 +179,8 @@ def bridge_runs(metrics_port: int) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
-def start_bridge(triton_grpc: str, port: int, k: int, metrics_port: int) -> subprocess.Popen[bytes]:
+def start_bridge(triton_grpc: str, port: int, k: int, metrics_port: int, dedupe_db: Path) -> subprocess.Popen[bytes]:
+    """One bridge of the group; the group shares ``dedupe_db``, so a request runs once across it."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -187,6 +195,8 @@ def start_bridge(triton_grpc: str, port: int, k: int, metrics_port: int) -> subp
             f"bench-bridge-{k}",
             "--metrics-port",
             str(metrics_port),
+            "--dedupe-db",
+            str(dedupe_db),
         ]
     )
 
@@ -264,7 +274,7 @@ async def rollout(
     artefact = work / "fleet-model.plan"
     artefact.write_bytes(os.urandom(1 << 20))
     manifest = delivery.build_manifest(artefact, name="fleet-model", version="1")
-    chunks0 = counter.publishes
+    chunks0, resends0 = counter.publishes, counter.resends
     sent0 = await counter.next_bytes_sent()
     t0 = time.monotonic()
     async with MqttSession("bench-operator", "127.0.0.1", port, protocol="5") as operator:
@@ -301,6 +311,7 @@ async def rollout(
         "chunk_mib_delivered": round(sum(d.stats.chunks for d in fleet.devices) * manifest.chunk_size / (1 << 20), 1),
         "fetch_requests": sum(d.stats.fetches for d in fleet.devices),
         "chunk_publishes": counter.publishes - chunks0,
+        "resend_publishes": counter.resends - resends0,
         "broker_mib_sent": round((await counter.next_bytes_sent() - sent0) / (1 << 20), 1),
     }
 
@@ -335,7 +346,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
         follower = asyncio.create_task(chunk_counter.follow())
         try:
             metrics_ports = [free_port(), free_port()]
-            bridges.append(start_bridge(triton.grpc_url, broker.port, 0, metrics_ports[0]))
+            bridges.append(start_bridge(triton.grpc_url, broker.port, 0, metrics_ports[0], work / "dedupe.db"))
             await asyncio.sleep(args.settle_s)  # the bridge's subscription in place before any request
             t0 = time.monotonic()
             connect_s = await fleet.start(connect_timeout_s=300)
@@ -346,7 +357,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                     "fleet": os.getpid()}  # fmt: skip
             await asyncio.sleep(3)  # first escalations in flight: the warm-up is not measured
             out["bridges_1"] = await phase(fleet, args.phase_s, pids)
-            bridges.append(start_bridge(triton.grpc_url, broker.port, 1, metrics_ports[1]))
+            bridges.append(start_bridge(triton.grpc_url, broker.port, 1, metrics_ports[1], work / "dedupe.db"))
             await asyncio.sleep(args.settle_s)
             pids["bridge1"] = bridges[1].pid
             out["bridges_2"] = await phase(fleet, args.phase_s, pids)
