@@ -124,8 +124,9 @@ class BrokerCounter:
         self.bytes_updates = 0
 
     async def follow(self) -> None:
-        await self.session.subscribe(topics.MODEL_CHUNK.filter(), qos=0)
-        await self.session.subscribe(topics.MODEL_RESEND.filter(), qos=0)
+        # QoS 1: a QoS 0 copy of a 512 KiB chunk may be dropped by a busy broker, and go uncounted.
+        await self.session.subscribe(topics.MODEL_CHUNK.filter(), qos=1)
+        await self.session.subscribe(topics.MODEL_RESEND.filter(), qos=1)
         await self.session.subscribe(BYTES_SENT, qos=0)
         async for message in self.session.messages():
             if message.topic == BYTES_SENT:
