@@ -14,7 +14,8 @@ Phases, each measured on its own:
   rollout      a 1 MiB model pushed with a 5% canary: time until every device reports it active,
                the devices' fetches, the chunk publishes (the push's for the fleet, the
                distributor's resends to one device each), the chunk bytes delivered and the
-               bytes the broker sent meanwhile (its $SYS/broker/bytes/sent)
+               bytes the broker sent meanwhile (its $SYS/broker/bytes/sent, less the copies
+               sent to the bench's own counter)
 
 CPU is read from /proc/<pid>/stat (utime + stime, the process and its children) for the broker,
 each bridge, Triton and this process (the simulated fleet). The machine's every core is shared
@@ -32,6 +33,7 @@ import logging
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,7 @@ class BrokerCounter:
         self.session = MqttSession("bench-chunks", "127.0.0.1", port, protocol="5")
         self.publishes = 0
         self.resends = 0
+        self.received_bytes = 0  # what the broker sent this counter: not part of the rollout's cost
         self.bytes_sent = 0
         self.bytes_updates = 0
 
@@ -129,6 +132,7 @@ class BrokerCounter:
         await self.session.subscribe(topics.MODEL_RESEND.filter(), qos=1)
         await self.session.subscribe(BYTES_SENT, qos=0)
         async for message in self.session.messages():
+            self.received_bytes += len(message.payload) + len(message.topic) + 4  # + fixed header, id
             if message.topic == BYTES_SENT:
                 self.bytes_sent = int(bytes(message.payload))
                 self.bytes_updates += 1
@@ -200,6 +204,24 @@ def start_bridge(triton_grpc: str, port: int, k: int, metrics_port: int, dedupe_
             str(dedupe_db),
         ]
     )
+
+
+async def launch_bridge(triton_grpc: str, port: int, k: int, dedupe_db: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A bridge serving its metrics, and their port. The port is picked just before the bridge
+    starts, and picked again if the bridge could not bind it: the fleet's client sockets take
+    ephemeral ports, so one picked earlier may be a device's by then."""
+    for _ in range(3):
+        metrics_port = free_port()
+        proc = start_bridge(triton_grpc, port, k, metrics_port, dedupe_db)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", metrics_port)) == 0:
+                    return proc, metrics_port
+            await asyncio.sleep(0.2)
+        proc.kill()
+        proc.wait()
+    raise RuntimeError(f"bridge {k} did not start")
 
 
 async def storm(fleet: Fleet, broker: Mosquitto) -> dict[str, object]:
@@ -277,6 +299,7 @@ async def rollout(
     manifest = delivery.build_manifest(artefact, name="fleet-model", version="1")
     chunks0, resends0 = counter.publishes, counter.resends
     sent0 = await counter.next_bytes_sent()
+    counted0 = counter.received_bytes
     t0 = time.monotonic()
     async with MqttSession("bench-operator", "127.0.0.1", port, protocol="5") as operator:
         await operator.wait_connected(10)
@@ -313,7 +336,9 @@ async def rollout(
         "fetch_requests": sum(d.stats.fetches for d in fleet.devices),
         "chunk_publishes": counter.publishes - chunks0,
         "resend_publishes": counter.resends - resends0,
-        "broker_mib_sent": round((await counter.next_bytes_sent() - sent0) / (1 << 20), 1),
+        "broker_mib_sent": round(
+            (await counter.next_bytes_sent() - sent0 - (counter.received_bytes - counted0)) / (1 << 20), 1
+        ),
     }
 
 
@@ -346,8 +371,9 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
     async with EmbeddedTriton(repo, workdir=work) as triton, chunk_counter.session:
         follower = asyncio.create_task(chunk_counter.follow())
         try:
-            metrics_ports = [free_port(), free_port()]
-            bridges.append(start_bridge(triton.grpc_url, broker.port, 0, metrics_ports[0], work / "dedupe.db"))
+            bridge, metrics_port = await launch_bridge(triton.grpc_url, broker.port, 0, work / "dedupe.db")
+            bridges.append(bridge)
+            metrics_ports = [metrics_port]
             await asyncio.sleep(args.settle_s)  # the bridge's subscription in place before any request
             t0 = time.monotonic()
             connect_s = await fleet.start(connect_timeout_s=300)
@@ -358,7 +384,9 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                     "fleet": os.getpid()}  # fmt: skip
             await asyncio.sleep(3)  # first escalations in flight: the warm-up is not measured
             out["bridges_1"] = await phase(fleet, args.phase_s, pids)
-            bridges.append(start_bridge(triton.grpc_url, broker.port, 1, metrics_ports[1], work / "dedupe.db"))
+            bridge, metrics_port = await launch_bridge(triton.grpc_url, broker.port, 1, work / "dedupe.db")
+            bridges.append(bridge)
+            metrics_ports.append(metrics_port)
             await asyncio.sleep(args.settle_s)
             pids["bridge1"] = bridges[1].pid
             out["bridges_2"] = await phase(fleet, args.phase_s, pids)
