@@ -92,7 +92,8 @@ class SharedDedupe:
         self.lease_s = lease_s
         self.keep_s = keep_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        # Made on one thread and used on the event loop's, one call at a time.
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives the process's crash
         self._db.executescript(_SCHEMA)
