@@ -8,6 +8,9 @@ again, its cached answer is published again -- except ``unavailable``, which onl
 could serve it then: a device resends such a request later and it is run then. A trace id is
 only unique within its device, so a device that sends another device's trace id gets its own
 request answered, never the other's.
+Bridges that share the request stream on one host may share their dedupe too (``shared``, a
+SQLite file: see cloud_bridge.shared_dedupe): a request is then claimed there before it runs, so
+a redelivery that lands on another bridge of the group gets the kept answer, not a second run.
 Each device's new requests are paid from its own token bucket (``device_rate_per_s``,
 ``device_burst``): past it a request is answered ``rejected`` (reason ``rate limited``) without
 being decoded or dispatched, so one device cannot starve the others.
@@ -26,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
@@ -48,6 +52,7 @@ from . import detect_merge
 from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
 from .dispatch import Answer, Dispatcher, Unavailable
 from .rules import Route, RuleSet
+from .shared_dedupe import Answered, Claimed, HeldElsewhere, SharedDedupe
 from .steps import record_steps
 from .upstream import HandedUp, Upstream
 
@@ -71,6 +76,7 @@ class Bridge:
         hop_stamps: bool = True,
         device_rate_per_s: float = 500.0,
         device_burst: float = 1000.0,
+        shared: SharedDedupe | None = None,
     ) -> None:
         """``decode_workers``: child processes that decode and preprocess request images, a
         burst per pass of the event loop (see cloud_bridge.decoder); 0 decodes on the loop.
@@ -78,7 +84,9 @@ class Bridge:
         ``device_rate_per_s``, ``device_burst``: each device's budget of new requests. The
         defaults are a device's own replay pace after an outage (``outbox.replay_per_s``), so a
         device that keeps to its shipped settings is never refused; a fleet whose cameras and
-        Triton capacity are known sets them lower."""
+        Triton capacity are known sets them lower.
+        ``shared``: the claims and answers of every bridge of the group on this host; without
+        it this bridge's dedupe knows only what it ran itself."""
         self.hop_stamps = hop_stamps
         self.bridge_id = bridge_id
         self.broker = broker
@@ -91,6 +99,7 @@ class Bridge:
         self._dedupe_size = dedupe_size
         self._answered: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (device, trace) -> answer
         self._inflight: set[tuple[str, str]] = set()
+        self.shared = shared
         self._budgets = BucketsPerKey(device_rate_per_s, device_burst)  # new requests, per device
         self._jobs: set[asyncio.Task[None]] = set()
         self._unacked: set[asyncio.Future[None]] = set()  # results sent, not yet acknowledged
@@ -125,6 +134,8 @@ class Bridge:
         finally:
             if self.decoder is not None:
                 await self.decoder.close()
+            if self.shared is not None:
+                self.shared.close()
 
     async def _run(self) -> None:
         session = MqttSession.from_settings(
@@ -155,6 +166,7 @@ class Bridge:
             listener = asyncio.create_task(self._listen(session))
             telemetry = asyncio.create_task(self._telemetry(session))
             watchdog = asyncio.create_task(sdnotify.watchdog(lambda: session.connected))
+            claims = asyncio.create_task(self._keep_claims())
             await self._stop.wait()
             # From here on nothing new is acknowledged: the broker keeps it for the next bridge
             # with this id (or another of the group); what was acknowledged is answered below.
@@ -168,7 +180,7 @@ class Bridge:
                 await asyncio.gather(*self._jobs, return_exceptions=True)
             if self._unacked:
                 await asyncio.wait(set(self._unacked), timeout=10)
-            await cancel_and_wait(telemetry, watchdog)
+            await cancel_and_wait(telemetry, watchdog, claims)
             await self._publish_telemetry(session)
 
     async def _listen(self, session: MqttSession) -> None:
@@ -212,15 +224,61 @@ class Bridge:
         if key in self._inflight:
             self.meter.inc("requests_duplicate_total", state="inflight")
             return
+        if self.shared is not None and not self._claim(session, key):
+            return
         over_budget = not self._budgets.take(device_id)
         if over_budget and self.upstream is None:
             self.meter.inc("requests_rate_limited_total")
+            self._release(key)
             refusal = self._result(device_id, trace_id, received, "rejected", reason="rate limited")
             self._spawn(self._publish(session, self._reply_topic(device_id), env.encode(refusal)))
             return
         # A site's bridge decides after routing: over budget is busy where the route hands up.
         self._inflight.add(key)
         self._spawn(self._handle(session, device_id, trace_id, bytes(message.payload), received, over_budget))
+
+    def _claim(self, session: MqttSession, key: tuple[str, str]) -> bool:
+        """Whether this bridge is to run the request: claimed in the shared dedupe, or the
+        kept answer published again, or left to the bridge of the group that holds it."""
+        assert self.shared is not None
+        try:
+            claim = self.shared.claim(*key)
+        except sqlite3.Error as exc:  # a request run twice beats a request lost
+            self.meter.inc("shared_dedupe_errors_total")
+            log.warning("%s: the shared dedupe failed (%s); running %s unclaimed", self.bridge_id, exc, key[1])
+            return True
+        if isinstance(claim, Answered):
+            self.meter.inc("requests_duplicate_total", state="answered_in_group")
+            self._remember(key, claim.payload)
+            self._spawn(self._publish(session, self._reply_topic(key[0]), claim.payload))
+            return False
+        if isinstance(claim, HeldElsewhere):
+            self.meter.inc("requests_duplicate_total", state="inflight_in_group")
+            return False
+        assert isinstance(claim, Claimed)
+        if claim.taken_from is not None:
+            self.meter.inc("shared_claims_taken_over_total")
+            log.info("%s: %s taken over from %s, whose lease ran out", self.bridge_id, key[1], claim.taken_from)
+        return True
+
+    def _release(self, key: tuple[str, str]) -> None:
+        if self.shared is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.shared.release(*key)
+
+    async def _keep_claims(self) -> None:
+        """Renew this bridge's open claims (so they outlive slow calls, not the bridge) and
+        forget old answers."""
+        if self.shared is None:
+            return
+        while True:
+            await asyncio.sleep(self.shared.lease_s / 3)
+            try:
+                self.shared.renew(list(self._inflight))
+                self.shared.prune()
+            except sqlite3.Error as exc:
+                self.meter.inc("shared_dedupe_errors_total")
+                log.warning("%s: renewing claims in the shared dedupe failed: %s", self.bridge_id, exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         spawn(self._jobs, coro)
@@ -240,6 +298,9 @@ class Bridge:
         payload = env.encode(result)
         if result.status != "unavailable":  # a passing state: a resend is served afresh
             self._remember((device_id, trace_id), payload)
+            self._keep_shared((device_id, trace_id), payload)
+        else:
+            self._release((device_id, trace_id))
         self._inflight.discard((device_id, trace_id))
         self.meter.inc("requests_total", status=result.status)
         topic = self._reply_topic(device_id)
@@ -542,6 +603,17 @@ class Bridge:
             hops=hops if self.hop_stamps else {},
             tier=self.tier,
         )
+
+    def _keep_shared(self, key: tuple[str, str], payload: bytes) -> None:
+        """The answer kept for the group before it is published, so a copy of the request on
+        another bridge is answered with it even if this bridge dies right after."""
+        if self.shared is None:
+            return
+        try:
+            self.shared.answer(*key, payload)
+        except sqlite3.Error as exc:
+            self.meter.inc("shared_dedupe_errors_total")
+            log.warning("%s: keeping the answer to %s in the shared dedupe failed: %s", self.bridge_id, key[1], exc)
 
     def _remember(self, key: tuple[str, str], payload: bytes) -> None:
         self._answered[key] = payload

@@ -4,7 +4,9 @@ An operator pushes a model once; devices that were offline, joined later or lost
 still get it. The distributor listens to the same announce and chunk topics the devices do,
 stores each artefact as it streams past (its persistent session keeps chunks queued at the
 broker while it restarts), and answers ``model/fetch/<device>/<model>`` by publishing exactly
-the chunks asked for on the ordinary chunk topic.
+the chunks asked for on that device's own ``model/resend/<device>/...`` topic: only the device
+that asked receives them, so a resend costs one copy, not one per device subscribed to the
+model (the operator's push is the one broadcast to the fleet).
 
 Everything it receives is checked before it is believed: a chunk must agree with its topic, its
 manifest and its own checksum; a version is served only after the whole artefact hashes to the
@@ -69,6 +71,7 @@ class FetchLimits:
 
 @dataclass(frozen=True)
 class _Send:
+    device: str
     name: str
     version: str
     index: int
@@ -304,7 +307,7 @@ class Distributor:
         key = (parsed["model"], parsed["version"])
         art = self._artefacts.get(key)
         if art is not None and (art.complete or art.verifying):
-            # Our own fetch answers come back to us (MQTT 3.1.1 has no no-local): nothing to do.
+            # A version pushed again after it was stored: nothing to do.
             self.meter.inc("distributor_chunks_ignored_total")
             return
         chunk = self._decoded(env.Chunk, payload, f"chunk {'/'.join(key)}/{parsed['index']}")
@@ -421,8 +424,8 @@ class Distributor:
         now = time.monotonic()
         budget = self._device_budget.bucket(device)
         for index in sorted(indices):
-            send = _Send(model, req.version, index)
-            if send in self._queued:  # another device asked for it already; one publish serves both
+            send = _Send(device, model, req.version, index)
+            if send in self._queued:  # this device asked for it already and it is still queued
                 self.meter.inc("distributor_chunks_coalesced_total")
                 continue
             length = delivery.expected_chunk_length(art.manifest, index)
@@ -470,7 +473,9 @@ class Distributor:
                     sha256=hashlib.sha256(data).hexdigest(),
                     data=data,
                 )
-                topic = topics.MODEL_CHUNK.build(model=send.name, version=send.version, index=send.index)
+                topic = topics.MODEL_RESEND.build(
+                    device_id=send.device, model=send.name, version=send.version, index=send.index
+                )
                 try:
                     await session.publish(topic, env.encode(chunk), qos=topics.MODEL_CHUNK.qos, timeout=30)
                 except NotConnected as exc:

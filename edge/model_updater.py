@@ -154,15 +154,19 @@ class ModelUpdater:
         return [
             (topics.MODEL_ANNOUNCE.build(model=self.name), topics.MODEL_ANNOUNCE.qos),
             (topics.MODEL_CHUNK.filter(model=self.name), topics.MODEL_CHUNK.qos),
+            # What the distributor resends to this device alone, answering its fetches.
+            (topics.MODEL_RESEND.filter(device_id=self.device_id, model=self.name), topics.MODEL_RESEND.qos),
         ]
 
     def wants(self, parsed: topics.ParsedTopic) -> bool:
-        return parsed.spec in (topics.MODEL_ANNOUNCE, topics.MODEL_CHUNK) and parsed["model"] == self.name
+        return parsed.spec in (topics.MODEL_ANNOUNCE, topics.MODEL_CHUNK, topics.MODEL_RESEND) and (
+            parsed["model"] == self.name
+        )
 
     # -- messages ----------------------------------------------------------------------------
 
     async def handle(self, parsed: topics.ParsedTopic, data: bytes | bytearray) -> None:
-        if parsed.spec is topics.MODEL_CHUNK:
+        if parsed.spec is topics.MODEL_CHUNK or parsed.spec is topics.MODEL_RESEND:
             await self._on_chunk(data)
         elif data:  # an empty retained announce is a withdrawn model: nothing to do
             await self._on_announce(data)

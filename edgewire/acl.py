@@ -7,9 +7,9 @@ rule goes with them: the MQTT client id is the username (:func:`identity_ok`), s
 log in with their own password and another's client id to knock that client off.
 
 A device is bound to its own topic levels: it publishes only under its own id, and reads only
-its own results, input and configuration, its fleet's configuration and the model topics. Only
-bridges publish results, only operators publish announces and configuration, only the
-distributor and operators (a push) publish chunks.
+its own results, input, resent chunks and configuration, its fleet's configuration and the
+model topics. Only bridges publish results, only operators publish announces, configuration and
+chunks for the fleet (a push), only the distributor resends chunks to one device.
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ RULES: dict[Role, tuple[Grant, ...]] = {
         "config/fleet/+",
         "model/announce/+",
         "model/chunk/+/+/+",
+        "model/resend/%u/+/+/+",
     ),
     "bridge": _OWN + _grants("read", "req/+/+") + _grants("write", "result/+"),
     "distributor": _OWN
     + _grants("read", "model/announce/+", "model/chunk/+/+/+", "model/fetch/+/+")
-    + _grants("write", "model/chunk/+/+/+"),
+    + _grants("write", "model/resend/+/+/+/+"),
     "operator": _OWN
     + _grants("read", "#")
     + _grants(

@@ -127,6 +127,9 @@ class MqttSession:
         self._closing = False
         self._holding = False
         self.connects = 0
+        # When the broker last accepted this client (time.monotonic()), for measuring how fast
+        # a fleet comes back after a broker restart.
+        self.connected_at = 0.0
         self._published = 0
         self.last_error: str | None = None
 
@@ -455,6 +458,7 @@ class MqttSession:
                 log.log(level, "%s: connect to %s failed: %s; retry in %.2fs", self.client_id, self.url, error, delay)
                 await asyncio.sleep(delay)
                 continue
+            self.connected_at = time.monotonic()
             self._backoff.reset()
             self.last_error = None
             try:

@@ -105,7 +105,15 @@ LOCAL = TopicSpec("local", "local/{device_id}", 0, False, env.LocalResults, "dev
 INPUT = TopicSpec("input", "input/{device_id}", 0, False, env.Frame, "any → device")
 MODEL_ANNOUNCE = TopicSpec("model_announce", "model/announce/{model}", 1, True, env.Manifest, "distributor → devices")
 MODEL_CHUNK = TopicSpec(
-    "model_chunk", "model/chunk/{model}/{version}/{index}", 1, False, env.Chunk, "distributor → devices"
+    "model_chunk", "model/chunk/{model}/{version}/{index}", 1, False, env.Chunk, "operator → devices"
+)
+MODEL_RESEND = TopicSpec(
+    "model_resend",
+    "model/resend/{device_id}/{model}/{version}/{index}",
+    1,
+    False,
+    env.Chunk,
+    "distributor → device",
 )
 MODEL_FETCH = TopicSpec(
     "model_fetch", "model/fetch/{device_id}/{model}", 1, False, env.FetchRequest, "device → distributor"
@@ -132,6 +140,7 @@ TOPICS: dict[str, TopicSpec] = {
         INPUT,
         MODEL_ANNOUNCE,
         MODEL_CHUNK,
+        MODEL_RESEND,
         MODEL_FETCH,
         MODEL_STATUS,
         PRESENCE,

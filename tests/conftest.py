@@ -117,12 +117,22 @@ class Mosquitto:
     """A Mosquitto process started from the shipped broker/mosquitto.conf on a free port.
 
     With ``files`` the shipped logins, ACL and client-id rule hold, with the given files; without,
-    the tests that are not about identities get the same broker open to anonymous clients."""
+    the tests that are not about identities get the same broker open to anonymous clients. With
+    ``persistence`` it saves its sessions and queued messages there every second, so a SIGKILLed
+    one restarts with what it held a moment before."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *, files: MosquittoFiles | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        files: MosquittoFiles | None = None,
+        persistence: Path | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.workdir = workdir
         self.files = files
+        self.persistence = persistence
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -140,6 +150,11 @@ class Mosquitto:
                 conf += "\nuser root\n"
             listener = f"listener {self.port} 127.0.0.1"
             conf = conf.replace(listener, f"{listener}\n{self.files.tls}" if self.files.tls else listener, 1)
+        if self.persistence is not None:
+            conf = re.sub(
+                r"^persistence false$", f"persistence true\npersistence_location {self.persistence}/", conf, flags=re.M
+            )
+            conf = re.sub(r"^autosave_interval .*$", "autosave_interval 1", conf, flags=re.M)
         path = self.workdir / f"mosquitto-{self.port}.conf"
         path.write_text(conf)
         self.proc = subprocess.Popen([exe, "-c", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -246,8 +246,14 @@ async def test_distributor_stores_a_push_and_serves_exactly_the_fetched_chunks(
 
         async with session(broker, "watcher") as sub, session(broker, "cam-1") as dev:
             await sub.subscribe(topics.MODEL_CHUNK.filter(model="m", version="1"), qos=1)
+            await sub.subscribe(topics.MODEL_RESEND.filter(model="m", version="1"), qos=1)  # every device's
             await dev.publish(*fetch("cam-1", "1", [[2, 4]]), qos=1)
-            got = [env.decode(env.Chunk, p) for _, p in await messages_until_quiet(sub, topics.MODEL_CHUNK)]
+            answers = await messages_until_quiet(sub, topics.MODEL_CHUNK, topics.MODEL_RESEND)
+            # Sent to the device that asked, on its own topic; nothing to the rest of the fleet.
+            assert sorted(t for t, _ in answers) == [
+                topics.MODEL_RESEND.build(device_id="cam-1", model="m", version="1", index=i) for i in (2, 3)
+            ]
+            got = [env.decode(env.Chunk, p) for _, p in answers]
             assert sorted(c.index for c in got) == [2, 3]
             for c in got:
                 assert c.data == data[c.index * CHUNK : (c.index + 1) * CHUNK]
@@ -260,7 +266,7 @@ async def test_distributor_stores_a_push_and_serves_exactly_the_fetched_chunks(
             await dev.publish(*fetch("cam-1", "1", [[3, 99]]), qos=1)
             await dev.publish(topics.MODEL_FETCH.build(device_id="cam-1", model="m"), b"\xc1garbage", qos=1)
             await until(lambda: d.rejected("payload") == 1)
-            assert await messages_until_quiet(sub, topics.MODEL_CHUNK, quiet_s=0.5) == []
+            assert await messages_until_quiet(sub, topics.MODEL_CHUNK, topics.MODEL_RESEND, quiet_s=0.5) == []
             assert d.rejected("fetch_device_mismatch") == 1
             assert d.rejected("fetch_unknown_version") == 1
             assert d.rejected("fetch_bad_ranges") == 1
@@ -276,7 +282,7 @@ async def test_distributor_stores_a_push_and_serves_exactly_the_fetched_chunks(
             assert not d.holds("m", "2")
 
             await dev.publish(*fetch("cam-1", "1", [[0, 1], [5, 6]]), qos=1)
-            got = [env.decode(env.Chunk, p) for _, p in await messages_until_quiet(sub, topics.MODEL_CHUNK)]
+            got = [env.decode(env.Chunk, p) for _, p in await messages_until_quiet(sub, topics.MODEL_RESEND)]
             assert sorted(c.index for c in got) == [0, 5] and d.chunks_served == 4
 
     # Restarted on the same store, it serves what it verified before without any push; a version
@@ -663,10 +669,10 @@ async def test_fetches_resend_no_more_than_the_fetch_budget(broker: BrokerHandle
         # A device within its own budget is served once the overall bucket has refilled a chunk.
         await asyncio.sleep(1.5)
         async with session(broker, "watcher-r") as sub, session(broker, "cam-r") as dev:
-            await sub.subscribe(topics.MODEL_CHUNK.filter(model="m", version="1"), qos=1)
+            await sub.subscribe(topics.MODEL_RESEND.filter(device_id="cam-r", model="m", version="1"), qos=1)
             req = env.FetchRequest(device_id="cam-r", name="m", version="1", ranges=[[7, 8]])
             await dev.publish(topics.MODEL_FETCH.build(device_id="cam-r", model="m"), env.encode(req), qos=1)
-            got = [env.decode(env.Chunk, p) for _, p in await messages_until_quiet(sub, topics.MODEL_CHUNK)]
+            got = [env.decode(env.Chunk, p) for _, p in await messages_until_quiet(sub, topics.MODEL_RESEND)]
         assert [c.index for c in got] == [7]
 
 

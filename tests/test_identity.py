@@ -129,6 +129,13 @@ def test_rules_bind_each_device_to_its_own_topics() -> None:
     assert acl.allowed("device", "cam-a", "read", topics.MODEL_CHUNK.filter(model="m"))
     for family in ("model/announce/m", "model/chunk/m/1/0", "result/cam-a", "config/desired/cam-a"):
         assert not acl.allowed("device", "cam-a", "write", family)
+    mine = topics.MODEL_RESEND.filter(device_id="cam-a", model="m")
+    assert acl.allowed("device", "cam-a", "read", mine)
+    assert not acl.allowed("device", "cam-b", "read", mine)
+    assert not acl.allowed("device", "cam-a", "read", topics.MODEL_RESEND.filter())  # every device's
+    assert not acl.allowed("device", "cam-a", "write", topics.MODEL_RESEND.build(
+        device_id="cam-a", model="m", version="1", index=0))  # fmt: skip
+    assert acl.allowed("distributor", "distributor-1", "write", topics.MODEL_RESEND.filter())
     assert acl.allowed("bridge", "bridge-1", "read", topics.REQUEST.shared_filter("bridges"))
     assert acl.allowed("bridge", "bridge-1", "write", "presence/bridge-1")
     assert not acl.allowed("device", "a+", "read", "result/a+")
@@ -160,6 +167,7 @@ async def test_a_device_reads_and_writes_only_its_own_topics(fleet: Fleet) -> No
             "result/cam-a",
             "model/announce/m",
             "model/chunk/m/1/0",
+            "model/resend/cam-a/m/1/0",
             "config/desired/cam-a",
         ]
         for topic in forged:
@@ -177,6 +185,25 @@ async def test_a_device_reads_and_writes_only_its_own_topics(fleet: Fleet) -> No
         with contextlib.suppress(aiomqtt.MqttError):
             await a.publish("req/cam-a/0123456789abcdef", b"a request", qos=1)
         assert await next_message(b, 1.0) is None  # neither cam-a's answer nor its request reached cam-b
+
+
+async def test_a_resent_chunk_reaches_only_the_device_it_is_for(fleet: Fleet) -> None:
+    """The distributor answers cam-a's fetch on cam-a's resend topic: cam-b, asking for it by
+    name or by wildcard, never receives it."""
+    async with fleet.client("cam-a") as a, fleet.client("cam-b") as b:
+        await a.subscribe(topics.MODEL_RESEND.filter(device_id="cam-a"), qos=1)
+        for theirs in (topics.MODEL_RESEND.filter(device_id="cam-a"), topics.MODEL_RESEND.filter(), "model/#"):
+            granted = await b.subscribe(theirs, qos=1)
+            if fleet.kind == "amqtt":  # refused outright; Mosquitto grants it and delivers nothing of it
+                assert [int(getattr(g, "value", g)) for g in granted] == [0x80], (theirs, granted)
+        await b.subscribe(topics.MODEL_RESEND.filter(device_id="cam-b"), qos=1)
+        async with fleet.client("distributor-1") as distributor:
+            await distributor.publish(
+                topics.MODEL_RESEND.build(device_id="cam-a", model="m", version="1", index=0), b"chunk", qos=1
+            )
+        got = await next_message(a, 3)
+        assert got is not None and got.payload == b"chunk"
+        assert await next_message(b, 1.0) is None
 
 
 async def test_no_one_takes_over_another_client_id(fleet: Fleet) -> None:

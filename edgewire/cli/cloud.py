@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Annotated
 
@@ -26,22 +27,35 @@ def bridge(
     decode_workers: Annotated[
         int, typer.Option(min=0, help="processes decoding request images beside the event loop; 0: decode on it")
     ] = 1,
+    dedupe_db: Annotated[
+        Path | None,
+        typer.Option(
+            "--dedupe-db",
+            envvar="EDGEWIRE_BRIDGE_DEDUPE_DB",
+            help="SQLite file shared by the bridges of one group on this host: a request runs once across them",
+        ),
+    ] = None,
+    dedupe_lease_s: Annotated[
+        float, typer.Option(min=1.0, help="how long a dead bridge's claim on a request holds it (--dedupe-db)")
+    ] = 15.0,
 ) -> None:
     """Serve escalations: subscribe to requests, dispatch to Triton, publish results."""
     from edgewire.cloud_bridge.bridge import Bridge
     from edgewire.cloud_bridge.dispatch import Dispatcher
     from edgewire.cloud_bridge.rules import default_rules, load_rules
+    from edgewire.cloud_bridge.shared_dedupe import SharedDedupe
     from edgewire.metrics import serve
 
     settings = broker_settings(broker_url)
     try:
         rules = load_rules(rules_file) if rules_file else default_rules(model)
         dispatcher = Dispatcher(triton)
-    except (EdgewireError, ValueError) as exc:
+        shared = None if dedupe_db is None else SharedDedupe(dedupe_db, bridge_id, lease_s=dedupe_lease_s)
+    except (EdgewireError, ValueError, sqlite3.Error) as exc:
         raise fail(exc) from None
     if metrics_port is not None:
         serve(metrics_port, metrics_host)
-    b = Bridge(bridge_id, settings, dispatcher, rules, group=group, decode_workers=decode_workers)
+    b = Bridge(bridge_id, settings, dispatcher, rules, group=group, decode_workers=decode_workers, shared=shared)
     console.print(f"bridge {bridge_id}: {broker_url} → {', '.join(triton)}")
 
     async def run() -> None:

@@ -192,6 +192,7 @@ class SimDevice:
         await self.session.__aenter__()
         await self.session.subscribe(self.reply_to, qos=1)
         await self.session.subscribe(topics.MODEL_ANNOUNCE.filter(), qos=1)
+        await self.session.subscribe(topics.MODEL_RESEND.filter(device_id=self.device_id), qos=1)
         name = self.device_id
         self._tasks = [
             asyncio.create_task(self._receive(), name=f"{name}-rx"),
@@ -330,7 +331,7 @@ class SimDevice:
             try:
                 topic = message.topic
                 if topic.startswith("model/chunk/") and not self._wants_chunk(topic):
-                    self.stats.chunks += 1  # every device subscribed to a version gets every resend
+                    self.stats.chunks += 1  # a chunk of a push it holds already
                     continue
                 payload = bytes(message.payload)
                 if topic == self.reply_to:
@@ -338,7 +339,7 @@ class SimDevice:
                 elif topic.startswith("model/announce/"):
                     if payload:
                         await self._announce(env.decode(env.Manifest, payload))
-                elif topic.startswith("model/chunk/"):
+                elif topic.startswith(("model/chunk/", "model/resend/")):
                     await self._chunk(env.decode(env.Chunk, payload))
             except DecodeError as exc:
                 log.warning("%s: dropped a malformed message on %s: %s", self.device_id, message.topic, exc)

@@ -9,8 +9,8 @@ persistent session (``cleansession false``) on each side, and flows once the upl
 What crosses the uplink, per topics.md:
 
 - up (``out``): requests, presence, telemetry, model statuses and fetches, reported configs;
-- down (``in``): results and desired configs of *this site's devices only* (one topic line per
-  device), announces, chunks and fleet configs.
+- down (``in``): results, desired configs and resent chunks of *this site's devices only* (one
+  topic line per device and family), announces, chunks and fleet configs.
 
 So a site broker never holds another site's answers or configs, and its ACL binds each device
 (username = device id) to its own topics. Device ids are unique across the fleet (flash checks),
@@ -68,7 +68,7 @@ UP = [
 # Down for every device of the site.
 DOWN_SHARED = [("model/announce/#", 1), ("model/chunk/#", 1), ("config/fleet/#", 1)]
 # Down per device: each site gets only its own devices' answers and configs.
-DOWN_PER_DEVICE = [("result/{device}", 1), ("config/desired/{device}", 1)]
+DOWN_PER_DEVICE = [("result/{device}", 1), ("config/desired/{device}", 1), ("model/resend/{device}/#", 1)]
 
 
 def _mqtt_url(value: str) -> str:
@@ -218,7 +218,7 @@ def render_site_conf(site: Site, central: Central, devices: list[str], *, secret
         )
     for pattern, qos in UP:
         lines.append(f"topic {pattern} out {qos}" + (_PREFIXED if tiered and pattern == "req/#" else ""))
-    lines.append("# down: announces, chunks and fleet configs for all; answers and configs per device")
+    lines.append("# down: announces, chunks and fleet configs for all; answers, configs and resent chunks per device")
     if tiered:
         lines.append(f"# answers to the site's bridge only: result/<id> centrally is {UPLINK_PREFIX}result/<id> here")
     lines += [f"topic {pattern} in {qos}" for pattern, qos in DOWN_SHARED]
@@ -259,6 +259,7 @@ def render_site_acl(site: Site) -> str:
         "pattern write telemetry/%u\n"
         "pattern read model/announce/#\n"
         "pattern read model/chunk/#\n"
+        "pattern read model/resend/%u/#\n"
         "pattern write model/fetch/%u/#\n"
         "pattern write model/status/%u/#\n"
         "pattern read config/desired/%u\n"
@@ -283,6 +284,7 @@ def render_central_acl(sites: list[Site], devices_by_site: dict[str, list[str]])
                 f"topic write config/reported/{device}",
                 f"topic read result/{device}",
                 f"topic read config/desired/{device}",
+                f"topic read model/resend/{device}/#",
             ]
         lines += ["topic read model/announce/#", "topic read model/chunk/#", "topic read config/fleet/#"]
         if site.tier is not None:  # the site's own bridge announces itself through the uplink
