@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -274,9 +275,19 @@ class EdgeAgent:
         assert self._stop is not None
         stop = self._stop
         frames = Backlog(self.config.pipeline.queue_size)
-        # One batch per worker in flight, plus one being published.
-        inflight: asyncio.Queue[asyncio.Future[_Batch] | None] = asyncio.Queue(self._workers + 1)
+        # Batches handed to the workers and not yet finished, oldest first: one per worker, one
+        # waiting for a free worker, one being published.
+        running: deque[asyncio.Future[_Batch]] = deque()
+        depth = self._workers + 2
         limit = self.config.source.max_frames
+
+        def feed() -> None:
+            # Called whenever frames arrive or a batch is finished, so the workers are kept busy
+            # without a task of their own to wake for every batch.
+            while len(running) < depth and (group := frames.take_now(self._max_batch)):
+                waiting = len(frames)
+                self.meter.set("queue_depth", waiting)
+                running.append(run_on(self._executor, self._infer, group, self._pick_model(waiting)))
 
         async def read_source() -> None:
             try:
@@ -287,20 +298,14 @@ class EdgeAgent:
                         self._first_frame = time.monotonic()
                     if limit is not None and chunk[-1].seq + 1 >= limit:
                         await frames.put([frame for frame in chunk if frame.seq < limit])
+                        feed()
                         break
                     await frames.put(chunk)
+                    feed()
             except SourceError as exc:
                 log.error("%s: source failed: %s", self.config.device_id, exc)
             finally:
                 frames.close()
-
-        async def batch() -> None:
-            while group := await frames.take(self._max_batch):
-                waiting = len(frames)
-                self.meter.set("queue_depth", waiting)
-                model = self._pick_model(waiting)
-                await inflight.put(run_on(self._executor, self._infer, group, model))
-            await inflight.put(None)
 
         async def finish() -> None:
             # Results go out without waiting for each write; all are written before returning.
@@ -311,16 +316,25 @@ class EdgeAgent:
                 self.config.device_id,
                 self.config.publish.local_min_interval_ms / 1000.0,
             )
-            while (fut := await inflight.get()) is not None:
-                await self._finish(session, await fut, stream)
+            while True:
+                feed()
+                if running:
+                    batch = await running[0]
+                    running.popleft()
+                    await self._finish(session, batch, stream)
+                elif frames.drained:
+                    break
+                else:
+                    await frames.arrival()
             await stream.drain()
 
         reader = asyncio.create_task(read_source(), name="source")
-        batcher = asyncio.create_task(batch(), name="batch")
         try:
             await finish()
         finally:
-            await cancel_and_wait(reader, batcher)
+            for unfinished in running:
+                unfinished.cancel()
+            await cancel_and_wait(reader)
 
     def _pick_model(self, waiting: int) -> ActiveModel:
         """The lighter fallback serves while degraded and the frame queue is half full or more."""

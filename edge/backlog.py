@@ -2,7 +2,9 @@
 
 An ``asyncio.Queue`` costs a dozen Python calls per frame on each side, which on a two-core
 device is time taken from decoding; here the source's chunk goes in with one ``extend`` and a
-micro-batch comes out in one pass. One reader, one taker.
+micro-batch comes out in one pass. One reader, one taker; the taker may take without waiting
+(:meth:`Backlog.take_now`) whenever it has room for more work, and wait (:meth:`Backlog.arrival`)
+only when it has nothing else to do.
 """
 
 from __future__ import annotations
@@ -41,15 +43,32 @@ class Backlog:
         self._closed = True
         self._arrived.set()
 
+    @property
+    def drained(self) -> bool:
+        """Closed, and every frame taken."""
+        return self._closed and not self._frames
+
     async def take(self, most: int) -> list[Frame]:
         """The oldest frames, at least one and at most ``most``; empty once closed and drained."""
-        frames = self._frames
-        while not frames:
+        while not self._frames:
             if self._closed:
                 return []
-            self._arrived.clear()
-            await self._arrived.wait()
+            await self.arrival()
+        return self.take_now(most)
+
+    async def arrival(self) -> None:
+        """Until frames are put or the backlog is closed; at once when frames wait or it is."""
+        if self._frames or self._closed:
+            return
+        self._arrived.clear()
+        await self._arrived.wait()
+
+    def take_now(self, most: int) -> list[Frame]:
+        """The oldest frames, at most ``most``, without waiting: empty when none are queued."""
+        frames = self._frames
         count = min(most, len(frames))
+        if not count:
+            return []
         batch = [frames.popleft() for _ in range(count)]
         if not self._room.is_set():
             self._room.set()
