@@ -291,7 +291,9 @@ class EdgeAgent:
 
         async def read_source() -> None:
             try:
-                async for chunk in chunks(self.source, min(self._max_batch, frames.limit)):
+                # Chunks of half the backlog: the reader wakes once per two batches, not each.
+                most = min(frames.limit, max(self._max_batch, frames.limit // 2))
+                async for chunk in chunks(self.source, most):
                     if stop.is_set():
                         break
                     if self._first_frame is None:

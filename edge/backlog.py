@@ -22,6 +22,8 @@ class Backlog:
         self._arrived = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        #: Size of the chunk waiting to be put, while one waits.
+        self._wanted = 0
         self._closed = False
 
     def __len__(self) -> int:
@@ -32,8 +34,10 @@ class Backlog:
         limit is not held back forever)."""
         waiting = self._frames
         while waiting and len(waiting) + len(frames) > self.limit:
+            self._wanted = len(frames)
             self._room.clear()
             await self._room.wait()
+        self._wanted = 0
         waiting.extend(frames)
         if frames and not self._arrived.is_set():
             self._arrived.set()
@@ -70,6 +74,7 @@ class Backlog:
         if not count:
             return []
         batch = [frames.popleft() for _ in range(count)]
-        if not self._room.is_set():
+        # The reader is woken once its chunk fits, not for every frame taken before then.
+        if not self._room.is_set() and (not frames or len(frames) + self._wanted <= self.limit):
             self._room.set()
         return batch
