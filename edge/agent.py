@@ -76,6 +76,10 @@ class _Batch:
     #: Encoded bytes of the hard frames, by index in ``frames``, read on the worker thread.
     payloads: dict[int, bytes] = field(default_factory=dict)
     infer_s: float = 0.0
+    #: A classifier's answers as made on the worker (every frame complete, a hard one flagged
+    #: degraded), and their trace ids; the event loop changes only the frames it escalates.
+    answers: LocalRows | None = None
+    trace_ids: list[str] = field(default_factory=list)
 
 
 class EdgeAgent:
@@ -383,6 +387,21 @@ class EdgeAgent:
             out.ok = []
             return out
         out.infer_s = time.perf_counter() - t0
+        # The answers are made here, by the worker that has the batch in hand, rather than on the
+        # event loop while both workers wait for it to hand back the interpreter.
+        meta = model.meta
+        out.trace_ids = new_trace_ids(len(out.ok))
+        out.answers = answered_here(
+            [group[i] for i in out.ok] if out.failures else group,
+            out.verdicts,
+            device_id=self.config.device_id,
+            trace_ids=out.trace_ids,
+            model=meta.name,
+            version=meta.version,
+            now=time.time(),
+        )
+        if self.config.publish.local_results:
+            out.answers.packed()
         if self.config.cloud is not None:
             for j in out.verdicts.hard:
                 i = out.ok[j]
@@ -434,21 +453,11 @@ class EdgeAgent:
         if batch.objects is not None:
             await self._finish_objects(session, batch, stream)
             return
-        verdicts = batch.verdicts
-        if verdicts is None or not len(verdicts):
+        verdicts, results = batch.verdicts, batch.answers
+        if verdicts is None or results is None or not len(verdicts):
             return
-        frames, meta = batch.frames, batch.model.meta
+        frames, meta, trace_ids = batch.frames, batch.model.meta, batch.trace_ids
         # Every frame is answered here at once unless it is hard and has the cloud to go to.
-        trace_ids = new_trace_ids(len(verdicts))
-        results = answered_here(
-            [frames[i] for i in batch.ok] if batch.failures else frames,
-            verdicts,
-            device_id=self.config.device_id,
-            trace_ids=trace_ids,
-            model=meta.name,
-            version=meta.version,
-            now=time.time(),
-        )
         completed = len(verdicts)
         esc = self.escalations
         for j in verdicts.hard:
