@@ -279,10 +279,11 @@ class EdgeAgent:
         assert self._stop is not None
         stop = self._stop
         frames = Backlog(self.config.pipeline.queue_size)
-        # Batches handed to the workers and not yet finished, oldest first: one per worker, one
-        # waiting for a free worker, one being published.
+        # Batches handed to the workers and not yet finished, oldest first: per worker the one it
+        # runs and the one it takes next, plus two the loop finishes (it is woken once per two,
+        # see handoff).
         running: deque[asyncio.Future[_Batch]] = deque()
-        depth = self._workers + 2
+        depth = 2 * self._workers + 2
         limit = self.config.source.max_frames
 
         def feed() -> None:
@@ -291,7 +292,7 @@ class EdgeAgent:
             while len(running) < depth and (group := frames.take_now(self._max_batch)):
                 waiting = len(frames)
                 self.meter.set("queue_depth", waiting)
-                running.append(run_on(self._executor, self._infer, group, self._pick_model(waiting)))
+                running.append(run_on(self._executor, self._infer, group, self._pick_model(waiting), together=True))
 
         async def read_source() -> None:
             try:

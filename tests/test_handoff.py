@@ -67,3 +67,16 @@ async def test_results_finished_before_the_loop_wakes_are_settled_together_and_i
         assert await asyncio.wait_for(asyncio.gather(*futures), 5) == [0, 1, 2, 3]
         more = [run_on(pool, lambda i=i: i * 10) for i in range(20)]
         assert await asyncio.wait_for(asyncio.gather(*more), 5) == [i * 10 for i in range(20)]
+
+
+async def test_together_a_result_waits_for_the_next_in_flight_and_never_when_alone() -> None:
+    release = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        alone = run_on(pool, lambda: "alone", together=True)
+        assert await asyncio.wait_for(alone, 5) == "alone"
+        first = run_on(pool, lambda: "first", together=True)
+        second = run_on(pool, lambda: release.wait(5) and "second", together=True)
+        await asyncio.sleep(0.2)
+        assert not first.done()  # finished on its worker, settled with the next result
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(first, second), 5) == ["first", "second"]
