@@ -74,9 +74,9 @@ async def test_together_a_result_waits_for_the_next_in_flight_and_never_when_alo
     with ThreadPoolExecutor(2) as pool:
         alone = run_on(pool, lambda: "alone", together=True)
         assert await asyncio.wait_for(alone, 5) == "alone"
-        first = run_on(pool, lambda: "first", together=True)
-        second = run_on(pool, lambda: release.wait(5) and "second", together=True)
+        slow = run_on(pool, lambda: release.wait(5) and "slow", together=True)
+        quick = run_on(pool, lambda: "quick", together=True)
         await asyncio.sleep(0.2)
-        assert not first.done()  # finished on its worker, settled with the next result
+        assert not quick.done()  # finished on its worker, settled with the next result
         release.set()
-        assert await asyncio.wait_for(asyncio.gather(first, second), 5) == ["first", "second"]
+        assert await asyncio.wait_for(asyncio.gather(slow, quick), 5) == ["slow", "quick"]
