@@ -1,8 +1,8 @@
 """The device agent: source -> decode/preprocess/infer/judge (worker threads) -> task -> publish.
 
-Decoding, preprocessing, inference and judging run on worker threads, a micro-batch at a time,
-so the event loop stays free to read the source and move messages; batches are still finished
-strictly in frame order. Hard frames go to the cloud (:mod:`.escalation`) and wait for their
+Decoding, preprocessing, inference, judging and a classifier's answers (rows packed for the
+wire) run on worker threads, a micro-batch at a time, so the event loop stays free to read the
+source and move messages; batches are still finished strictly in frame order. Hard frames go to the cloud (:mod:`.escalation`) and wait for their
 answer or their deadline; everything else is answered at once.
 
 A missing broker or cloud never stops the device. It switches to degraded mode (:mod:`.mode`,
