@@ -1,8 +1,8 @@
 """The device agent: source -> decode/preprocess/infer/judge (worker threads) -> task -> publish.
 
-Decoding, preprocessing, inference and judging run on worker threads, a micro-batch at a time,
-so the event loop stays free to read the source and move messages; batches are still finished
-strictly in frame order. Hard frames go to the cloud (:mod:`.escalation`) and wait for their
+Decoding, preprocessing, inference, judging and a classifier's answers (rows packed for the
+wire) run on worker threads, a micro-batch at a time, so the event loop stays free to read the
+source and move messages; batches are still finished strictly in frame order. Hard frames go to the cloud (:mod:`.escalation`) and wait for their
 answer or their deadline; everything else is answered at once.
 
 A missing broker or cloud never stops the device. It switches to degraded mode (:mod:`.mode`,
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -72,6 +73,10 @@ class _Batch:
     #: Encoded bytes of the hard frames, by index in ``frames``, read on the worker thread.
     payloads: dict[int, bytes] = field(default_factory=dict)
     infer_s: float = 0.0
+    #: A classifier's answers as made on the worker (every frame complete, a hard one flagged
+    #: degraded), and their trace ids; the event loop changes only the frames it escalates.
+    answers: LocalRows | None = None
+    trace_ids: list[str] = field(default_factory=list)
 
 
 class EdgeAgent:
@@ -273,33 +278,40 @@ class EdgeAgent:
         assert self._stop is not None
         stop = self._stop
         frames = Backlog(self.config.pipeline.queue_size)
-        # One batch per worker in flight, plus one being published.
-        inflight: asyncio.Queue[asyncio.Future[_Batch] | None] = asyncio.Queue(self._workers + 1)
+        # Batches handed to the workers and not yet finished, oldest first: per worker the one it
+        # runs and the one it takes next, plus two the loop finishes (it is woken once per two,
+        # see handoff).
+        running: deque[asyncio.Future[_Batch]] = deque()
+        depth = 2 * self._workers + 2
         limit = self.config.source.max_frames
+
+        def feed() -> None:
+            # Called whenever frames arrive or a batch is finished, so the workers are kept busy
+            # without a task of their own to wake for every batch.
+            while len(running) < depth and (group := frames.take_now(self._max_batch)):
+                waiting = len(frames)
+                self.meter.set("queue_depth", waiting)
+                running.append(run_on(self._executor, self._infer, group, self._pick_model(waiting), together=True))
 
         async def read_source() -> None:
             try:
-                async for chunk in chunks(self.source, min(self._max_batch, frames.limit)):
+                # Chunks of half the backlog: the reader wakes once per two batches, not each.
+                most = min(frames.limit, max(self._max_batch, frames.limit // 2))
+                async for chunk in chunks(self.source, most):
                     if stop.is_set():
                         break
                     if self._first_frame is None:
                         self._first_frame = time.monotonic()
                     if limit is not None and chunk[-1].seq + 1 >= limit:
                         await frames.put([frame for frame in chunk if frame.seq < limit])
+                        feed()
                         break
                     await frames.put(chunk)
+                    feed()
             except SourceError as exc:
                 log.error("%s: source failed: %s", self.config.device_id, exc)
             finally:
                 frames.close()
-
-        async def batch() -> None:
-            while group := await frames.take(self._max_batch):
-                waiting = len(frames)
-                self.meter.set("queue_depth", waiting)
-                model = self._pick_model(waiting)
-                await inflight.put(run_on(self._executor, self._infer, group, model))
-            await inflight.put(None)
 
         async def finish() -> None:
             # Results go out without waiting for each write; all are written before returning.
@@ -310,16 +322,25 @@ class EdgeAgent:
                 self.config.device_id,
                 self.config.publish.local_min_interval_ms / 1000.0,
             )
-            while (fut := await inflight.get()) is not None:
-                await self._finish(session, await fut, stream)
+            while True:
+                feed()
+                if running:
+                    batch = await running[0]
+                    running.popleft()
+                    await self._finish(session, batch, stream)
+                elif frames.drained:
+                    break
+                else:
+                    await frames.arrival()
             await stream.drain()
 
         reader = asyncio.create_task(read_source(), name="source")
-        batcher = asyncio.create_task(batch(), name="batch")
         try:
             await finish()
         finally:
-            await cancel_and_wait(reader, batcher)
+            for unfinished in running:
+                unfinished.cancel()
+            await cancel_and_wait(reader)
 
     def _pick_model(self, waiting: int) -> ActiveModel:
         """The lighter fallback serves while degraded and the frame queue is half full or more."""
@@ -373,6 +394,21 @@ class EdgeAgent:
             out.ok = []
             return out
         out.infer_s = time.perf_counter() - t0
+        # The answers are made here, by the worker that has the batch in hand, rather than on the
+        # event loop while both workers wait for it to hand back the interpreter.
+        meta = model.meta
+        out.trace_ids = new_trace_ids(len(out.ok))
+        out.answers = answered_here(
+            [group[i] for i in out.ok] if out.failures else group,
+            out.verdicts,
+            device_id=self.config.device_id,
+            trace_ids=out.trace_ids,
+            model=meta.name,
+            version=meta.version,
+            now=time.time(),
+        )
+        if self.config.publish.local_results:
+            out.answers.packed()
         if self.config.cloud is not None:
             for j in out.verdicts.hard:
                 i = out.ok[j]
@@ -396,21 +432,11 @@ class EdgeAgent:
                 self._last_done = time.monotonic()
                 await self._publish_local(session, results, stream)
             return
-        verdicts = batch.verdicts
-        if verdicts is None or not len(verdicts):
+        verdicts, results = batch.verdicts, batch.answers
+        if verdicts is None or results is None or not len(verdicts):
             return
-        frames, meta = batch.frames, batch.model.meta
+        frames, meta, trace_ids = batch.frames, batch.model.meta, batch.trace_ids
         # Every frame is answered here at once unless it is hard and has the cloud to go to.
-        trace_ids = new_trace_ids(len(verdicts))
-        results = answered_here(
-            [frames[i] for i in batch.ok] if batch.failures else frames,
-            verdicts,
-            device_id=self.config.device_id,
-            trace_ids=trace_ids,
-            model=meta.name,
-            version=meta.version,
-            now=time.time(),
-        )
         completed = len(verdicts)
         esc = self.escalations
         for j in verdicts.hard:

@@ -3,33 +3,90 @@
 ``loop.run_in_executor`` chains a concurrent future to an asyncio future (callbacks both ways,
 a state copy, a lock) for every call. The device hands one micro-batch to its workers every few
 milliseconds on a two-core board, where that bookkeeping is time taken from decoding; here a
-call costs one asyncio future and one thread-safe callback.
+call costs one asyncio future, and results that finish while the loop has not yet woken for an
+earlier one ride on that wake-up: a loop that is slow to get a core (a busy device) is woken
+once for several results, not once each.
+
+Each wake-up has a price beyond its own work: the loop takes the interpreter for as long as it
+handles what came back, and a worker that has just finished a batch, about to start its next,
+waits for it. So a caller that keeps several batches in flight may ask (``together=True``) for
+a finished result to wait for the next one of the same executor, unless nothing else of it is in
+flight or a wake-up is already due: the loop wakes once per two batches, at the cost of a
+result sitting one batch time at most. Work run that way must never wait for the loop to take
+an earlier result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+_Outcome = tuple["asyncio.Future[Any]", Any, "BaseException | None"]
 
-def run_on(executor: Executor, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+
+class _Settler:
+    """Outcomes of one executor's work waiting to be settled on one loop, how much of that work
+    is still in flight, and whether the loop is already asked to settle."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[_Outcome] = []
+        self._in_flight = 0
+        self._asked = False
+
+    def started(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def put(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None, together: bool) -> None:
+        """From a worker thread: settle ``future`` on the loop."""
+        with self._lock:
+            self._ready.append((future, result, exc))
+            self._in_flight -= 1
+            if self._asked:
+                return  # the loop is already asked to settle the ones before, and takes this too
+            if together and self._in_flight and len(self._ready) < 2:
+                return  # the next result to finish asks for both
+            self._asked = True
+        self.loop.call_soon_threadsafe(self._settle_ready)
+
+    def _settle_ready(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+            self._asked = False
+        for future, result, exc in ready:
+            _settle(future, result, exc)
+
+
+_SETTLERS: weakref.WeakKeyDictionary[Executor, _Settler] = weakref.WeakKeyDictionary()
+
+
+def run_on(executor: Executor, fn: Callable[..., T], *args: Any, together: bool = False) -> asyncio.Future[T]:
     """Run ``fn(*args)`` on ``executor``; the future settles on the running loop with its result
-    or its exception. Cancelling the future does not stop work already started."""
+    or its exception. Cancelling the future does not stop work already started. ``together``:
+    settle with the next result of the same executor when more of its work is in flight."""
     loop = asyncio.get_running_loop()
+    settler = _SETTLERS.get(executor)
+    if settler is None or settler.loop is not loop:
+        settler = _SETTLERS[executor] = _Settler(loop)
     future: asyncio.Future[T] = loop.create_future()
 
     def work() -> None:
         try:
             result = fn(*args)
         except BaseException as exc:  # handed to the awaiting coroutine, as run_in_executor does
-            loop.call_soon_threadsafe(_settle, future, None, exc)
+            settler.put(future, None, exc, together)
         else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
+            settler.put(future, result, None, together)
 
+    settler.started()
     executor.submit(work)
     return future
 

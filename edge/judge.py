@@ -73,7 +73,7 @@ class Judge:
         self.settings = settings
         self.labels = labels
         unknown = set(settings.unknown_labels)
-        self._unknown = np.array([label in unknown for label in labels], dtype=bool)
+        self._unknown_indices = frozenset(i for i, label in enumerate(labels) if label in unknown)
 
     @property
     def wants_sharpness(self) -> bool:
@@ -91,22 +91,29 @@ class Judge:
             raise ValueError(f"model gives {classes} classes but declares {len(self.labels)} labels")
         best, conf, margin = top2(probs)
         s = self.settings
-        codes = (conf < s.min_confidence).astype(np.intp)
-        codes |= (margin < s.min_margin).astype(np.intp) << 1
-        codes |= self._unknown[best].astype(np.intp) << 2
+        # Thresholds in the probabilities' own precision, as an array comparison would take them.
+        cast = probs.dtype.type
+        min_conf, min_margin = float(cast(s.min_confidence)), float(cast(s.min_margin))
+        index, confidence, margins = best.tolist(), conf.tolist(), margin.tolist()
+        # A batch is a handful of rows: plain Python over lists costs less than an array
+        # operation per policy, and this runs on the workers while they hold the interpreter.
+        unknown = self._unknown_indices
+        codes = [
+            (c < min_conf) | (m < min_margin) << 1 | (k in unknown) << 2
+            for c, m, k in zip(confidence, margins, index, strict=True)
+        ]
         sharp: list[float | None] = [None] * n if sharpness is None else list(sharpness)
         if s.min_sharpness is not None and sharpness is not None:
-            blurry = np.array([v is not None and v < s.min_sharpness for v in sharp], dtype=np.intp)
-            codes |= blurry << 3
-        index = best.tolist()
-        code_list = codes.tolist()
+            limit = s.min_sharpness
+            codes = [code | (v is not None and v < limit) << 3 for code, v in zip(codes, sharp, strict=True)]
         labels = self.labels
+        reasons = _REASONS
         return Verdicts(
             labels=[labels[k] for k in index],
             class_index=index,
-            confidence=conf.astype(np.float64).tolist(),
-            margin=margin.astype(np.float64).tolist(),
-            reasons=[_REASONS[c] for c in code_list],
+            confidence=confidence,
+            margin=margins,
+            reasons=[reasons[c] for c in codes],
             sharpness=sharp,
-            hard=[i for i, c in enumerate(code_list) if c],
+            hard=[i for i, c in enumerate(codes) if c],
         )

@@ -24,13 +24,15 @@ Row = dict[str, Any]
 
 
 class LocalRows:
-    """Outcomes of one batch in frame order, as rows; envelope objects are made on demand."""
+    """Outcomes of one batch in frame order, as rows; envelope objects are made on demand, and
+    the rows' wire bytes once (:meth:`packed`, on a worker thread for the frame path)."""
 
-    __slots__ = ("_objects", "rows")
+    __slots__ = ("_objects", "_packed", "rows")
 
     def __init__(self, rows: list[Row] | None = None) -> None:
         self.rows: list[Row] = rows if rows is not None else []
         self._objects: dict[int, env.LocalResult] = {}
+        self._packed: bytes | None = None
 
     @classmethod
     def of(cls, results: list[env.LocalResult]) -> LocalRows:
@@ -45,16 +47,40 @@ class LocalRows:
         """Row ``i`` is this envelope instead (a frame that waits for the cloud)."""
         self._objects[i] = result
         self.rows[i] = result.model_dump(mode="python")
+        self._packed = None
 
     def envelopes(self) -> Iterator[env.LocalResult]:
         for i, row in enumerate(self.rows):
             result = self._objects.get(i)
             yield result if result is not None else _envelope(row)
 
+    def packed(self) -> bytes:
+        """The rows' wire bytes, one after the other (the items of the ``results`` array)."""
+        if self._packed is None:
+            whole = msgpack.packb(self.rows, use_bin_type=True)
+            self._packed = whole[len(_array_header(len(self.rows))) :]
+        return self._packed
+
     def encode(self, device_id: str) -> bytes:
         """The LocalResults payload, byte for byte what ``envelopes.encode`` gives."""
-        message = {"v": env.SCHEMA_VERSION, "device_id": device_id, "results": self.rows}
-        return msgpack.packb(message, use_bin_type=True)
+        return encode_packed(device_id, [self.packed()], len(self.rows))
+
+
+def encode_packed(device_id: str, parts: list[bytes], count: int) -> bytes:
+    """The LocalResults payload of ``count`` rows already packed (:meth:`LocalRows.packed`, in
+    order): the bytes ``envelopes.encode`` gives for those rows."""
+    # The message's map with an empty results array, which packs as its last byte.
+    empty = msgpack.packb({"v": env.SCHEMA_VERSION, "device_id": device_id, "results": []}, use_bin_type=True)
+    return b"".join([empty[:-1], _array_header(count), *parts])
+
+
+def _array_header(count: int) -> bytes:
+    """msgpack's header of an array of ``count`` items."""
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count <= 0xFFFF:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
 
 
 def _envelope(row: Row) -> env.LocalResult:

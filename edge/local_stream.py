@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .local_results import LocalRows, Row
+from .local_results import LocalRows, encode_packed
 from .write_window import WriteWindow
 
 #: Rows per message at most: a few hundred bytes each, far below LocalResults' 1 MiB limit.
@@ -30,7 +30,9 @@ class LocalStream:
         self.device_id = device_id
         self.min_interval_s = min_interval_s
         self.max_rows = max_rows
-        self._rows: list[Row] = []
+        #: Rows waiting for the next message, as packed batches, and how many.
+        self._parts: list[bytes] = []
+        self._count = 0
         self._last_sent = float("-inf")
         self._timer: asyncio.TimerHandle | None = None
         self._timed: asyncio.Task[None] | None = None
@@ -38,17 +40,18 @@ class LocalStream:
 
     def __len__(self) -> int:
         """Rows waiting for the next message."""
-        return len(self._rows)
+        return self._count
 
     async def add(self, rows: LocalRows) -> None:
         """Queue a batch's rows; they leave now when the interval since the last message has
         passed (or enough rows wait), else with the next message, at most ``min_interval_s`` on."""
-        self._rows.extend(rows.rows)
-        if self._timer is not None and len(self._rows) < self.max_rows:
+        self._parts.append(rows.packed())
+        self._count += len(rows)
+        if self._timer is not None and self._count < self.max_rows:
             return  # the next message is already due
         loop = asyncio.get_running_loop()
         due = self._last_sent + self.min_interval_s
-        if len(self._rows) >= self.max_rows or loop.time() >= due:
+        if self._count >= self.max_rows or loop.time() >= due:
             await self.flush()
         else:
             self._timer = loop.call_at(due, self._on_due)
@@ -58,13 +61,14 @@ class LocalStream:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        rows, self._rows = self._rows, []
-        if not rows:
+        parts, count = self._parts, self._count
+        self._parts, self._count = [], 0
+        if not count:
             return
         self._last_sent = asyncio.get_running_loop().time()
         self.messages += 1
         # The session takes the message before the first await: messages leave in call order.
-        await self.window.publish(self.topic, LocalRows(rows).encode(self.device_id), self.qos)
+        await self.window.publish(self.topic, encode_packed(self.device_id, parts, count), self.qos)
 
     async def drain(self) -> None:
         """Send what waits and wait until every message is written (or lost with the link)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -38,12 +39,47 @@ TERMINAL = frozenset({TaskState.COMPLETE, TaskState.TIMEOUT})
 TRACE_ID_BYTES = 16
 
 
-def new_trace_ids(count: int) -> list[str]:
-    """``count`` unguessable trace ids, lowercase hex (a valid topic level), from one read of
-    the system's random source so a batch of frames costs one call, not one per frame."""
+#: Trace ids read from the system's random source at a time.
+_IDS_PER_READ = 256
+
+
+class _TraceIds:
+    """Trace ids read ahead from the system's random source, a few hundred at a time: a device
+    numbers every frame, and a system call per batch is a pass of the interpreter lock handed to
+    the workers and back. Read again after a fork, so two processes never share ids."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids: list[str] = []
+        self._next = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def take(self, count: int) -> list[str]:
+        with self._lock:
+            start, end = self._next, self._next + count
+            if end > len(self._ids):
+                self._ids = self._ids[start:] + _read_ids(max(count, _IDS_PER_READ))
+                start, end = 0, count
+            self._next = end
+            return self._ids[start:end]
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._ids, self._next = [], 0
+
+
+def _read_ids(count: int) -> list[str]:
     raw = os.urandom(TRACE_ID_BYTES * count).hex()
     step = TRACE_ID_BYTES * 2
     return [raw[i : i + step] for i in range(0, len(raw), step)]
+
+
+_TRACE_IDS = _TraceIds()
+
+
+def new_trace_ids(count: int) -> list[str]:
+    """``count`` unguessable trace ids, lowercase hex (a valid topic level), each used once."""
+    return _TRACE_IDS.take(count)
 
 
 @dataclass

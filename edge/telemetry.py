@@ -66,9 +66,9 @@ class AgentSummary:
 def observe_answered_here(meter: Meter, rows: list[dict[str, Any]]) -> None:
     """Latency of the frames a batch answered on the device (a frame waiting for the cloud is
     observed when its final outcome is made, as ``escalated``)."""
-    for row in rows:
-        if row["state"] == "COMPLETE":
-            meter.observe("frame_latency_ms", row["latency_ms"], path="local")
+    latencies = [row["latency_ms"] for row in rows if row["state"] == "COMPLETE"]
+    if latencies:
+        meter.observe_many("frame_latency_ms", latencies, path="local")
 
 
 async def report_every(session: MqttSession, meter: Meter, interval_s: Callable[[], float]) -> None:

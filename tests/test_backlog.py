@@ -58,3 +58,33 @@ async def test_closing_wakes_a_waiting_taker() -> None:
     await asyncio.sleep(0.01)
     backlog.close()
     assert await asyncio.wait_for(taker, 1) == []
+
+
+async def test_take_now_never_waits_and_arrival_returns_on_frames_or_close() -> None:
+    backlog = Backlog(8)
+    assert backlog.take_now(4) == [] and not backlog.drained
+    waiter = asyncio.create_task(backlog.arrival())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    await backlog.put(frames(0, 1, 2))
+    await asyncio.wait_for(waiter, 1)
+    await asyncio.wait_for(backlog.arrival(), 1)  # frames wait: at once
+    assert [f.seq for f in backlog.take_now(2)] == [0, 1]
+    assert [f.seq for f in backlog.take_now(2)] == [2]
+    waiter = asyncio.create_task(backlog.arrival())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    backlog.close()
+    await asyncio.wait_for(waiter, 1)
+    assert backlog.drained
+
+
+async def test_take_now_makes_room_for_a_waiting_chunk() -> None:
+    backlog = Backlog(4)
+    await backlog.put(frames(0, 1, 2, 3))
+    blocked = asyncio.create_task(backlog.put(frames(4, 5)))
+    await asyncio.sleep(0.01)
+    assert not blocked.done()
+    assert [f.seq for f in backlog.take_now(2)] == [0, 1]
+    await asyncio.wait_for(blocked, 1)
+    assert [f.seq for f in backlog.take_now(8)] == [2, 3, 4, 5]

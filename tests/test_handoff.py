@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -44,3 +45,38 @@ async def test_a_cancelled_future_is_left_alone_when_the_work_ends() -> None:
         assert await asyncio.to_thread(done.wait, 5)
         await asyncio.sleep(0.05)  # the settle callback runs, and must not raise InvalidStateError
     assert future.cancelled()
+
+
+def hold_the_loop(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+async def test_results_finished_before_the_loop_wakes_are_settled_together_and_in_full() -> None:
+    """Workers that finish while the loop is busy ride on one wake-up; none is lost."""
+    gate = threading.Barrier(5)
+
+    def work(i: int) -> int:
+        gate.wait(5)
+        return i
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [run_on(pool, work, i) for i in range(4)]
+        # The loop stays busy until all four are done, so they settle in one pass.
+        await asyncio.to_thread(gate.wait, 5)
+        hold_the_loop(0.2)
+        assert await asyncio.wait_for(asyncio.gather(*futures), 5) == [0, 1, 2, 3]
+        more = [run_on(pool, lambda i=i: i * 10) for i in range(20)]
+        assert await asyncio.wait_for(asyncio.gather(*more), 5) == [i * 10 for i in range(20)]
+
+
+async def test_together_a_result_waits_for_the_next_in_flight_and_never_when_alone() -> None:
+    release = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        alone = run_on(pool, lambda: "alone", together=True)
+        assert await asyncio.wait_for(alone, 5) == "alone"
+        slow = run_on(pool, lambda: release.wait(5) and "slow", together=True)
+        quick = run_on(pool, lambda: "quick", together=True)
+        await asyncio.sleep(0.2)
+        assert not quick.done()  # finished on its worker, settled with the next result
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(slow, quick), 5) == ["slow", "quick"]

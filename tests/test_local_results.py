@@ -9,7 +9,7 @@ import numpy as np
 from edgewire import envelopes as env
 from edgewire.config import JudgeSettings
 from edgewire.edge.judge import Judge
-from edgewire.edge.local_results import LocalRows, answered_here
+from edgewire.edge.local_results import LocalRows, answered_here, encode_packed
 from edgewire.edge.sources import Frame
 
 LABELS = ("cat", "dog", "bird", "other")
@@ -125,3 +125,22 @@ def test_a_detectors_rows_come_back_as_the_same_envelopes() -> None:
     rows = LocalRows.of([result])
     assert list(LocalRows(rows.rows).envelopes()) == [result]
     assert rows.encode("cam-01") == env.encode(env.LocalResults(device_id="cam-01", results=[result]))
+
+
+def test_batches_packed_apart_join_into_the_bytes_of_one_envelope() -> None:
+    """The stream packs each batch once and joins them; any count of rows (array headers of
+    one byte and of three) gives the bytes of one LocalResults of all of them."""
+    frames, judge, probs = batch()
+    want = expected(frames, judge, probs, None, now=2000.0)
+    for batches in (1, 4, 5, 70):
+        parts = [rows_for(frames, judge, probs, None, now=2000.0) for _ in range(batches)]
+        all_rows = [r for _ in range(batches) for r in want]
+        joined = encode_packed("cam-01", [p.packed() for p in parts], 4 * batches)
+        assert joined == env.encode(env.LocalResults(device_id="cam-01", results=all_rows))
+    rows = rows_for(frames, judge, probs, None, now=2000.0)
+    rows.packed()
+    waiting = want[1].model_copy(update={"state": "PENDING_CLOUD", "degraded": False})
+    rows.put(1, waiting)  # packed again after a row is replaced
+    assert rows.encode("cam-01") == env.encode(
+        env.LocalResults(device_id="cam-01", results=[want[0], waiting, *want[2:]])
+    )
