@@ -8,9 +8,12 @@ again, its cached answer is published again -- except ``unavailable``, which onl
 could serve it then: a device resends such a request later and it is run then. A trace id is
 only unique within its device, so a device that sends another device's trace id gets its own
 request answered, never the other's.
-Each device's new requests are paid from its own token bucket (``device_rate_per_s``,
+Each device's requests are paid from its own token bucket (``device_rate_per_s``,
 ``device_burst``): past it a request is answered ``rejected`` (reason ``rate limited``) without
-being decoded or dispatched, so one device cannot starve the others.
+being decoded or dispatched, so one device cannot starve the others. Those refusals are paid
+from a second bucket per device (``REFUSALS_PER_S``, ``REFUSAL_BURST``): a device flooding
+past both is not answered at all (counted), so a flood costs the bridge the reading of it
+only, and the event loop every other device's requests and Triton's answers run on stays free.
 """
 
 from __future__ import annotations
@@ -44,6 +47,13 @@ from .rules import Route, RuleSet
 from .steps import record_steps
 
 log = logging.getLogger(__name__)
+
+#: The reason of a request refused because its device is past its budget (topics.md, Result).
+RATE_LIMITED = "rate limited"
+#: How many ``rate limited`` refusals one device is sent, at once and per second; past these
+#: its requests are dropped unanswered (its device sends them again on its resend schedule).
+REFUSAL_BURST = 200.0
+REFUSALS_PER_S = 100.0
 
 
 class Bridge:
@@ -83,7 +93,8 @@ class Bridge:
         self._dedupe_size = dedupe_size
         self._answered: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (device, trace) -> answer
         self._inflight: set[tuple[str, str]] = set()
-        self._budgets = BucketsPerKey(device_rate_per_s, device_burst)  # new requests, per device
+        self._budgets = BucketsPerKey(device_rate_per_s, device_burst)  # requests, per device
+        self._refusals = BucketsPerKey(REFUSALS_PER_S, REFUSAL_BURST)  # answered refusals, per device
         self._jobs: set[asyncio.Task[None]] = set()
         self._unacked: set[asyncio.Future[None]] = set()  # results sent, not yet acknowledged
         self._stop = asyncio.Event()
@@ -184,22 +195,39 @@ class Bridge:
             return
         device_id, trace_id = parsed["device_id"], parsed["trace_id"]
         key = (device_id, trace_id)
+        if key in self._inflight:
+            self.meter.inc("requests_duplicate_total", state="inflight")
+            return
+        # Checked before the cache: a resent duplicate costs a publish too, so a device cannot
+        # flood past its budget by repeating one trace id.
+        if not self._budgets.take(device_id):
+            self._refuse(session, device_id, trace_id, received)
+            return
         cached = self._answered.get(key)
         if cached is not None:
             # Already answered: publish the same answer again, do not run it twice.
             self.meter.inc("requests_duplicate_total", state="answered")
             self._spawn(self._publish(session, self._reply_topic(device_id), cached))
             return
-        if key in self._inflight:
-            self.meter.inc("requests_duplicate_total", state="inflight")
-            return
-        if not self._budgets.take(device_id):
-            self.meter.inc("requests_rate_limited_total")
-            refusal = self._result(device_id, trace_id, received, "rejected", reason="rate limited")
-            self._spawn(self._publish(session, self._reply_topic(device_id), env.encode(refusal)))
-            return
         self._inflight.add(key)
         self._spawn(self._handle(session, device_id, trace_id, bytes(message.payload), received))
+
+    def _refuse(self, session: MqttSession, device_id: str, trace_id: str, received: float) -> None:
+        """Answer a request past its device's budget ``rejected: rate limited``, at QoS 0 and
+        without a task of its own: a flood's refusals must cost the bridge little, and must not
+        fill the queue of QoS 1 answers every other device's results wait in. Past its refusals'
+        budget too, the request is dropped unanswered. A refusal lost or left out costs its
+        device nothing: it keeps the request owed and sends it again later."""
+        if not self._refusals.take(device_id):
+            self.meter.inc("requests_rate_limited_total", answered="no")
+            return
+        self.meter.inc("requests_rate_limited_total", answered="yes")
+        # Counted, not logged one by one: a flood would fill the log at the bridge's expense.
+        refusal = self._result(device_id, trace_id, received, "rejected", reason=RATE_LIMITED, quiet=True)
+        try:
+            session.publish_soon(self._reply_topic(device_id), env.encode(refusal), qos=0)
+        except NotConnected:
+            self.meter.inc("results_unsent_total")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         spawn(self._jobs, coro)
@@ -424,10 +452,12 @@ class Bridge:
         version: str | None = None,
         prediction: env.Prediction | None = None,
         detections: list[env.Detection] | None = None,
+        quiet: bool = False,
     ) -> env.Result:
         now = time.time()
         if status != "ok":
             self.meter.inc("requests_failed_total", status=status)
+        if status != "ok" and not quiet:
             log.info("%s: %s %s: %s", self.bridge_id, trace_id, status, reason)
         hops = record_steps(self.meter, received, dispatched, answered, now)
         return env.Result(
