@@ -54,6 +54,8 @@ RATE_LIMITED = "rate limited"
 #: its requests are dropped unanswered (its device sends them again on its resend schedule).
 REFUSAL_BURST = 200.0
 REFUSALS_PER_S = 100.0
+#: Longest a device past both budgets is dropped on its topic alone before they are asked again.
+SILENCE_MAX_S = 1.0
 
 
 class Bridge:
@@ -95,6 +97,8 @@ class Bridge:
         self._inflight: set[tuple[str, str]] = set()
         self._budgets = BucketsPerKey(device_rate_per_s, device_burst)  # requests, per device
         self._refusals = BucketsPerKey(REFUSALS_PER_S, REFUSAL_BURST)  # answered refusals, per device
+        self._silenced: dict[str, float] = {}  # device past both budgets -> until when (time.time())
+        self._dropped = 0  # requests dropped so, not yet counted in the meter
         self._jobs: set[asyncio.Task[None]] = set()
         self._unacked: set[asyncio.Future[None]] = set()  # results sent, not yet acknowledged
         self._stop = asyncio.Event()
@@ -159,6 +163,7 @@ class Bridge:
             await cancel_and_wait(listener)
             for message in session.drain_inbox():  # taken from the broker already: answer them too
                 self._on_request(session, message)
+            self._count_dropped()
             if self._jobs:
                 await asyncio.gather(*self._jobs, return_exceptions=True)
             if self._unacked:
@@ -173,6 +178,12 @@ class Bridge:
             # requests of a burst reach the batcher together instead of one loop pass each.
             for more in session.drain_inbox():
                 self._on_request(session, more)
+            self._count_dropped()
+
+    def _count_dropped(self) -> None:
+        if self._dropped:
+            self.meter.inc("requests_rate_limited_total", self._dropped, answered="no")
+            self._dropped = 0
 
     def _reply_topic(self, device_id: str) -> str:
         topic = self._reply_topics.get(device_id)
@@ -185,6 +196,9 @@ class Bridge:
     def _on_request(self, session: MqttSession, message: InboundMessage) -> None:
         received = time.time()
         topic = str(message.topic)
+        if self._silenced and self._silent(topic, received):
+            self._dropped += 1  # counted once per burst (_count_dropped): a flood's cost is its reading
+            return
         try:
             parsed = topics.parse(topic)
             if parsed.spec is not topics.REQUEST:
@@ -220,6 +234,13 @@ class Bridge:
         device nothing: it keeps the request owed and sends it again later."""
         if not self._refusals.take(device_id):
             self.meter.inc("requests_rate_limited_total", answered="no")
+            # Neither bucket has a token: until the first of them has one, this device's
+            # requests are dropped on their topic alone, before any parsing.
+            buckets = (self._budgets.bucket(device_id), self._refusals.bucket(device_id))
+            wait = min([SILENCE_MAX_S] + [(1 - b.tokens) / b.rate for b in buckets if b.rate > 0])
+            if len(self._silenced) >= 4096:
+                self._silenced.clear()
+            self._silenced[device_id] = received + wait
             return
         self.meter.inc("requests_rate_limited_total", answered="yes")
         # Counted, not logged one by one: a flood would fill the log at the bridge's expense.
@@ -228,6 +249,19 @@ class Bridge:
             session.publish_soon(self._reply_topic(device_id), env.encode(refusal), qos=0)
         except NotConnected:
             self.meter.inc("results_unsent_total")
+
+    def _silent(self, topic: str, now: float) -> bool:
+        """Whether this request comes from a device past both its budgets, read from the topic
+        alone (``req/<device>/...``)."""
+        end = topic.find("/", 4)
+        device_id = topic[4:end] if end > 4 and topic.startswith("req/") else ""
+        until = self._silenced.get(device_id)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._silenced[device_id]
+        return False
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         spawn(self._jobs, coro)
