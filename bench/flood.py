@@ -4,16 +4,21 @@ victim: a device escalating at a steady, modest rate (open loop: a request every
         whatever the answers do), measured at the device from publishing a request to
         receiving its result.
 flooder: another device (own process) publishing valid requests as fast as its connection
-        takes them, far past its budget at the bridge.
+        takes them (or ``--flood-rate`` a second), far past its budget at the bridge. It runs
+        SCHED_IDLE: its CPU stands for another device's, not the cloud host's; what its flood
+        costs the broker and the bridge is counted in full.
 
 Broker (Mosquitto when installed, open to anonymous clients as the other benches run it; else
 the embedded one), bridge (own process, with a per-device budget) and a real Triton are shared.
 Phases alternate A (victim alone), B (victim and flooder), A, B, ... so drifts in the machine's
 load fall on both alike; between phases the queues drain. The last line is one JSON object:
 the victim's p50/p99 alone and flooded, ``p99_ratio`` (flooded / alone; target <= 1.5), what
-the flooder sent and got back, and the victim's lost requests (must be 0).
+the flooder sent and got back, and the victim's lost requests (must be 0); where the victim's
+time went (to the bridge, in it, back) and the CPU each process used in each phase.
+``--flood-nowhere`` is the control: the same flood on a topic no one reads, so what is left is
+the host's cost of carrying it (broker, flooder), not the bridge's.
 
-    python bench/flood.py [--rounds 4] [--phase-s 8] [--victim-rate 20]
+    python bench/flood.py [--rounds 4] [--phase-s 8] [--victim-rate 20] [--flood-rate 0] [--flood-nowhere]
 """
 
 from __future__ import annotations
@@ -235,9 +240,15 @@ def serve_flooder(args: argparse.Namespace) -> None:
             async def flood() -> None:
                 seq = 0
                 window = asyncio.Semaphore(args.window)
+                pace = 1.0 / args.flood_rate if args.flood_rate > 0 else 0.0
+                next_at = time.perf_counter()
                 while True:
                     await on.wait()
                     await window.acquire()
+                    if pace:  # a flood no faster than a device's link would carry
+                        next_at = max(next_at + pace, time.perf_counter() - 0.1)
+                        if next_at > time.perf_counter():
+                            await asyncio.sleep(next_at - time.perf_counter())
                     seq += 1
                     trace = f"{seq:032x}"
                     try:
@@ -265,9 +276,10 @@ def serve_flooder(args: argparse.Namespace) -> None:
 
 
 class Flooder:
-    def __init__(self, port: int, frame: Path, window: int, nowhere: bool = False) -> None:
+    def __init__(self, port: int, frame: Path, window: int, nowhere: bool = False, rate: float = 0.0) -> None:
         cmd = [sys.executable, __file__, "--role", "flooder", "--port", str(port), "--frame", str(frame)]
         cmd += ["--flood-nowhere"] if nowhere else []
+        cmd += ["--flood-rate", str(rate)]
         self.proc = subprocess.Popen(
             [*cmd, "--window", str(window)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -408,7 +420,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 stdout=subprocess.PIPE,
                 text=True,
             )
-            flooder = Flooder(port, frame, args.window, args.flood_nowhere)
+            flooder = Flooder(port, frame, args.window, args.flood_nowhere, args.flood_rate)
             async with MqttSession(VICTIM, "127.0.0.1", port) as session:
                 await session.wait_connected(30)
                 await session.subscribe(topics.RESULT.build(device_id=VICTIM), qos=1)
@@ -500,6 +512,8 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "phase_s": args.phase_s,
         "victim_rate_per_s": args.victim_rate,
         "device_budget": {"rate_per_s": args.device_rate, "burst": args.device_burst},
+        "flood_rate_cap_per_s": args.flood_rate or None,
+        "flood_nowhere": args.flood_nowhere,
         "broker": broker_kind,
         "flooder_sched": flood_counts.get("sched"),
         "cores": os.cpu_count(),
@@ -515,6 +529,9 @@ def main() -> None:
     parser.add_argument("--device-rate", type=float, default=25.0, help="the bridge's per-device budget, per second")
     parser.add_argument("--device-burst", type=float, default=50.0, help="the bridge's per-device budget, at once")
     parser.add_argument("--window", type=int, default=256, help="the flooder's unacknowledged publishes")
+    parser.add_argument(
+        "--flood-rate", type=float, default=0.0, help="the flooder's requests per second (0: as fast as it can)"
+    )
     parser.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto")
     parser.add_argument("--data", type=Path, default=None, help="reuse a demo folder")
     parser.add_argument("--profile-bridge", type=Path, default=None, help="cProfile the bridge into this file")
