@@ -48,8 +48,6 @@ from .steps import record_steps
 
 log = logging.getLogger(__name__)
 
-#: The reason of a request refused because its device is past its budget (topics.md, Result).
-RATE_LIMITED = "rate limited"
 #: How many ``rate limited`` refusals one device is sent, at once and per second; past these
 #: its requests are dropped unanswered (its device sends them again on its resend schedule).
 REFUSAL_BURST = 200.0
@@ -244,7 +242,7 @@ class Bridge:
             return
         self.meter.inc("requests_rate_limited_total", answered="yes")
         # Counted, not logged one by one: a flood would fill the log at the bridge's expense.
-        refusal = self._result(device_id, trace_id, received, "rejected", reason=RATE_LIMITED, quiet=True)
+        refusal = self._result(device_id, trace_id, received, "rejected", reason=env.RATE_LIMITED, quiet=True)
         try:
             session.publish_soon(self._reply_topic(device_id), env.encode(refusal), qos=0)
         except NotConnected:

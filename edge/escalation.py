@@ -52,8 +52,6 @@ Publish = Callable[[list[env.LocalResult]], Awaitable[None]]
 SETTLED_KEEP_S = 3600.0
 #: How often owed answers past their deadline and on no timer here are looked for.
 SWEEP_EVERY_S = 1.0
-#: The reason of a ``rejected`` answer that means "past your budget, ask again later" (topics.md).
-RATE_LIMITED = "rate limited"
 
 
 def final_outcome(
@@ -111,7 +109,7 @@ def final_outcome(
 
 def _rate_limited(answer: env.Result) -> bool:
     """The bridge refused the request because this device is past its budget (topics.md)."""
-    return answer.status == "rejected" and answer.reason == RATE_LIMITED
+    return answer.status == "rejected" and answer.reason == env.RATE_LIMITED
 
 
 @dataclass

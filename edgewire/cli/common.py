@@ -87,8 +87,8 @@ def tool_client_id(broker: BrokerSettings, tool: str) -> str:
     """A client id of this one run of ``tool``: the login's username, the tool and a random
     suffix (``alice-watch-3f9a0c1e``), which the identity rule lets operators and monitors use
     (edgewire.acl.identity_ok), so two tools of one user running at once never share an id and
-    knock each other off. Without a login (a lab broker open to anonymous clients): the tool,
-    the host and the suffix. Mosquitto with ``use_username_as_clientid`` replaces any client id
+    knock each other off. Without a login (a lab broker open to anonymous clients): the host,
+    the tool and the suffix. Mosquitto with ``use_username_as_clientid`` replaces any client id
     by the username: there each tool run at the same time needs a username of its own (SECURITY.md)."""
     suffix = f"{tool}-{secrets.token_hex(4)}"
     return f"{broker.username}-{suffix}" if broker.username else f"{socket.gethostname()[:20]}-{suffix}"
