@@ -11,9 +11,12 @@ request answered, never the other's.
 Bridges that share the request stream on one host may share their dedupe too (``shared``, a
 SQLite file: see cloud_bridge.shared_dedupe): a request is then claimed there before it runs, so
 a redelivery that lands on another bridge of the group gets the kept answer, not a second run.
-Each device's new requests are paid from its own token bucket (``device_rate_per_s``,
+Each device's requests are paid from its own token bucket (``device_rate_per_s``,
 ``device_burst``): past it a request is answered ``rejected`` (reason ``rate limited``) without
-being decoded or dispatched, so one device cannot starve the others.
+being decoded or dispatched, so one device cannot starve the others. Those refusals are paid
+from a second bucket per device (``REFUSALS_PER_S``, ``REFUSAL_BURST``): a device flooding
+past both is not answered at all (counted), so a flood costs the bridge the reading of it
+only, and the event loop every other device's requests and Triton's answers run on stays free.
 
 A bridge whose rules have an ``upstream`` is a site's bridge (the edge-server tier, results say
 ``tier: site``): a route ending in ``tier:cloud`` serves a request with the site's models first
@@ -58,6 +61,13 @@ from .upstream import HandedUp, Upstream
 
 log = logging.getLogger(__name__)
 
+#: How many ``rate limited`` refusals one device is sent, at once and per second; past these
+#: its requests are dropped unanswered (its device sends them again on its resend schedule).
+REFUSAL_BURST = 200.0
+REFUSALS_PER_S = 100.0
+#: Longest a device past both budgets is dropped on its topic alone before they are asked again.
+SILENCE_MAX_S = 1.0
+
 
 class Bridge:
     def __init__(
@@ -100,7 +110,10 @@ class Bridge:
         self._answered: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (device, trace) -> answer
         self._inflight: set[tuple[str, str]] = set()
         self.shared = shared
-        self._budgets = BucketsPerKey(device_rate_per_s, device_burst)  # new requests, per device
+        self._budgets = BucketsPerKey(device_rate_per_s, device_burst)  # requests, per device
+        self._refusals = BucketsPerKey(REFUSALS_PER_S, REFUSAL_BURST)  # answered refusals, per device
+        self._silenced: dict[str, float] = {}  # device past both budgets -> until when (time.time())
+        self._dropped = 0  # requests dropped so, not yet counted in the meter
         self._jobs: set[asyncio.Task[None]] = set()
         self._unacked: set[asyncio.Future[None]] = set()  # results sent, not yet acknowledged
         self._stop = asyncio.Event()
@@ -174,6 +187,7 @@ class Bridge:
             await cancel_and_wait(listener)
             for message in session.drain_inbox():  # taken from the broker already: answer them too
                 self._on_request(session, message)
+            self._count_dropped()
             if self.upstream is not None:  # no more answers come down: settle what waits for one
                 self.upstream.abandon()
             if self._jobs:
@@ -190,6 +204,12 @@ class Bridge:
             # requests of a burst reach the batcher together instead of one loop pass each.
             for more in session.drain_inbox():
                 self._on_request(session, more)
+            self._count_dropped()
+
+    def _count_dropped(self) -> None:
+        if self._dropped:
+            self.meter.inc("requests_rate_limited_total", self._dropped, answered="no")
+            self._dropped = 0
 
     def _reply_topic(self, device_id: str) -> str:
         topic = self._reply_topics.get(device_id)
@@ -205,6 +225,9 @@ class Bridge:
         if self.upstream is not None and self.upstream.owns(topic):
             self.upstream.take(message)
             return
+        if self._silenced and self._silent(topic, received):
+            self._dropped += 1  # counted once per burst (_count_dropped): a flood's cost is its reading
+            return
         try:
             parsed = topics.parse(topic)
             if parsed.spec is not topics.REQUEST:
@@ -215,23 +238,22 @@ class Bridge:
             return
         device_id, trace_id = parsed["device_id"], parsed["trace_id"]
         key = (device_id, trace_id)
+        if key in self._inflight:
+            self.meter.inc("requests_duplicate_total", state="inflight")
+            return
+        # Checked before the cache: a resent duplicate costs a publish too, so a device cannot
+        # flood past its budget by repeating one trace id.
+        over_budget = not self._budgets.take(device_id)
+        if over_budget and self.upstream is None:
+            self._refuse(session, device_id, trace_id, received)
+            return
         cached = self._answered.get(key)
         if cached is not None:
             # Already answered: publish the same answer again, do not run it twice.
             self.meter.inc("requests_duplicate_total", state="answered")
             self._spawn(self._publish(session, self._reply_topic(device_id), cached))
             return
-        if key in self._inflight:
-            self.meter.inc("requests_duplicate_total", state="inflight")
-            return
         if self.shared is not None and not self._claim(session, key):
-            return
-        over_budget = not self._budgets.take(device_id)
-        if over_budget and self.upstream is None:
-            self.meter.inc("requests_rate_limited_total")
-            self._release(key)
-            refusal = self._result(device_id, trace_id, received, "rejected", reason="rate limited")
-            self._spawn(self._publish(session, self._reply_topic(device_id), env.encode(refusal)))
             return
         # A site's bridge decides after routing: over budget is busy where the route hands up.
         self._inflight.add(key)
@@ -279,6 +301,43 @@ class Bridge:
             except sqlite3.Error as exc:
                 self.meter.inc("shared_dedupe_errors_total")
                 log.warning("%s: renewing claims in the shared dedupe failed: %s", self.bridge_id, exc)
+
+    def _refuse(self, session: MqttSession, device_id: str, trace_id: str, received: float) -> None:
+        """Answer a request past its device's budget ``rejected: rate limited``, at QoS 0 and
+        without a task of its own: a flood's refusals must cost the bridge little, and must not
+        fill the queue of QoS 1 answers every other device's results wait in. Past its refusals'
+        budget too, the request is dropped unanswered. A refusal lost or left out costs its
+        device nothing: it keeps the request owed and sends it again later."""
+        if not self._refusals.take(device_id):
+            self.meter.inc("requests_rate_limited_total", answered="no")
+            # Neither bucket has a token: until the first of them has one, this device's
+            # requests are dropped on their topic alone, before any parsing.
+            buckets = (self._budgets.bucket(device_id), self._refusals.bucket(device_id))
+            wait = min([SILENCE_MAX_S] + [(1 - b.tokens) / b.rate for b in buckets if b.rate > 0])
+            if len(self._silenced) >= 4096:
+                self._silenced.clear()
+            self._silenced[device_id] = received + wait
+            return
+        self.meter.inc("requests_rate_limited_total", answered="yes")
+        # Counted, not logged one by one: a flood would fill the log at the bridge's expense.
+        refusal = self._result(device_id, trace_id, received, "rejected", reason=env.RATE_LIMITED, quiet=True)
+        try:
+            session.publish_soon(self._reply_topic(device_id), env.encode(refusal), qos=0)
+        except NotConnected:
+            self.meter.inc("results_unsent_total")
+
+    def _silent(self, topic: str, now: float) -> bool:
+        """Whether this request comes from a device past both its budgets, read from the topic
+        alone (``req/<device>/...``)."""
+        end = topic.find("/", 4)
+        device_id = topic[4:end] if end > 4 and topic.startswith("req/") else ""
+        until = self._silenced.get(device_id)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._silenced[device_id]
+        return False
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         spawn(self._jobs, coro)
@@ -579,10 +638,12 @@ class Bridge:
         version: str | None = None,
         prediction: env.Prediction | None = None,
         detections: list[env.Detection] | None = None,
+        quiet: bool = False,
     ) -> env.Result:
         now = time.time()
         if status != "ok":
             self.meter.inc("requests_failed_total", status=status)
+        if status != "ok" and not quiet:
             log.info("%s: %s %s: %s", self.bridge_id, trace_id, status, reason)
         hops = record_steps(self.meter, received, dispatched, answered, now)
         return env.Result(

@@ -107,6 +107,11 @@ def final_outcome(
     return first.model_copy(update=update)
 
 
+def _rate_limited(answer: env.Result) -> bool:
+    """The bridge refused the request because this device is past its budget (topics.md)."""
+    return answer.status == "rejected" and answer.reason == env.RATE_LIMITED
+
+
 @dataclass
 class _Waiting:
     """A frame of this run waiting for its answer; its timer is armed once its request is durable."""
@@ -382,21 +387,34 @@ class Escalations:
         await self._finished(finals)
 
     async def _retry_unserved(self, burst: list[tuple[env.Result, float]]) -> list[tuple[env.Result, float]]:
-        """The answers that end their escalation. ``unavailable`` (no model could serve: Triton
-        down, circuits open) to a request nobody waits for here -- queued while degraded, or left
-        by a restart -- whose deadline is still well ahead does not end it: the request stays owed
-        and goes again on the forwarder's resend schedule, so an outage of the cloud's models
-        costs a queued request a delay, not its answer. A frame waiting here ends at once."""
-        maybe = [r.trace_id for r, _ in burst if r.status == "unavailable" and r.trace_id not in self._waiting]
+        """The answers that end their escalation. Two answers say "not now" rather than "no":
+        ``unavailable`` (no model could serve: Triton down, circuits open) and ``rejected`` with
+        reason ``rate limited`` (this device sent past its budget at the bridge). Either, to a
+        request nobody waits for here -- queued while degraded, or left by a restart -- whose
+        deadline is still well ahead, does not end it: the request stays owed and goes again on
+        the forwarder's resend schedule (doubling per attempt), so an outage of the cloud's
+        models or a burst past the budget costs a queued request a delay, not its answer. A
+        frame waiting here ends at once. Only ``unavailable`` counts against the cloud: a rate
+        limit says this device asked too much, not that the cloud is failing."""
+        maybe = [
+            (r.trace_id, "unavailable" if r.status == "unavailable" else "rate_limited")
+            for r, _ in burst
+            if (r.status == "unavailable" or _rate_limited(r)) and r.trace_id not in self._waiting
+        ]
         if not maybe:
             return burst
         ahead_s = self._retry_after_s
-        kept = await self._db(lambda: self.outbox.retry_later(maybe, ahead_s=ahead_s))
-        later = {key for key, k in zip(maybe, kept, strict=True) if k}
+        keys = [key for key, _ in maybe]
+        kept = await self._db(lambda: self.outbox.retry_later(keys, ahead_s=ahead_s))
+        later = {key: why for (key, why), k in zip(maybe, kept, strict=True) if k}
         if not later:
             return burst
-        self.meter.inc("results_retried_total", len(later), status="unavailable")
-        self.mode.cloud_failed("unavailable", self.cloud.degraded_after)
+        for why in ("unavailable", "rate_limited"):
+            n = sum(1 for w in later.values() if w == why)
+            if n:
+                self.meter.inc("results_retried_total", n, status=why)
+        if "unavailable" in later.values():
+            self.mode.cloud_failed("unavailable", self.cloud.degraded_after)
         return [(r, t) for r, t in burst if r.trace_id not in later]
 
     async def _outcome_of(

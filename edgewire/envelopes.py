@@ -37,6 +37,10 @@ class Envelope(_Strict):
     v: int = SCHEMA_VERSION
 
 
+#: ``Result.reason`` of a request the bridge refused because its device sent past its budget
+#: there: "not now", not "no" -- the device keeps a queued request owed and asks again later.
+RATE_LIMITED = "rate limited"
+
 # ---- nested parts -------------------------------------------------------------------------
 
 

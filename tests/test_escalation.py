@@ -294,17 +294,25 @@ async def test_degraded_without_answers_and_back_when_they_come(demo: DemoArtifa
     assert waited <= {r.trace_id for r in finals}  # every frame that waited has its outcome
 
 
-async def test_unavailable_to_a_queued_request_is_asked_again_not_taken(demo: DemoArtifacts, mqtt_port: int) -> None:
+@pytest.mark.parametrize("refusal", ["unavailable", "rate limited"])
+async def test_a_not_now_answer_to_a_queued_request_is_asked_again_not_taken(
+    demo: DemoArtifacts, mqtt_port: int, refusal: str
+) -> None:
     """Queued while degraded, a request has minutes to go: the cloud answering ``unavailable``
-    (its models down for a moment) must cost it a delay, not its answer. The peer answers every
-    request's first send ``unavailable`` and its resend ``ok``: each queued frame still ends with
-    the cloud's answer, once, and the device counts the retries."""
+    (its models down for a moment), or ``rejected: rate limited`` (the device past its budget
+    at the bridge), must cost it a delay, not its answer. The peer answers every request's
+    first send so and its resend ``ok``: each queued frame still ends with the cloud's answer,
+    once, and the device counts the retries."""
     results: list[env.LocalResult] = []
     sends: collections.Counter[str] = collections.Counter()
 
-    def first_unavailable(req: env.Request) -> list[env.Result]:
+    def first_refused(req: env.Request) -> list[env.Result]:
         sends[req.trace_id] += 1
-        return [_result(req, "unavailable" if sends[req.trace_id] == 1 else "ok")]
+        if sends[req.trace_id] > 1:
+            return [_result(req, "ok")]
+        if refusal == "unavailable":
+            return [_result(req, "unavailable")]
+        return [_result(req, "rejected").model_copy(update={"reason": "rate limited"})]
 
     cfg = _config(demo, mqtt_port, deadline_ms=300, degraded_after=1, outbox=OutboxSettings(resend_after_s=0.5))
     frames = 40  # at 20 a second: the first few time out, the rest are answered here and queued
@@ -315,7 +323,7 @@ async def test_unavailable_to_a_queued_request_is_asked_again_not_taken(demo: De
         # No one answers: the first frames time out, the device degrades and queues the rest.
         done = lambda: agent.meter.total("frames_completed_total") >= frames  # noqa: E731
         assert await until(lambda: agent.mode == "degraded" and done(), 30)
-        async with answering_peer(mqtt_port, first_unavailable):
+        async with answering_peer(mqtt_port, first_refused):
             late = lambda: [r for r in results if r.late and r.answered_by == "cloud"]  # noqa: E731
             queued = {r.trace_id for r in results if r.state == "COMPLETE" and r.degraded and not r.late}
             assert await until(lambda: {r.trace_id for r in late()} >= queued, 60), (len(late()), len(queued))
@@ -325,7 +333,8 @@ async def test_unavailable_to_a_queued_request_is_asked_again_not_taken(demo: De
         await asyncio.gather(run, return_exceptions=True)
     assert queued, "no frame was queued while degraded"
     assert all(sends[t] >= 2 for t in queued)  # each was refused once and asked again
-    assert agent.meter.get("results_retried_total", status="unavailable") >= len(queued)
+    counted = "unavailable" if refusal == "unavailable" else "rate_limited"
+    assert agent.meter.get("results_retried_total", status=counted) >= len(queued)
     late_by_trace = collections.Counter(r.trace_id for r in results if r.late)
     assert all(n == 1 for n in late_by_trace.values()), late_by_trace.most_common(3)
     assert all(r.answered_by == "cloud" for r in results if r.late)

@@ -31,6 +31,7 @@ broker_users:
   bridge-1: {role: bridge}
   distributor-1: {role: distributor}
   operator: {role: operator}
+  alice: {role: operator}
 devices:
   - {id: cam-a}
   - {id: cam-b}
@@ -104,7 +105,7 @@ async def next_message(client: aiomqtt.Client, timeout: float) -> aiomqtt.Messag
 def test_rendered_password_file_is_mosquitto_passwd_format(tmp_path: Path) -> None:
     out, passwords = rendered_broker_files(tmp_path)
     users = read_password_file(out / "passwd")
-    assert set(users) == {"cam-a", "cam-b", "bridge-1", "distributor-1", "operator"}
+    assert set(users) == {"cam-a", "cam-b", "bridge-1", "distributor-1", "operator", "alice"}
     assert all(verify_password(passwords[u], h) for u, h in users.items())
     assert not verify_password("wrong", users["cam-a"])
     assert (out / "passwd").stat().st_mode & 0o777 == 0o600
@@ -259,15 +260,45 @@ async def test_commands_log_in_from_the_environment_and_a_refusal_is_a_warning(
     monkeypatch.setenv(PASSWORD_FILE_ENV, str(secret))
     settings = broker_settings(f"mqtt://operator@{fleet.host}:{fleet.port}")
     assert settings.username == "operator" and settings.host == fleet.host
-    async with operator_session(settings) as op:
+    async with operator_session(settings, "config") as op:
         await op.wait_connected(10)
     with pytest.raises(typer.Exit):
         broker_settings(f"mqtt://operator:{fleet.passwords['operator']}@{fleet.host}:{fleet.port}")
 
     secret.write_text("wrong\n")
     caplog.set_level("WARNING", logger="edgewire.session")
-    async with operator_session(broker_settings(f"mqtt://operator@{fleet.host}:{fleet.port}")) as op:
+    async with operator_session(broker_settings(f"mqtt://operator@{fleet.host}:{fleet.port}"), "config") as op:
         with pytest.raises(EdgewireError, match="last error"):
             await op.wait_connected(2)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("connect to" in w and "failed" in w for w in warnings), warnings
+
+
+async def test_each_tool_run_has_a_client_id_of_its_own(fleet: Fleet) -> None:
+    """Two operator tools at once (``edgewire watch`` while ``edgewire config set`` runs): each
+    run's client id is the username, the tool and a random suffix, which the embedded broker
+    lets an operator use, so one user's tools do not knock each other off there. Mosquitto
+    (``use_username_as_clientid``) makes every client id the username: there each tool run at
+    the same time logs in as a user of its own (SECURITY.md), and both stay connected."""
+    from edgewire.cli.common import operator_session, tool_client_id
+    from edgewire.config import BrokerSettings
+
+    def login(user: str) -> BrokerSettings:
+        url = f"mqtt://{fleet.host}:{fleet.port}"
+        return BrokerSettings(url=url, username=user, password=fleet.passwords[user])
+
+    ids = {tool_client_id(login("alice"), "watch") for _ in range(3)}
+    assert len(ids) == 3 and all(i.startswith("alice-watch-") and acl.identity_ok("operator", "alice", i) for i in ids)
+    assert acl.identity_ok("monitor", "alice", tool_client_id(login("alice"), "monitor"))
+    assert not acl.identity_ok("device", "alice", tool_client_id(login("alice"), "watch"))
+    second = "alice" if fleet.kind == "amqtt" else "operator"
+    async with operator_session(login("alice"), "watch") as watch, operator_session(login(second), "config") as config:
+        await watch.wait_connected(10)
+        await config.wait_connected(10)
+        await watch.subscribe("config/desired/cam-a", qos=1)
+        await asyncio.sleep(0.5)
+        await config.publish("config/desired/cam-a", b"from the other tool", qos=1, timeout=5)
+        got = await asyncio.wait_for(anext(aiter(watch.messages())), 5)
+        await asyncio.sleep(0.5)  # room for a knock-off and its reconnect to show
+        assert bytes(got.payload) == b"from the other tool"
+        assert watch.connects == 1 and config.connects == 1  # neither was knocked off

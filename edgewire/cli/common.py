@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -16,7 +18,6 @@ from rich.markup import escape
 
 from edgewire.aio import settle_heap
 from edgewire.config import BrokerSettings
-from edgewire.ports import free_port
 from edgewire.session import MqttSession
 
 # Progress and errors on stderr; results (tables, JSON) on stdout, so they can be piped.
@@ -82,6 +83,17 @@ def broker_settings(url: str) -> BrokerSettings:
         raise fail(exc) from None
 
 
-def operator_session(broker: BrokerSettings) -> MqttSession:
-    """A short-lived session with a unique client id, so two operators never kick each other off."""
-    return MqttSession.from_settings(f"operator-{free_port()}", broker)
+def tool_client_id(broker: BrokerSettings, tool: str) -> str:
+    """A client id of this one run of ``tool``: the login's username, the tool and a random
+    suffix (``alice-watch-3f9a0c1e``), which the identity rule lets operators and monitors use
+    (edgewire.acl.identity_ok), so two tools of one user running at once never share an id and
+    knock each other off. Without a login (a lab broker open to anonymous clients): the host,
+    the tool and the suffix. Mosquitto with ``use_username_as_clientid`` replaces any client id
+    by the username: there each tool run at the same time needs a username of its own (SECURITY.md)."""
+    suffix = f"{tool}-{secrets.token_hex(4)}"
+    return f"{broker.username}-{suffix}" if broker.username else f"{socket.gethostname()[:20]}-{suffix}"
+
+
+def operator_session(broker: BrokerSettings, tool: str) -> MqttSession:
+    """A short-lived session of ``tool`` with a client id of its own (see tool_client_id)."""
+    return MqttSession.from_settings(tool_client_id(broker, tool), broker)

@@ -19,7 +19,7 @@ config_app = typer.Typer(help="Desired configuration over the air, and what devi
 async def _retained(broker: BrokerSettings, topic_names: list[str], wait_s: float = 1.5) -> dict[str, bytes]:
     """The retained message on each topic (absent when none arrives within ``wait_s``)."""
     found: dict[str, bytes] = {}
-    async with operator_session(broker) as s:
+    async with operator_session(broker, "config") as s:
         await s.wait_connected(10)
         for name in topic_names:
             await s.subscribe(name, qos=1)
@@ -79,7 +79,7 @@ def config_set(
         doc = envelopes.decode(envelopes.DesiredConfig, current) if current else None
         config = deep_merge(doc.config if doc else {}, updates)
         new = envelopes.DesiredConfig(revision=(doc.revision if doc else 0) + 1, config=config, ts=time.time())
-        async with operator_session(broker) as s:
+        async with operator_session(broker, "config") as s:
             await s.wait_connected(10)
             await s.publish(desired_topic, envelopes.encode(new), qos=1, retain=True, timeout=10)
         return new

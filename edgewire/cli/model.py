@@ -137,7 +137,7 @@ def model_push(
     )
 
     async def run() -> Any:
-        async with operator_session(broker) as session:
+        async with operator_session(broker, "model") as session:
             await session.wait_connected(10)
             columns = (TextColumn("pushing"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
             with Progress(*columns, console=console, transient=True) as bar:
@@ -203,7 +203,7 @@ def model_status(
             raise fail(exc) from None
 
     async def run() -> Any:
-        async with operator_session(broker) as session:
+        async with operator_session(broker, "model") as session:
             await session.wait_connected(10)
             statuses = await status.collect_status(session, name, timeout_s=wait)
             presences = await status.collect_presence(session, timeout_s=wait)
@@ -234,7 +234,7 @@ def model_rollback(
     history = History(history_dir)
 
     async def run() -> Any:
-        async with operator_session(broker) as session:
+        async with operator_session(broker, "model") as session:
             await session.wait_connected(10)
             return await rollout.rollback(session, name, history=history, to=to)
 

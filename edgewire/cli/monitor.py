@@ -138,7 +138,7 @@ def monitor(
             view.apply(str(message.topic), bytes(message.payload), time.time())
 
     async def run() -> None:
-        async with operator_session(settings) as session:
+        async with operator_session(settings, "monitor") as session:
             await session.wait_connected(10)
             feeding = asyncio.create_task(feed(session))
             try:

@@ -29,7 +29,7 @@ def trace(
     stop = asyncio.Event()
 
     async def run() -> int:
-        async with operator_session(settings) as session:
+        async with operator_session(settings, "trace") as session:
             await session.wait_connected(10)
             work = asyncio.create_task(
                 collect(

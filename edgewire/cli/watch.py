@@ -4,36 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from typing import Annotated, Any
 
 import typer
 
-from edgewire.cli.common import fail, out, run_until_signal
+from edgewire.cli.common import BrokerOption, broker_settings, operator_session, out, run_until_signal
 from edgewire.errors import EdgewireError
-from edgewire.ports import free_port
 
 
 def watch(
-    broker_url: Annotated[str, typer.Option("--broker", help="mqtt://HOST:PORT")] = "mqtt://127.0.0.1:1883",
+    broker_url: BrokerOption = "mqtt://127.0.0.1:1883",
     topic: Annotated[list[str], typer.Option("--topic", "-t", help="filter(s) to subscribe to")] = ["#"],  # noqa: B006
     count: Annotated[int, typer.Option(help="stop after this many messages (0: never)")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
 ) -> None:
     """Subscribe and print every edgewire message, decoded; malformed ones are shown as such."""
     from edgewire import envelopes, topics
-    from edgewire.config import BrokerSettings
-    from edgewire.session import MqttSession
 
-    try:
-        settings = BrokerSettings(url=broker_url)
-    except Exception as exc:
-        raise fail(exc) from None
+    settings = broker_settings(broker_url)  # the login from the environment, as every command
     stop = asyncio.Event()
 
     async def run() -> None:
         seen = 0
-        async with MqttSession.from_settings(f"watch-{socket.gethostname()[:20]}-{free_port()}", settings) as s:
+        async with operator_session(settings, "watch") as s:
             for f in topic:
                 await s.subscribe(f, qos=1)
             async for msg in s.messages():

@@ -1,0 +1,107 @@
+"""A flooding neighbour, end to end: a real broker, the bridge and a real Triton. One device
+sends requests as fast as its connection takes them; another escalates its hard frames as a
+device does. The flood is refused with a counted reason (answered ``rate limited`` up to the
+refusals' budget, dropped unanswered past it), and every escalation of the other device ends
+with the cloud's answer. Correctness only: the latency figures are bench/flood.py's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import aiomqtt
+import pytest
+
+pytest.importorskip("pytriton")
+pytest.importorskip("tritonclient.grpc")
+
+from edgewire import envelopes as env
+from edgewire import topics
+from edgewire.cloud_bridge.triton_server import EmbeddedTriton
+from edgewire.demo.models import DemoArtifacts
+from edgewire.edge.agent import EdgeAgent
+from edgewire.ratelimit import BucketsPerKey
+
+from .conftest import BrokerHandle, until
+from .invariants import until_quiet
+from .test_bridge_e2e import RunningBridge, device, request
+
+
+class Flooder:
+    """A device that publishes valid requests back to back while ``on``, and keeps its answers."""
+
+    def __init__(self, broker: BrokerHandle, device_id: str, payload: bytes) -> None:
+        self.broker = broker
+        self.device_id = device_id
+        self.payload = payload
+        self.sent = 0
+        self.answers: list[env.Result] = []
+        self.ready = asyncio.Event()
+        self.on = True
+
+    async def run(self) -> None:
+        async with aiomqtt.Client(self.broker.host, self.broker.port, identifier=self.device_id) as client:
+            await client.subscribe(topics.RESULT.build(device_id=self.device_id), qos=1)
+            reader = asyncio.create_task(self._read(client))
+            self.ready.set()
+            try:
+                while self.on:
+                    trace_id = f"{self.sent:032x}"
+                    req = request(self.device_id, trace_id, self.payload, deadline=time.time() + 60)
+                    topic = topics.REQUEST.build(device_id=self.device_id, trace_id=trace_id)
+                    await client.publish(topic, env.encode(req), qos=1)
+                    self.sent += 1
+                await until_quiet(lambda: len(self.answers), quiet_s=1.5, timeout=30)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            self.answers.append(env.decode(env.Result, message.payload))
+
+
+async def test_a_flooding_neighbour_is_refused_and_every_escalation_is_answered(
+    broker: BrokerHandle, triton: EmbeddedTriton, demo: DemoArtifacts
+) -> None:
+    payload = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
+    running = RunningBridge(broker, triton)
+    # Each device: 40 requests at once, then 10 a second (the escalating device, 40 frames at
+    # 20 a second, stays inside it); refusals: 20 at once, then 2 a second.
+    running.bridge._budgets = BucketsPerKey(10.0, 40.0)
+    running.bridge._refusals = BucketsPerKey(2.0, 20.0)
+    seen: list[env.LocalResult] = []
+    async with running as bridge:
+        flooder = Flooder(broker, "cam-flood", payload)
+        flooding = asyncio.create_task(flooder.run())
+        await asyncio.wait_for(flooder.ready.wait(), 10)
+        started = time.monotonic()
+        agent = EdgeAgent(device(demo, broker.url, "cam-calm", max_frames=40, fps=20), on_result=seen.append)
+        summary = await agent.run()
+        assert await until(lambda: flooder.sent >= 300, 60)  # however slow the machine: past both budgets
+        flooder.on = False
+        elapsed = time.monotonic() - started
+        await flooding
+    # The calm device: every escalated frame ended with the cloud's answer, none refused.
+    finals = [r for r in seen if r.state != "PENDING_CLOUD"]
+    pending = {r.trace_id for r in seen if r.state == "PENDING_CLOUD"}
+    assert summary.completed == 40 and len(finals) == 40
+    assert summary.escalated == len(pending) > 5
+    by_cloud = {r.trace_id for r in finals if r.answered_by == "cloud"}
+    assert by_cloud == pending, (len(by_cloud), len(pending))
+    assert summary.timeouts == 0
+    assert agent.meter.get("results_total", status="ok") == len(pending)
+    # The flood: answered ok inside its budget, refused with the reason past it, counted.
+    ok = [r for r in flooder.answers if r.status == "ok"]
+    refused = [r for r in flooder.answers if r.status != "ok"]
+    assert all(r.status == "rejected" and r.reason == env.RATE_LIMITED for r in refused)
+    assert len({r.trace_id for r in flooder.answers}) == len(flooder.answers)  # one answer each, at most
+    assert 0 < len(ok) <= 40 + 10 * elapsed + 1
+    limited = bridge.meter.total("requests_rate_limited_total")
+    assert limited + len(ok) == flooder.sent  # every request either served or counted as refused
+    answered = bridge.meter.get("requests_rate_limited_total", answered="yes")
+    assert 0 < len(refused) <= answered <= 20 + 2 * elapsed + 1
+    assert bridge.meter.get("requests_rate_limited_total", answered="no") == limited - answered > 0
+    assert bridge.meter.get("requests_total", status="ok") == len(ok) + len(pending)
