@@ -475,10 +475,15 @@ def processes(*procs: Any) -> Iterator[None]:
 
 
 def born_after(monitor: Monitor, client: str, t: float) -> float | None:
-    """When ``client`` last said it was online after ``t`` (its presence birth), if it has."""
-    births = [m["t"] for m in monitor.messages("presence") if m["topic"] == f"presence/{client}" and m["doc"]["online"]]
-    later = [b for b in births if b > t]
-    return min(later) if later else None
+    """When ``client``'s first presence birth made after ``t`` reached the broker, if one has.
+    The birth's own stamp decides, not its arrival: a broker restarted from its saved state
+    hands out the retained birth of a connection that is gone."""
+    births = [
+        m["t"]
+        for m in monitor.messages("presence")
+        if m["topic"] == f"presence/{client}" and m["doc"]["online"] and m["doc"]["ts"] > t
+    ]
+    return min(births) if births else None
 
 
 # ---- 1. the broker is killed ---------------------------------------------------------------
