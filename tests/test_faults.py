@@ -475,11 +475,13 @@ def processes(*procs: Any) -> Iterator[None]:
 
 
 def born_after(monitor: Monitor, client: str, t: float) -> float | None:
-    """When ``client``'s first presence birth made after ``t`` reached the broker, if one has.
-    The birth's own stamp decides, not its arrival: a broker restarted from its saved state
-    hands out the retained birth of a connection that is gone."""
+    """When ``client`` first said it was online after ``t``: the stamp of its first presence
+    birth made after ``t`` (made once it is connected and subscribed), if one reached the broker.
+    The birth's own stamp decides, not its arrival: a broker restarted from its saved state hands
+    out the retained birth of a connection that is gone, and a monitor that reconnects late gets
+    a birth long after it was made."""
     births = [
-        m["t"]
+        m["doc"]["ts"]
         for m in monitor.messages("presence")
         if m["topic"] == f"presence/{client}" and m["doc"]["online"] and m["doc"]["ts"] > t
     ]
