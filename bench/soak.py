@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -284,6 +285,8 @@ class Fleet:
         else:
             await self.push(kill_distributor=kind == "distributor")
         self.faults.append(Fault(kind, start, time.time(), victim))
+        # On disk as well, so a run that broke can be judged again from its kept folder.
+        (self.workdir / "faults.json").write_text(json.dumps([dataclasses.asdict(f) for f in self.faults]))
 
     async def push(self, *, kill_distributor: bool) -> None:
         """A new version of the devices' model, signed, announced and sent chunk by chunk; with
@@ -322,7 +325,7 @@ class Fleet:
         births = [born_after(watch, c, fault.start) for c in clients]
         seen = [b for b in births if b is not None and b < until]
         if fault.kind == "link":
-            return max(fault.restarted, *seen)
+            return max([fault.restarted, *seen])
         return max(seen) if len(seen) == len(clients) else fault.restarted
 
     async def settle(self) -> None:
