@@ -118,8 +118,9 @@ class Mosquitto:
 
     With ``files`` the shipped logins, ACL and client-id rule hold, with the given files; without,
     the tests that are not about identities get the same broker open to anonymous clients. With
-    ``persistence`` it saves its sessions and queued messages there every second, so a SIGKILLed
-    one restarts with what it held a moment before."""
+    ``persist_in`` it saves its sessions and queues there (every 30 s, or every ``autosave_s``, and
+    as it stops on SIGTERM; a SIGKILL loses what came since the last save), as a broker in the field
+    does. ``hosts``: the addresses it listens on (one listener each, the same port)."""
 
     def __init__(
         self,
@@ -127,38 +128,69 @@ class Mosquitto:
         port: int | None = None,
         *,
         files: MosquittoFiles | None = None,
-        persistence: Path | None = None,
+        persist_in: Path | None = None,
+        hosts: tuple[str, ...] = ("127.0.0.1",),
+        log: Path | None = None,
+        autosave_s: int | None = None,
     ) -> None:
         self.port = port or free_port()
         self.workdir = workdir
         self.files = files
-        self.persistence = persistence
+        self.persist_in = persist_in
+        self.hosts = hosts
+        self.log = log
+        self.autosave_s = autosave_s
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    @staticmethod
+    def exe() -> str:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
+        return exe
+
+    def write_config(self) -> Path:
+        """The shipped configuration, rendered for this broker; its path."""
         shipped = (ROOT / "broker" / "mosquitto.conf").read_text()
-        conf = re.sub(r"^listener .*$", f"listener {self.port} 127.0.0.1", shipped, flags=re.M)
+        listeners = "\n".join(f"listener {self.port} {host}" for host in self.hosts)
+        conf = re.sub(r"^listener .*$", listeners, shipped, flags=re.M)
         if self.files is None:
             conf = open_to_anonymous(conf)
         else:
             conf = re.sub(r"^password_file .*$", f"password_file {self.files.password_file}", conf, flags=re.M)
             conf = re.sub(r"^acl_file .*$", f"acl_file {self.files.acl_file}", conf, flags=re.M)
-            if os.geteuid() == 0:  # as root Mosquitto becomes `mosquitto`, who cannot read pytest's 0700 folders
-                conf += "\nuser root\n"
-            listener = f"listener {self.port} 127.0.0.1"
-            conf = conf.replace(listener, f"{listener}\n{self.files.tls}" if self.files.tls else listener, 1)
-        if self.persistence is not None:
-            conf = re.sub(
-                r"^persistence false$", f"persistence true\npersistence_location {self.persistence}/", conf, flags=re.M
-            )
-            conf = re.sub(r"^autosave_interval .*$", "autosave_interval 1", conf, flags=re.M)
+            if self.files.tls:
+                conf = conf.replace(listeners, f"{listeners}\n{self.files.tls}", 1)
+        if self.persist_in is not None:
+            self.persist_in.mkdir(parents=True, exist_ok=True)
+            on = f"persistence true\npersistence_location {self.persist_in}/"
+            conf = re.sub(r"^persistence false$", on, conf, flags=re.M)
+            assert on in conf, "the shipped conf no longer has 'persistence false'"
+            if self.autosave_s is not None:
+                conf = re.sub(r"^autosave_interval .*$", f"autosave_interval {self.autosave_s}", conf, flags=re.M)
+                assert f"autosave_interval {self.autosave_s}" in conf, "autosave_interval is gone"
+        # As root Mosquitto becomes `mosquitto`, who can neither read pytest's 0700 folders nor
+        # write a persistence file there.
+        if os.geteuid() == 0 and (self.files is not None or self.persist_in is not None):
+            conf += "\nuser root\n"
         path = self.workdir / f"mosquitto-{self.port}.conf"
         path.write_text(conf)
-        self.proc = subprocess.Popen([exe, "-c", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_port(self.port)
+        return path
+
+    def start(self) -> None:
+        cmd = [self.exe(), "-c", str(self.write_config())]
+        if self.log is None:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        else:
+            with self.log.open("ab") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        wait_port(self.port, self.hosts[0], timeout=30)
+
+    def kill(self) -> None:
+        """SIGKILL: nothing saved on the way out, sockets closed by the kernel."""
+        assert self.proc is not None and self.proc.poll() is None, "mosquitto already gone"
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> None:
         stop_process(self.proc, 5)

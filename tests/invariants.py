@@ -14,8 +14,9 @@ never cause:
   deadline (or the failed answer) fell outside every measured outage window.
 
 A window runs from the moment the fault began to the moment the system was measured whole again:
-the first ``ok`` answer, after the fault ended, to an escalation the device made after the fault
-ended (:func:`outage_window`). Nothing is a fraction: each trace either fits the rule or is named.
+a request made after the faulted part was back answered ``ok``, and the first of the requests the
+outage left waiting answered ``ok`` too (:func:`outage_window`). Nothing is a fraction: each
+trace either fits the rule or is named.
 """
 
 from __future__ import annotations
@@ -65,23 +66,48 @@ class Window:
 def outage_window(
     fault_start: float, fault_end: float, outcomes: list[dict[str, Any]], answers: list[dict[str, Any]]
 ) -> Window:
-    """From the fault's start to the first ``ok`` answer, seen after the fault ended, to an
-    escalation the device first decided after the fault ended: the system is whole again only
-    when a new request makes the whole trip. ``outcomes`` carry ``t`` (when the device decided
+    """From the fault's start to the moment the system was measured whole again. ``fault_end``
+    is when the faulted part was measured back (its presence birth, the link up), not when a
+    restart command returned; from there the window runs on until both of these happened:
+
+    1. a request first decided after ``fault_end`` made the whole trip (its first ``ok`` answer);
+    2. if escalations decided before ``fault_end`` were still waiting at that moment (requests a restarted broker
+       took with no bridge subscribed and dropped, or a cut link never carried, which the device
+       asks again when a newer request is answered), the first of them answered ``ok``. Before
+       that moment no request the outage left behind had been served, so a deadline that fell
+       earlier fell in the outage; one that fell later and still ended without the cloud's
+       answer is a loss.
+
+    Both moments are measured, never a margin. ``outcomes`` carry ``t`` (when the device decided
     them) and ``r`` (the outcome); ``answers`` carry ``t`` and ``doc`` (the bridge's Result)."""
     first_seen: dict[str, float] = {}
+    ended: dict[str, float] = {}  # when the device stopped waiting: a final outcome, or a late one
     for o in outcomes:
-        first_seen.setdefault(o["r"]["trace_id"], o["t"])
-    fresh = {t for t, seen in first_seen.items() if seen >= fault_end}
-    back = [
-        a["t"] for a in answers if a["t"] >= fault_end and a["doc"]["status"] == "ok" and a["doc"]["trace_id"] in fresh
-    ]
-    if not back:
+        trace, r = o["r"]["trace_id"], o["r"]
+        first_seen.setdefault(trace, o["t"])
+        if r["late"] or (r["state"] != PENDING and not r["degraded"]) or r["state"] == "TIMEOUT":
+            ended.setdefault(trace, o["t"])
+    answered: dict[str, float] = {}
+    answered_ok: dict[str, float] = {}
+    for a in sorted(answers, key=lambda a: a["t"]):
+        answered.setdefault(a["doc"]["trace_id"], a["t"])
+        if a["doc"]["status"] == "ok":
+            answered_ok.setdefault(a["doc"]["trace_id"], a["t"])
+    fresh = [t for trace, t in answered_ok.items() if t >= fault_end and first_seen.get(trace, 0.0) >= fault_end]
+    if not fresh:
         raise AssertionError(
             f"the system never came back after the fault ({fault_start:.1f} to {fault_end:.1f}): no fresh request "
-            f"was answered ok ({len(fresh)} fresh escalations, {len(answers)} answers)"
+            f"was answered ok ({sum(1 for t in first_seen.values() if t >= fault_end)} fresh escalations, "
+            f"{len(answers)} answers)"
         )
-    return Window(fault_start, min(back))
+    whole = min(fresh)
+    left_waiting = [
+        trace
+        for trace, seen in first_seen.items()
+        if fault_start <= seen < fault_end and answered.get(trace, whole) >= whole and ended.get(trace, whole) >= whole
+    ]
+    served_again = [answered_ok[t] for t in left_waiting if t in answered_ok]
+    return Window(fault_start, max(whole, min(served_again)) if served_again else whole)
 
 
 @dataclass

@@ -22,8 +22,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -57,7 +55,7 @@ from edgewire.demo.models import LABELS, DemoArtifacts
 from edgewire.ports import free_port, wait_port
 from edgewire.session import MqttSession, NotConnected
 
-from .conftest import ROOT, open_to_anonymous, stop_process
+from .conftest import Mosquitto, stop_process
 from .invariants import Verdict, Window, check, outage_window, read_outbox, until_quiet
 from .test_discovery_netns import HOSTS, Lan, _can_make_namespaces, _ip
 
@@ -160,45 +158,6 @@ asyncio.run(main())
 
 
 # ---- helpers -------------------------------------------------------------------------------
-
-
-def _mosquitto_exe() -> str:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
-        pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
-    return exe
-
-
-def mosquitto_conf(path: Path, host: str, port: int, persist_in: Path | None = None) -> Path:
-    """The shipped configuration on another listener; with ``persist_in``, persistence on there."""
-    conf = open_to_anonymous((ROOT / "broker" / "mosquitto.conf").read_text())
-    conf = re.sub(r"^listener .*$", f"listener {port} {host}", conf, flags=re.M)
-    if persist_in is not None:
-        persist_in.mkdir(parents=True, exist_ok=True)
-        conf = re.sub(r"^persistence false$", f"persistence true\npersistence_location {persist_in}/", conf, flags=re.M)
-        assert f"persistence_location {persist_in}/" in conf, "the shipped conf no longer has 'persistence false'"
-        # Run as root (as tests do), Mosquitto drops to user mosquitto, which cannot write here.
-        conf += "\nuser root\n"
-    path.write_text(conf)
-    return path
-
-
-class Broker:
-    """Mosquitto on a fixed port, stopped (SIGTERM: it saves its persistence) and started again."""
-
-    def __init__(self, conf: Path, port: int, log: Path) -> None:
-        self.exe = _mosquitto_exe()
-        self.conf, self.port, self.log = conf, port, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=log, stderr=log)
-        wait_port(self.port)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
 
 
 def device_config(
@@ -484,28 +443,20 @@ class ServiceProcess:
         stop_process(self.proc)
 
 
-def broker_process(kind: str, workdir: Path, port: int) -> ServiceProcess:
+def broker_process(kind: str, workdir: Path, port: int) -> Mosquitto | ServiceProcess:
     """Mosquitto with persistence (the shipped conf; it saves every 30 s, so a SIGKILL loses
     the sessions and queues since), or the embedded amqtt broker (``edgewire broker``)."""
-    log = workdir / f"{kind}.log"
     if kind == "mosquitto":
-        conf = mosquitto_conf(workdir / "mosquitto.conf", "127.0.0.1", port, persist_in=workdir / "mosquitto-data")
-        return ServiceProcess([_mosquitto_exe(), "-c", str(conf)], log, port)
-    return ServiceProcess(
-        [
-            sys.executable,
-            "-m",
-            "edgewire.cli",
-            "broker",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--allow-anonymous",
-        ],
-        log,
-        port,
-    )
+        return plain_mosquitto(workdir, port, persist=True)
+    cmd = [sys.executable, "-m", "edgewire.cli", "broker", "--host", "127.0.0.1", "--port", str(port)]
+    return ServiceProcess([*cmd, "--allow-anonymous"], workdir / f"{kind}.log", port)
+
+
+def plain_mosquitto(workdir: Path, port: int, *, persist: bool = False) -> Mosquitto:
+    """The shipped Mosquitto on ``port``, logging to the test's folder; with ``persist``, saving
+    its sessions there."""
+    data = workdir / "mosquitto-data" if persist else None
+    return Mosquitto(workdir, port, persist_in=data, log=workdir / "mosquitto.log")
 
 
 def bridge_process(url: str, triton: EmbeddedTriton, workdir: Path, bridge_id: str = "bridge-f") -> ServiceProcess:
@@ -524,10 +475,17 @@ def processes(*procs: Any) -> Iterator[None]:
 
 
 def born_after(monitor: Monitor, client: str, t: float) -> float | None:
-    """When ``client`` last said it was online after ``t`` (its presence birth), if it has."""
-    births = [m["t"] for m in monitor.messages("presence") if m["topic"] == f"presence/{client}" and m["doc"]["online"]]
-    later = [b for b in births if b > t]
-    return min(later) if later else None
+    """When ``client`` first said it was online after ``t``: the stamp of its first presence
+    birth made after ``t`` (made once it is connected and subscribed), if one reached the broker.
+    The birth's own stamp decides, not its arrival: a broker restarted from its saved state hands
+    out the retained birth of a connection that is gone, and a monitor that reconnects late gets
+    a birth long after it was made."""
+    births = [
+        m["doc"]["ts"]
+        for m in monitor.messages("presence")
+        if m["topic"] == f"presence/{client}" and m["doc"]["online"] and m["doc"]["ts"] > t
+    ]
+    return min(births) if births else None
 
 
 # ---- 1. the broker is killed ---------------------------------------------------------------
@@ -621,11 +579,7 @@ async def test_bridge_process_killed_mid_stream(demo: DemoArtifacts, triton: Emb
     hand when it died."""
     frames = 150
     port = free_port()
-    broker = ServiceProcess(
-        [_mosquitto_exe(), "-c", str(mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port))],
-        tmp_path / "mosquitto.log",
-        port,
-    )
+    broker = plain_mosquitto(tmp_path, port)
     await asyncio.to_thread(broker.start)
     url = f"mqtt://127.0.0.1:{port}"
     monitor = Monitor("127.0.0.1", port, tmp_path)
@@ -678,7 +632,7 @@ async def test_bridge_restart_mid_stream(demo: DemoArtifacts, triton: EmbeddedTr
     """A graceful stop answers everything it acknowledged: nothing may end without the cloud."""
     frames = 150
     port = free_port()
-    broker = Broker(mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port), port, tmp_path / "mosquitto.log")
+    broker = plain_mosquitto(tmp_path, port)
     await asyncio.to_thread(broker.start)
     url = f"mqtt://127.0.0.1:{port}"
     monitor = Monitor("127.0.0.1", port, tmp_path)
@@ -722,7 +676,7 @@ async def test_triton_killed_mid_stream(demo: DemoArtifacts, triton: EmbeddedTri
     queues, and takes the late answers when Triton is back."""
     frames = 200
     port = free_port()
-    broker = Broker(mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port), port, tmp_path / "mosquitto.log")
+    broker = plain_mosquitto(tmp_path, port)
     await asyncio.to_thread(broker.start)
     url = f"mqtt://127.0.0.1:{port}"
     monitor = Monitor("127.0.0.1", port, tmp_path)
@@ -772,7 +726,7 @@ async def test_device_killed_mid_stream(demo: DemoArtifacts, triton: EmbeddedTri
     next run finds them in its outbox, and each ends once, by its answer (which waited at the
     broker in the device's persistent session) or by its deadline."""
     port = free_port()
-    broker = Broker(mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port), port, tmp_path / "mosquitto.log")
+    broker = plain_mosquitto(tmp_path, port)
     await asyncio.to_thread(broker.start)
     url = f"mqtt://127.0.0.1:{port}"
     monitor = Monitor("127.0.0.1", port, tmp_path)
@@ -824,7 +778,7 @@ async def test_publish_in_flight_when_the_broker_dies_ends_with_the_connection(t
     (NotConnected), not after the client's 10 s timeout: the forwarder awaits it, and until it
     ends nothing is replayed from the outbox, even after the session has reconnected."""
     port = free_port()
-    broker = Broker(mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port), port, tmp_path / "mosquitto.log")
+    broker = plain_mosquitto(tmp_path, port)
     await asyncio.to_thread(broker.start)
     session = MqttSession("stall-probe", "127.0.0.1", port, reconnect_min_s=0.05, reconnect_max_s=0.2)
     publish: asyncio.Task[bool] | None = None
@@ -865,10 +819,10 @@ def test_link_cut_30s_by_veth_down(demo: DemoArtifacts, tmp_path: Path) -> None:
     lan = Lan()
     lan.up()
     broker_ns, device_ns = lan.ns["broker"], lan.ns["dev1"]
-    conf = mosquitto_conf(tmp_path / "mosquitto.conf", host, 1883)
+    conf = Mosquitto(tmp_path, 1883, hosts=(host,)).write_config()
     with (tmp_path / "mosquitto.log").open("ab") as log:
         lan.procs.append(
-            subprocess.Popen(_prefix([_mosquitto_exe(), "-c", str(conf)], broker_ns), stdout=log, stderr=log)
+            subprocess.Popen(_prefix([Mosquitto.exe(), "-c", str(conf)], broker_ns), stdout=log, stderr=log)
         )
     monitor = Monitor(host, 1883, tmp_path, netns=broker_ns)
     cloud_log = tmp_path / "cloud.log"
@@ -957,11 +911,7 @@ async def test_distributor_killed_mid_push(demo: DemoArtifacts, tmp_path: Path) 
     from .test_model_delivery import NAME, Fleet, Running, variant
 
     port = free_port()
-    broker = ServiceProcess(
-        [_mosquitto_exe(), "-c", str(mosquitto_conf(tmp_path / "mosquitto.conf", "127.0.0.1", port))],
-        tmp_path / "mosquitto.log",
-        port,
-    )
+    broker = plain_mosquitto(tmp_path, port)
     await asyncio.to_thread(broker.start)
     url = f"mqtt://127.0.0.1:{port}"
     watcher = Monitor("127.0.0.1", port, tmp_path, device_id="nobody")  # presence births

@@ -185,7 +185,7 @@ async def test_two_bridges_sharing_the_stream_run_each_request_once_across_a_bro
     triton: EmbeddedTriton, demo: DemoArtifacts, tmp_path: Path
 ) -> None:
     (tmp_path / "broker-data").mkdir()
-    broker = Mosquitto(tmp_path, persistence=tmp_path / "broker-data")
+    broker = Mosquitto(tmp_path, persist_in=tmp_path / "broker-data", autosave_s=1)
     await asyncio.to_thread(broker.start)
     metrics_ports = [free_port(), free_port()]
     db = tmp_path / "dedupe.db"
