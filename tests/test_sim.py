@@ -30,16 +30,20 @@ from edgewire.session import MqttSession
 from .conftest import ROOT, Mosquitto, until
 
 
-async def answer_requests(session: MqttSession, twice: set[str], answered: list[str]) -> None:
+async def answer_requests(session: MqttSession, twice: set[str], answered: list[str], refuse: set[str]) -> None:
     """Answer each request with an ok Result; answer the devices in ``twice`` a second time,
-    once identically (a redelivery) and once with another answer (as if run again)."""
+    once identically (a redelivery) and once with another answer (as if run again); answer the
+    first request of each device in ``refuse`` as unavailable, with the reason a bridge gives."""
     async for message in session.messages():
         request = env.decode(env.Request, message.payload)
+        refused = request.device_id in refuse
+        refuse.discard(request.device_id)
         result = env.Result(
             trace_id=request.trace_id,
             device_id=request.device_id,
             bridge_id="answerer",
-            status="ok",
+            status="unavailable" if refused else "ok",
+            reason="digits-cloud: grpc://127.0.0.1:8001: circuit open" if refused else None,
             model="digits-cloud",
             prediction=request.local,
             timings=env.Timings(queued_ms=0, inference_ms=1, total_ms=1),
@@ -70,7 +74,7 @@ async def test_simulated_devices_escalate_report_and_install_a_pushed_model(
         await answerer.subscribe(topics.REQUEST.filter(), qos=1)
         await watcher.wait_connected(10)
         await watcher.subscribe(topics.TELEMETRY.filter(), qos=0)
-        job = asyncio.create_task(answer_requests(answerer, {"simtest-0001"}, answered))
+        job = asyncio.create_task(answer_requests(answerer, {"simtest-0001"}, answered, {"simtest-0002"}))
         try:
             await fleet.start(connect_timeout_s=30)
             assert fleet.connected == 5
@@ -118,6 +122,8 @@ async def test_simulated_devices_escalate_report_and_install_a_pushed_model(
     assert summary["redelivered"] == 1  # the identical second answer: the same run, delivered again
     assert summary["duplicates"] == 1  # the differing one: the request was run twice
     assert summary["duplicates_where"] == {"by two bridges": 1}
+    assert summary["statuses"]["unavailable"] == 1
+    assert summary["not_ok_reasons"] == {"unavailable: digits-cloud: # circuit open": 1}
     assert summary["rss_kib_per_device"] > 0 and summary["cpu_s"] > 0
 
 
