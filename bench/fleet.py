@@ -407,6 +407,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 out[key] = one[key]
             out["escalations_total"] = summary["escalations_answered"]
             out["statuses"] = summary["statuses"]
+            out["not_ok_reasons"] = summary["not_ok_reasons"]
             out["fleet_cpu_ms_per_device_s"] = summary["cpu_ms_per_device_s"]
             if not args.no_rollout:
                 pushed = await rollout(fleet, broker.port, work, chunk_counter, args.canary_percent, args.max_rss_mib)

@@ -102,6 +102,10 @@ class Endpoint:
             self._client = None
 
 
+class _Queued(Exception):
+    """The call's budget ran out in the bridge's own queue: the endpoint was never asked."""
+
+
 class _Batcher:
     """Opportunistic batching of concurrent calls to one model on one endpoint.
 
@@ -110,6 +114,11 @@ class _Batcher:
     overlaps the first only when a full batch is waiting. Calls made in the same pass of the
     event loop always leave together. Under load this turns N gRPC calls into a few, which is
     most of what a call costs here, on the bridge and on Triton alike.
+
+    Each caller gets its answer with the duration of the Triton call that carried it, not of
+    its own wait: under a burst the queue grows while every call stays fast, and a circuit
+    breaker judging the wait would open on a healthy endpoint and refuse every request for its
+    open period. A caller whose budget runs out while it is still queued gets ``_Queued``.
     """
 
     def __init__(self, ep: Endpoint, model: str, meta: ModelMeta, max_batch: int, max_concurrent: int = 2) -> None:
@@ -118,14 +127,15 @@ class _Batcher:
         self.meta = meta
         self.max_batch = max_batch
         self.max_concurrent = max_concurrent
-        self._queue: list[tuple[np.ndarray, asyncio.Future[Prediction | np.ndarray], float]] = []
+        self._queue: list[tuple[np.ndarray, asyncio.Future[tuple[Prediction | np.ndarray, float]], float]] = []
         self._running = 0
         self._kick_soon = False
         self._jobs: set[asyncio.Task[None]] = set()
 
-    async def submit(self, tensor: np.ndarray, timeout_s: float) -> Prediction | np.ndarray:
-        """A classifier's prediction, or a detector's output row for this one image."""
-        fut: asyncio.Future[Prediction | np.ndarray] = asyncio.get_running_loop().create_future()
+    async def submit(self, tensor: np.ndarray, timeout_s: float) -> tuple[Prediction | np.ndarray, float]:
+        """A classifier's prediction, or a detector's output row for this one image, and the
+        milliseconds the Triton call that carried it took."""
+        fut: asyncio.Future[tuple[Prediction | np.ndarray, float]] = asyncio.get_running_loop().create_future()
         self._queue.append((tensor, fut, time.monotonic() + timeout_s))
         if not self._kick_soon:
             # Kick at the end of this pass of the event loop, so that every request taken in
@@ -149,13 +159,24 @@ class _Batcher:
             self._running += 1
             spawn(self._jobs, self._run(batch))
 
-    async def _run(self, batch: list[tuple[np.ndarray, asyncio.Future[Prediction | np.ndarray], float]]) -> None:
+    async def _run(
+        self, batch: list[tuple[np.ndarray, asyncio.Future[tuple[Prediction | np.ndarray, float]], float]]
+    ) -> None:
         try:
+            now = time.monotonic()
+            for _, fut, deadline in batch:
+                if deadline <= now and not fut.done():
+                    fut.set_exception(_Queued(f"its {self.model} call waited its whole budget in the bridge's queue"))
+            batch = [item for item in batch if not item[1].done()]
+            if not batch:
+                return
             tensor = batch[0][0] if len(batch) == 1 else np.concatenate([t for t, _, _ in batch])
             # The longest wait in the batch: one asker's tight deadline must not cut the call
             # short for the others batched with it (each asker judges its own answer's lateness).
-            timeout = max(deadline for _, _, deadline in batch) - time.monotonic()
+            timeout = max(deadline for _, _, deadline in batch) - now
+            t0 = time.perf_counter()
             probs = await self.ep.infer(self.model, self.meta, tensor, timeout)
+            call_ms = (time.perf_counter() - t0) * 1000
         except Exception as exc:
             for _, fut, _ in batch:
                 if not fut.done():
@@ -168,7 +189,7 @@ class _Batcher:
                 answers = predictions(probs, self.meta.labels)  # one pass for the whole batch
             for (_, fut, _), answer in zip(batch, answers, strict=True):
                 if not fut.done():
-                    fut.set_result(answer)
+                    fut.set_result((answer, call_ms))
         finally:
             self._running -= 1
             self._kick()
@@ -236,10 +257,15 @@ class Dispatcher:
             budget = min(left, limit)
             t0 = time.perf_counter()
             try:
-                answer = await self._batcher(ep, model, meta).submit(tensor, budget)
+                answer, call_ms = await self._batcher(ep, model, meta).submit(tensor, budget)
             except asyncio.CancelledError:
                 breaker.release()  # hedged away: neither a success nor a failure
                 raise
+            except _Queued as exc:  # the bridge was busy, not the endpoint: judge nothing
+                breaker.release()
+                self.meter.inc("triton_queue_timeouts_total", model=model)
+                reasons.append(f"{ep.url}: {exc}")
+                continue
             except Exception as exc:
                 ms = (time.perf_counter() - t0) * 1000
                 if left < limit and time.time() >= deadline:
@@ -254,7 +280,7 @@ class Dispatcher:
                 reasons.append(f"{ep.url}: {_short(exc)}")
                 continue
             ms = (time.perf_counter() - t0) * 1000
-            breaker.record(True, ms)
+            breaker.record(True, call_ms)  # the endpoint's time, not the wait in this bridge's queue
             self.meter.inc("triton_calls_total", model=model)
             if isinstance(answer, Prediction):
                 return Answer(model, meta.version, answer, ep.url, ms)

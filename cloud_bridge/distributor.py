@@ -5,8 +5,14 @@ still get it. The distributor listens to the same announce and chunk topics the 
 stores each artefact as it streams past (its persistent session keeps chunks queued at the
 broker while it restarts), and answers ``model/fetch/<device>/<model>`` by publishing exactly
 the chunks asked for on that device's own ``model/resend/<device>/...`` topic: only the device
-that asked receives them, so a resend costs one copy, not one per device subscribed to the
-model (the operator's push is the one broadcast to the fleet).
+that asked receives them, so a straggler's resend costs one copy, not one per device subscribed
+to the model. When many devices lack the same version at once (a canary promoted: the rest of
+the fleet fetches the whole artefact within seconds), one copy each would queue the fleet behind
+the overall fetch budget; so once fetches for one version come from ``FleetResend.min_devices``
+distinct devices within ``FleetResend.window_s``, the chunks asked for are published once on
+the fleet's ``model/chunk/...`` topic instead, which every device downloading that version reads
+(each chunk at most once per window). Only distinct devices count, so no device can make the
+distributor broadcast on its own.
 
 Everything it receives is checked before it is believed: a chunk must agree with its topic, its
 manifest and its own checksum; a version is served only after the whole artefact hashes to the
@@ -70,8 +76,26 @@ class FetchLimits:
 
 
 @dataclass(frozen=True)
+class FleetResend:
+    """When fetches turn into one broadcast: fetches for one version from at least
+    ``min_devices`` distinct devices within ``window_s`` seconds are answered on the fleet's
+    chunk topic, each chunk at most once per ``window_s``. The broadcast is paid from the
+    overall fetch budget once per chunk (and from the asker's own budget), however many devices
+    it reaches. A ``min_devices`` the fleet never reaches keeps every resend per device."""
+
+    min_devices: int = 3
+    window_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.min_devices < 2:
+            raise ValueError("min_devices must be at least 2: one device alone must not make a broadcast")
+        if self.window_s <= 0:
+            raise ValueError("window_s must be positive")
+
+
+@dataclass(frozen=True)
 class _Send:
-    device: str
+    device: str | None  # None: the fleet's chunk topic, for every device downloading the version
     name: str
     version: str
     index: int
@@ -95,6 +119,7 @@ class Distributor:
         session_factory: SessionFactory | None = None,
         limits: StoreLimits | None = None,
         fetch_limits: FetchLimits | None = None,
+        fleet_resend: FleetResend | None = None,
         fleet_key: Ed25519PublicKey | None = None,
     ) -> None:
         """``fleet_key``: when given, only announces signed with the fleet's key are stored (as
@@ -112,6 +137,11 @@ class Distributor:
         fl = self.fetch_limits = fetch_limits or FetchLimits()
         self._device_budget = BucketsPerKey(fl.device_bytes_per_s, fl.device_burst_bytes)
         self._total_budget = TokenBucket.full(fl.total_bytes_per_s, fl.total_burst_bytes, time.monotonic())
+        self.fleet_resend = fleet_resend or FleetResend()
+        # Per version: when each device last fetched it (only the last window's are kept).
+        self._askers: dict[tuple[str, str], dict[str, float]] = {}
+        # Per chunk of a version: when it was last queued for the fleet's topic.
+        self._broadcast_at: dict[tuple[str, str, int], float] = {}
         self._pending_limit = pending_limit_bytes
         self._telemetry_interval_s = telemetry_interval_s
         self._artefacts: dict[tuple[str, str], StoredArtefact] = {}
@@ -422,10 +452,10 @@ class Distributor:
         self.meter.inc("distributor_fetches_total")
         queued = refused = 0
         now = time.monotonic()
+        to_fleet = self._asked_by_many(model, req.version, device, now)
         budget = self._device_budget.bucket(device)
         for index in sorted(indices):
-            send = _Send(device, model, req.version, index)
-            if send in self._queued:  # this device asked for it already and it is still queued
+            if self._on_its_way(device, model, req.version, index, now, to_fleet=to_fleet):
                 self.meter.inc("distributor_chunks_coalesced_total")
                 continue
             length = delivery.expected_chunk_length(art.manifest, index)
@@ -433,6 +463,9 @@ class Distributor:
                 refused += 1  # over budget: this chunk and every later one of this fetch
                 continue
             budget.take(length, now)
+            send = _Send(None if to_fleet else device, model, req.version, index)
+            if to_fleet:
+                self._broadcast_at[(model, req.version, index)] = now
             self._queued.add(send)
             self._sends.put_nowait(send)
             queued += 1
@@ -444,17 +477,42 @@ class Distributor:
                 f"{queued} queued, the rest is over the fetch budget (it may ask again later)",
             )
         log.info(
-            "%s: %s fetches %d chunk(s) of %s %s (%d queued)",
+            "%s: %s fetches %d chunk(s) of %s %s (%d queued for %s)",
             self.client_id,
             device,
             len(indices),
             model,
             req.version,
             queued,
+            "the fleet" if to_fleet else "it alone",
         )
+
+    def _asked_by_many(self, name: str, version: str, device: str, now: float) -> bool:
+        """Record ``device``'s fetch of this version; whether enough distinct devices fetched it
+        within the window for the answer to go to the fleet's topic."""
+        rule = self.fleet_resend
+        askers = self._askers.setdefault((name, version), {})
+        askers[device] = now
+        for other, when in list(askers.items()):
+            if now - when > rule.window_s:
+                del askers[other]
+        return len(askers) >= rule.min_devices
+
+    def _on_its_way(self, device: str, name: str, version: str, index: int, now: float, *, to_fleet: bool) -> bool:
+        """Whether this chunk will reach ``device`` without queuing it again: it waits to go to
+        the fleet's topic (which the device reads while downloading), or to the device itself,
+        or (when answering the fleet) it went to the fleet's topic within the window."""
+        if _Send(None, name, version, index) in self._queued:
+            return True
+        if to_fleet:
+            last = self._broadcast_at.get((name, version, index))
+            return last is not None and now - last < self.fleet_resend.window_s
+        return _Send(device, name, version, index) in self._queued
 
     def _unqueue(self, name: str, version: str) -> None:
         self._queued = {s for s in self._queued if (s.name, s.version) != (name, version)}
+        self._askers.pop((name, version), None)
+        self._broadcast_at = {k: t for k, t in self._broadcast_at.items() if k[:2] != (name, version)}
 
     async def _sender(self, session: MqttSession) -> None:
         """One of ``window`` workers: at most that many chunk publishes wait for their ack at once."""
@@ -473,17 +531,21 @@ class Distributor:
                     sha256=hashlib.sha256(data).hexdigest(),
                     data=data,
                 )
-                topic = topics.MODEL_RESEND.build(
-                    device_id=send.device, model=send.name, version=send.version, index=send.index
-                )
+                if send.device is None:
+                    topic = topics.MODEL_CHUNK.build(model=send.name, version=send.version, index=send.index)
+                else:
+                    topic = topics.MODEL_RESEND.build(
+                        device_id=send.device, model=send.name, version=send.version, index=send.index
+                    )
                 try:
                     await session.publish(topic, env.encode(chunk), qos=topics.MODEL_CHUNK.qos, timeout=30)
                 except NotConnected as exc:
                     self.meter.inc("distributor_chunks_unsent_total")
                     log.warning("%s: chunk not sent to %s: %s", self.client_id, topic, exc)
                     continue
-                self.meter.inc("distributor_chunks_served_total")
-                self.meter.inc("distributor_bytes_served_total", len(data))
+                to = "fleet" if send.device is None else "device"
+                self.meter.inc("distributor_chunks_served_total", to=to)
+                self.meter.inc("distributor_bytes_served_total", len(data), to=to)
             except Exception as exc:  # an unreadable chunk costs that chunk, not a sender
                 self.meter.inc("distributor_chunks_unsent_total")
                 log.error(

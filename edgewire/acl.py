@@ -8,8 +8,9 @@ log in with their own password and another's client id to knock that client off.
 
 A device is bound to its own topic levels: it publishes only under its own id, and reads only
 its own results, input, resent chunks and configuration, its fleet's configuration and the
-model topics. Only bridges publish results, only operators publish announces, configuration and
-chunks for the fleet (a push), only the distributor resends chunks to one device.
+model topics. Only bridges publish results, only operators publish announces and configuration,
+only operators (a push) and the distributor (one answer to many devices' fetches at once) publish
+chunks for the fleet, only the distributor resends chunks to one device.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ RULES: dict[Role, tuple[Grant, ...]] = {
     "bridge": _OWN + _grants("read", "req/+/+") + _grants("write", "result/+"),
     "distributor": _OWN
     + _grants("read", "model/announce/+", "model/chunk/+/+/+", "model/fetch/+/+")
-    + _grants("write", "model/resend/+/+/+/+"),
+    + _grants("write", "model/resend/+/+/+/+", "model/chunk/+/+/+"),
     "operator": _OWN
     + _grants("read", "#")
     + _grants(

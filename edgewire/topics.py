@@ -105,7 +105,7 @@ LOCAL = TopicSpec("local", "local/{device_id}", 0, False, env.LocalResults, "dev
 INPUT = TopicSpec("input", "input/{device_id}", 0, False, env.Frame, "any → device")
 MODEL_ANNOUNCE = TopicSpec("model_announce", "model/announce/{model}", 1, True, env.Manifest, "distributor → devices")
 MODEL_CHUNK = TopicSpec(
-    "model_chunk", "model/chunk/{model}/{version}/{index}", 1, False, env.Chunk, "operator → devices"
+    "model_chunk", "model/chunk/{model}/{version}/{index}", 1, False, env.Chunk, "operator, distributor → devices"
 )
 MODEL_RESEND = TopicSpec(
     "model_resend",

@@ -690,3 +690,68 @@ async def test_a_distributor_with_the_fleet_key_stores_only_signed_announces(art
     signed = manifest_of(artefact, "3", private_key=signing.load_private(private_pem))
     d._on_message(announce, env.encode(signed))
     assert d.manifest("m", "3") == signed
+
+
+async def test_many_fetches_at_once_are_answered_once_for_the_fleet(
+    broker: BrokerHandle, artefact: Path, tmp_path: Path
+) -> None:
+    """A canary promoted: the rest of the fleet fetches the whole version at once. From the third
+    distinct device on, the chunks go once on the fleet's chunk topic (which every device
+    downloading the version reads) instead of one copy per device; one device fetching again and
+    again is still answered on its own resend topic alone."""
+    from edgewire.cloud_bridge.distributor import FleetResend
+
+    rule = FleetResend(min_devices=3, window_s=5.0)  # wide: the fetches of a loaded machine still fall in one
+    d = Distributor(BrokerSettings(url=broker.url), tmp_path / "store", client_id="distributor-f", fleet_resend=rule)
+    m1, m2 = manifest_of(artefact, "1"), manifest_of(artefact, "2")
+    async with running(d):
+        async with session(broker, "op-f") as op:
+            await push.push(op, artefact, m1)
+            await push.push(op, artefact, m2)
+        await until(lambda: d.holds("m", "1") and d.holds("m", "2"))
+        async with session(broker, "watcher-f") as sub:
+            for version in ("1", "2"):
+                await sub.subscribe(topics.MODEL_CHUNK.filter(model="m", version=version), qos=1)
+                await sub.subscribe(topics.MODEL_RESEND.filter(model="m", version=version), qos=1)
+
+            # One device alone, three times: never a broadcast, only its own copies.
+            async with session(broker, "cam-z") as lone:
+                for _ in range(3):
+                    await lone.publish(*fetch("cam-z", "2", [[0, 6]]), qos=1)
+                lone_answers = await messages_until_quiet(sub, topics.MODEL_CHUNK, topics.MODEL_RESEND)
+            assert lone_answers and {resent_to(t) for t, _ in lone_answers} == {"cam-z"}, lone_answers
+            assert {env.decode(env.Chunk, p).index for _, p in lone_answers} == set(range(6))
+            assert d.meter.get("distributor_chunks_served_total", to="fleet") == 0
+
+            # Five devices at once: every chunk once on the fleet's topic; per-device copies only
+            # for the devices that asked before the third.
+            crowd = [f"cam-{c}" for c in "abcde"]
+            async with contextlib.AsyncExitStack() as stack:
+                devices = [await stack.enter_async_context(session(broker, c)) for c in crowd]
+                await asyncio.gather(
+                    *(dev.publish(*fetch(c, "1", [[0, 6]]), qos=1) for dev, c in zip(devices, crowd, strict=True))
+                )
+                answers = await messages_until_quiet(sub, topics.MODEL_CHUNK, topics.MODEL_RESEND)
+        fleet = sorted(env.decode(env.Chunk, p).index for t, p in answers if topics.MODEL_CHUNK.match(t))
+        assert fleet == list(range(6)), sorted(t for t, _ in answers)
+        copies_to = {resent_to(t) for t, _ in answers} - {None}
+        assert copies_to <= set(crowd) and len(copies_to) <= rule.min_devices - 1
+        assert d.meter.get("distributor_chunks_served_total", to="fleet") == 6
+        for c in answers:
+            chunk = env.decode(env.Chunk, c[1])
+            assert chunk.version == "1" and hashlib.sha256(chunk.data).hexdigest() == chunk.sha256
+
+
+def resent_to(topic: str) -> str | None:
+    """The device a resend is for; None for a chunk on the fleet's topic."""
+    levels = topics.MODEL_RESEND.match(topic)
+    return None if levels is None else levels["device_id"]
+
+
+def test_a_fleet_resend_needs_more_than_one_device() -> None:
+    from edgewire.cloud_bridge.distributor import FleetResend
+
+    with pytest.raises(ValueError):
+        FleetResend(min_devices=1)
+    with pytest.raises(ValueError):
+        FleetResend(window_s=0)

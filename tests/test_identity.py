@@ -137,6 +137,11 @@ def test_rules_bind_each_device_to_its_own_topics() -> None:
     assert not acl.allowed("device", "cam-a", "write", topics.MODEL_RESEND.build(
         device_id="cam-a", model="m", version="1", index=0))  # fmt: skip
     assert acl.allowed("distributor", "distributor-1", "write", topics.MODEL_RESEND.filter())
+    # Many devices fetching one version at once are answered once on the fleet's chunk topic;
+    # announces (what the fleet runs) stay the operator's.
+    assert acl.allowed("distributor", "distributor-1", "write", topics.MODEL_CHUNK.build(
+        model="m", version="1", index=0))  # fmt: skip
+    assert not acl.allowed("distributor", "distributor-1", "write", topics.MODEL_ANNOUNCE.build(model="m"))
     assert acl.allowed("bridge", "bridge-1", "read", topics.REQUEST.shared_filter("bridges"))
     assert acl.allowed("bridge", "bridge-1", "write", "presence/bridge-1")
     assert not acl.allowed("device", "a+", "read", "result/a+")
@@ -205,6 +210,19 @@ async def test_a_resent_chunk_reaches_only_the_device_it_is_for(fleet: Fleet) ->
         got = await next_message(a, 3)
         assert got is not None and got.payload == b"chunk"
         assert await next_message(b, 1.0) is None
+
+
+async def test_the_distributor_may_answer_the_whole_fleet_on_the_chunk_topic(fleet: Fleet) -> None:
+    """Many devices fetching one version at once get one broadcast on the fleet's chunk topic:
+    the broker lets the distributor publish it, and every device reading the version gets it."""
+    async with fleet.client("cam-a") as a, fleet.client("cam-b") as b:
+        for device in (a, b):
+            await device.subscribe(topics.MODEL_CHUNK.filter(model="m", version="1"), qos=1)
+        async with fleet.client("distributor-1") as distributor:
+            await distributor.publish(topics.MODEL_CHUNK.build(model="m", version="1", index=0), b"chunk", qos=1)
+        for device in (a, b):
+            got = await next_message(device, 3)
+            assert got is not None and got.payload == b"chunk"
 
 
 async def test_no_one_takes_over_another_client_id(fleet: Fleet) -> None:

@@ -2,7 +2,10 @@
 id, redeliveries told from answers run twice, and a model pushed to the simulated devices.
 
 The bridge's side here is a small answerer on its own session (the real bridge and Triton are
-exercised by tests/test_sites.py and bench/fleet.py); what is under test is the simulator."""
+exercised by tests/test_sites.py and bench/fleet.py); what is under test is the simulator. A
+model push runs as in a real fleet, with a distributor: a simulated device subscribes to a
+version's chunks when its announce arrives, so on a loaded machine the push's chunks may pass
+before that subscription is in place, and the device fetches what it missed."""
 
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ from pathlib import Path
 
 from edgewire import delivery, topics
 from edgewire import envelopes as env
+from edgewire.cloud_bridge.distributor import Distributor
+from edgewire.config import BrokerSettings
 from edgewire.demo.models import DemoArtifacts
-from edgewire.fleet.push import push
+from edgewire.fleet.push import announce, publish_chunks, push
 from edgewire.fleet.sim import Fleet, anonymous_identities, identities_from_fleet, load_frames
 from edgewire.fleet.sim_device import Identity, SimSettings
 from edgewire.fleet.status import collect_presence, collect_status
@@ -25,16 +30,20 @@ from edgewire.session import MqttSession
 from .conftest import ROOT, Mosquitto, until
 
 
-async def answer_requests(session: MqttSession, twice: set[str], answered: list[str]) -> None:
+async def answer_requests(session: MqttSession, twice: set[str], answered: list[str], refuse: set[str]) -> None:
     """Answer each request with an ok Result; answer the devices in ``twice`` a second time,
-    once identically (a redelivery) and once with another answer (as if run again)."""
+    once identically (a redelivery) and once with another answer (as if run again); answer the
+    first request of each device in ``refuse`` as unavailable, with the reason a bridge gives."""
     async for message in session.messages():
         request = env.decode(env.Request, message.payload)
+        refused = request.device_id in refuse
+        refuse.discard(request.device_id)
         result = env.Result(
             trace_id=request.trace_id,
             device_id=request.device_id,
             bridge_id="answerer",
-            status="ok",
+            status="unavailable" if refused else "ok",
+            reason="digits-cloud: grpc://127.0.0.1:8001: circuit open" if refused else None,
             model="digits-cloud",
             prediction=request.local,
             timings=env.Timings(queued_ms=0, inference_ms=1, total_ms=1),
@@ -55,6 +64,8 @@ async def test_simulated_devices_escalate_report_and_install_a_pushed_model(
     settings = SimSettings(port=mosquitto.port, escalations_per_s=5.0, telemetry_interval_s=0.5, fetch_after_s=0.5)
     fleet = Fleet(anonymous_identities(5, "simtest-"), settings, load_frames(demo.frames_dir, limit=8))
     answered: list[str] = []
+    distributor = Distributor(BrokerSettings(url=f"mqtt://127.0.0.1:{mosquitto.port}"), tmp_path / "store")
+    distributing = asyncio.create_task(distributor.run())
     async with (
         MqttSession("answerer", "127.0.0.1", mosquitto.port) as answerer,
         MqttSession("watcher", "127.0.0.1", mosquitto.port) as watcher,
@@ -63,7 +74,7 @@ async def test_simulated_devices_escalate_report_and_install_a_pushed_model(
         await answerer.subscribe(topics.REQUEST.filter(), qos=1)
         await watcher.wait_connected(10)
         await watcher.subscribe(topics.TELEMETRY.filter(), qos=0)
-        job = asyncio.create_task(answer_requests(answerer, {"simtest-0001"}, answered))
+        job = asyncio.create_task(answer_requests(answerer, {"simtest-0001"}, answered, {"simtest-0002"}))
         try:
             await fleet.start(connect_timeout_s=30)
             assert fleet.connected == 5
@@ -80,20 +91,39 @@ async def test_simulated_devices_escalate_report_and_install_a_pushed_model(
                 artefact = tmp_path / "m.plan"
                 artefact.write_bytes(os.urandom(300_000))
                 manifest = delivery.build_manifest(artefact, name="simmodel", version="7", chunk_size=64 * 1024)
+                assert await until(distributor.ready.is_set, 30)  # it stores the push as it passes
                 await push(operator, artefact, manifest)
-                assert await until(lambda: all(d.models.get("simmodel") == "7" for d in fleet.devices), 30)
+                assert await until(lambda: all(d.models.get("simmodel") == "7" for d in fleet.devices), 60)
+                assert await until(lambda: distributor.holds("simmodel", "7"), 30)
                 statuses = await collect_status(operator, "simmodel", quiet_s=0.5)
                 assert {s.state for s in statuses.values()} == {"active"} and len(statuses) == 5
+
+                # Chunks that passed before any device knew the version (as a loaded device's
+                # late chunk subscription misses them): every device fetches them all.
+                served = distributor.chunks_served
+                fetches = [d.stats.fetches for d in fleet.devices]
+                later = tmp_path / "m8.plan"
+                later.write_bytes(os.urandom(200_000))
+                manifest8 = delivery.build_manifest(later, name="simmodel", version="8", chunk_size=64 * 1024)
+                await publish_chunks(operator, later, manifest8)  # kept by the distributor till the announce
+                await announce(operator, manifest8)
+                assert await until(lambda: all(d.models.get("simmodel") == "8" for d in fleet.devices), 60)
+                assert all(d.stats.fetches > before for d, before in zip(fleet.devices, fetches, strict=True))
+                assert distributor.chunks_served > served
             summary = fleet.summary(1.0)
         finally:
             job.cancel()
             await fleet.close()
+            distributor.stop()
+            await asyncio.wait_for(distributing, 30)
     assert summary["devices_connected"] == 5
     assert summary["lost"] == 0
     assert summary["escalations_answered"] == len(answered) == summary["escalations_sent"]
     assert summary["redelivered"] == 1  # the identical second answer: the same run, delivered again
     assert summary["duplicates"] == 1  # the differing one: the request was run twice
     assert summary["duplicates_where"] == {"by two bridges": 1}
+    assert summary["statuses"]["unavailable"] == 1
+    assert summary["not_ok_reasons"] == {"unavailable: digits-cloud: # circuit open": 1}
     assert summary["rss_kib_per_device"] > 0 and summary["cpu_s"] > 0
 
 

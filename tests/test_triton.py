@@ -6,6 +6,7 @@ import asyncio
 import re
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -177,6 +178,46 @@ async def test_concurrent_requests_are_batched_and_split_back(
     assert requests == len(sizes)
     assert executions < requests, "the dynamic batcher never merged requests, so the split path went untested"
     assert "running them one by one" not in triton.log_path.read_text()
+
+
+@module_loop
+async def test_a_burst_queued_in_the_bridge_leaves_a_healthy_endpoints_circuit_closed(
+    demo: DemoArtifacts, triton: EmbeddedTriton
+) -> None:
+    """A reconnect storm's replay queues hundreds of calls in the bridge behind the one in
+    flight, while each call to Triton stays fast. The circuit breaker must judge the endpoint's
+    time, not the wait in the queue: had it opened, every request of its open period would have
+    been answered ``unavailable`` by a bridge whose Triton was healthy."""
+    from edgewire.cloud_bridge.breaker import BreakerBoard
+    from edgewire.cloud_bridge.dispatch import Dispatcher
+
+    x = _frames(demo, _meta_of(demo.cloud_model), 1)
+    url = f"grpc://{triton.grpc_url}"
+    probe = Dispatcher([url], max_batch=1)
+    try:
+        await probe.call(CLOUD_NAME, x, time.time() + 60)
+        singles = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            await probe.call(CLOUD_NAME, x, time.time() + 60)
+            singles.append((time.perf_counter() - t0) * 1000)
+    finally:
+        await probe.close()
+    one_ms = sorted(singles)[len(singles) // 2]
+    slow_ms = max(20 * one_ms, 50.0)  # far slower than a call, far quicker than the burst
+    burst = min(4000, int(8 * slow_ms / one_ms))
+    d = Dispatcher([url], max_batch=1, breakers=BreakerBoard(slow_call_ms=slow_ms))
+    try:
+        await d.call(CLOUD_NAME, x, time.time() + 60)
+        t0 = time.perf_counter()
+        answers = await asyncio.gather(*(d.call(CLOUD_NAME, x, time.time() + 300) for _ in range(burst)))
+        drained_ms = (time.perf_counter() - t0) * 1000
+        breaker = d.breakers.get(url, CLOUD_NAME).snapshot()
+    finally:
+        await d.close()
+    assert len(answers) == burst
+    assert drained_ms > 2 * slow_ms, f"the burst never queued past {slow_ms:.0f} ms: nothing was tested"
+    assert breaker["state"] == "closed", breaker
 
 
 @module_loop

@@ -43,10 +43,19 @@ def distributor(
     public_key: Annotated[
         Path | None, typer.Option("--public-key", help="store only announces signed with this fleet key")
     ] = None,
+    fleet_resend_devices: Annotated[
+        int,
+        typer.Option(
+            min=2, help="fetches of one version from this many distinct devices at once are answered on the fleet topic"
+        ),
+    ] = 3,
+    fleet_resend_window_s: Annotated[
+        float, typer.Option(min=0.01, help="the window those fetches fall in, and each broadcast chunk's spacing")
+    ] = 1.0,
 ) -> None:
     """Store every model pushed over MQTT and resend the chunks devices ask for, until stopped."""
     from edgewire import signing
-    from edgewire.cloud_bridge.distributor import Distributor
+    from edgewire.cloud_bridge.distributor import Distributor, FleetResend
     from edgewire.metrics import serve
 
     settings = broker_settings(broker_url)
@@ -54,7 +63,14 @@ def distributor(
         fleet_key = signing.load_public(public_key.read_text()) if public_key is not None else None
     except (OSError, EdgewireError) as exc:
         raise fail(exc) from None
-    d = Distributor(settings, store, client_id=client_id, window=window, fleet_key=fleet_key)
+    d = Distributor(
+        settings,
+        store,
+        client_id=client_id,
+        window=window,
+        fleet_key=fleet_key,
+        fleet_resend=FleetResend(fleet_resend_devices, fleet_resend_window_s),
+    )
     if metrics_port is not None:
         serve(metrics_port, metrics_host)
     console.print(f"distributor {d.client_id}: {broker_url}, store {store}")

@@ -149,6 +149,9 @@ class Fleet:
             "escalations_answered": sum(d.stats.answered for d in self.devices),
             "escalations_per_s": round(len(latencies) / elapsed_s, 1) if elapsed_s > 0 else 0.0,
             "statuses": statuses,
+            "not_ok_reasons": dict(
+                sorted(_sum_counts(d.stats.not_ok for d in self.devices).items(), key=lambda kv: -kv[1])[:8]
+            ),
             "p50_ms": round(percentile(latencies, 50), 1),
             "p99_ms": round(percentile(latencies, 99), 1),
             "lost": self.owed,

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import random
+import re
 import secrets
 import time
 from collections import deque
@@ -38,6 +39,8 @@ from edgewire.errors import DecodeError
 from edgewire.session import MqttSession, NotConnected, presence_factory
 
 log = logging.getLogger(__name__)
+
+_REASON_DETAILS = re.compile(r"[a-z]+://\S+|\d+(\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class DeviceStats:
     redelivered: int = 0
     duplicates: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
+    # "<status>: <reason>" of every answer that was not ok, numbers and addresses blanked, so
+    # a run that shows unavailable answers also says why (a circuit open, a call timed out...).
+    not_ok: dict[str, int] = field(default_factory=dict)
     round_trip_ms: list[float] = field(default_factory=list)
     answered_by: dict[str, int] = field(default_factory=dict)
     duplicates_where: dict[str, int] = field(default_factory=dict)
@@ -321,6 +327,9 @@ class SimDevice:
         self.first_answer[result.trace_id] = payload
         self.stats.answered += 1
         self.stats.statuses[result.status] = self.stats.statuses.get(result.status, 0) + 1
+        if result.status != "ok":
+            why = f"{result.status}: {_REASON_DETAILS.sub('#', result.reason or 'no reason given')}"[:160]
+            self.stats.not_ok[why] = self.stats.not_ok.get(why, 0) + 1
         self.stats.round_trip_ms.append((time.perf_counter() - owed.created) * 1000)
         self.stats.answered_by[result.bridge_id] = self.stats.answered_by.get(result.bridge_id, 0) + 1
 
