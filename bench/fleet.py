@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
+from process_cpu import cpu_seconds
 
 from edgewire import delivery, topics
 from edgewire.cloud_bridge.model_repository import write_python_repository
@@ -53,25 +53,8 @@ from edgewire.fleet.sim_device import SimSettings
 from edgewire.ports import free_port, wait_port
 from edgewire.session import MqttSession
 
-TICK = os.sysconf("SC_CLK_TCK")
 BYTES_SENT = "$SYS/broker/bytes/sent"
 FILES = 16_384  # open files for the broker and this process: one socket per device and then some
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its live children, from /proc/<pid>/stat."""
-    total = 0.0
-    try:
-        pids = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
-    except psutil.NoSuchProcess:
-        return 0.0
-    for one in pids:
-        try:
-            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
-    return total
 
 
 def raise_file_limit() -> None:
@@ -157,11 +140,11 @@ async def phase(fleet: Fleet, seconds: float, pids: dict[str, int]) -> dict[str,
     for device in fleet.devices:
         device.stats.round_trip_ms.clear()
     answered0 = sum(d.stats.answered for d in fleet.devices)
-    cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     t0 = time.monotonic()
     await asyncio.sleep(seconds)
     elapsed = time.monotonic() - t0
-    cpu = {name: cpu_s(pid) - cpu0[name] for name, pid in pids.items()}
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
     answered = sum(d.stats.answered for d in fleet.devices) - answered0
     latencies = [ms for d in fleet.devices for ms in d.stats.round_trip_ms]
     per_k = 1000 / max(1, answered)

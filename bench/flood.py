@@ -42,6 +42,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from process_cpu import cpu_seconds
 
 from edgewire import envelopes as env
 from edgewire import topics
@@ -61,27 +62,11 @@ class CpuShare:
     costs the broker and the bridge, and what the flooder itself burns."""
 
     def __init__(self, pids: dict[str, int]) -> None:
-        import psutil
-
-        self.psutil = psutil
         self.pids = pids
         self.totals: dict[str, dict[str, float]] = {}
 
     def _cpu(self) -> dict[str, float]:
-        out = {}
-        for name, pid in self.pids.items():
-            total = 0.0
-            try:
-                root = self.psutil.Process(pid)
-                procs = [root] if name == "victim" else [root, *root.children(recursive=True)]
-            except self.psutil.NoSuchProcess:
-                procs = []
-            for proc in procs:
-                with contextlib.suppress(self.psutil.NoSuchProcess):
-                    t = proc.cpu_times()
-                    total += t.user + t.system
-            out[name] = total
-        return out
+        return {name: cpu_seconds(pid, tree=name != "victim") for name, pid in self.pids.items()}
 
     def start(self) -> tuple[float, dict[str, float]]:
         return time.perf_counter(), self._cpu()

@@ -39,6 +39,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edge_pipeline import start_broker
+from process_cpu import cpu_seconds
 
 from edgewire.cloud_bridge.bridge import Bridge
 from edgewire.cloud_bridge.dispatch import Dispatcher
@@ -92,15 +93,7 @@ def start_monitor(url: str) -> subprocess.Popen[bytes]:
 
 def fleet_cpu_s() -> float:
     """CPU seconds of this process and of every process under it (Triton, broker, monitor)."""
-    me = psutil.Process()
-    total = 0.0
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    return cpu_seconds()
 
 
 @dataclass

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from process_cpu import cpu_seconds
 
 from edgewire import envelopes as env
 from edgewire import topics
@@ -49,29 +50,11 @@ class CpuMeter:
     every core between them."""
 
     def __init__(self, groups: dict[str, int]) -> None:
-        import psutil
-
-        self.psutil = psutil
         self.groups = groups  # name -> pid of the tree's root
         self.totals: dict[str, dict[str, float]] = {}
 
     def sample(self) -> dict[str, float]:
-        out = {}
-        for name, pid in self.groups.items():
-            total = 0.0
-            try:
-                root = self.psutil.Process(pid)
-                procs = [root, *root.children(recursive=True)] if name != "bench" else [root]
-            except self.psutil.NoSuchProcess:
-                procs = []
-            for proc in procs:
-                try:
-                    t = proc.cpu_times()
-                    total += t.user + t.system
-                except self.psutil.NoSuchProcess:
-                    pass
-            out[name] = total
-        return out
+        return {name: cpu_seconds(pid, tree=name != "bench") for name, pid in self.groups.items()}
 
     def add(self, phase: str, before: dict[str, float], n: int) -> None:
         after = self.sample()
