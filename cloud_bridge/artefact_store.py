@@ -115,6 +115,8 @@ class StoredArtefact:
         return cls(folder, manifest, held, complete=False)
 
     def _handle(self) -> int:
+        """The artefact open for writing, held only while chunks are coming in: a distributor
+        keeps every version ever pushed, so one descriptor per version would run out."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR)
         return self._fd
@@ -129,8 +131,14 @@ class StoredArtefact:
         self.held[index] = 1
 
     def read(self, index: int) -> bytes:
+        """Opened per chunk: a served version holds no descriptor between fetches (an open costs
+        far less than the publish the chunk is read for)."""
         length = delivery.expected_chunk_length(self.manifest, index)
-        return os.pread(self._handle(), length, index * self.manifest.chunk_size)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return os.pread(fd, length, index * self.manifest.chunk_size)
+        finally:
+            os.close(fd)
 
     def update_manifest(self, manifest: env.Manifest) -> None:
         """Same artefact, new announce (other targets, say): keep the bytes, remember the manifest."""
@@ -139,8 +147,10 @@ class StoredArtefact:
             self.manifest = manifest
 
     def mark_complete(self) -> None:
-        fd = self._handle()
-        os.fsync(fd)
+        """Written through to the disk, then recorded; nothing is written to a complete version
+        again, so its descriptors are closed here."""
+        os.fsync(self._handle())
+        self.close()
         durable.atomic_write(self.folder / "complete", self.manifest.sha256.encode())
         self.complete = True
 

@@ -755,3 +755,78 @@ def test_a_fleet_resend_needs_more_than_one_device() -> None:
         FleetResend(min_devices=1)
     with pytest.raises(ValueError):
         FleetResend(window_s=0)
+
+
+def open_files(pid: int) -> dict[int, str]:
+    """What each descriptor of process ``pid`` points to (a path, ``socket:[...]``, ``pipe:[...]``)."""
+    found: dict[int, str] = {}
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed between the listing and the read
+            found[int(entry.name)] = os.readlink(entry)
+    return found
+
+
+async def start_distributor(broker: BrokerHandle, store: Path, op: MqttSession) -> asyncio.subprocess.Process:
+    """``edgewire distributor`` in its own process, returned once its presence says it is online."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgewire.cli", "distributor",
+        "--broker", broker.url, "--store", str(store), "--id", "distributor-fd",
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(60):  # a process starting on a loaded machine: give it room
+        with contextlib.suppress(rollout.NoDistributor):
+            await rollout.require_distributor(op, quiet_s=0.2)
+            return proc
+    proc.kill()
+    await proc.wait()
+    raise AssertionError("the distributor never came online")
+
+
+async def fetched(dev: MqttSession, version: str) -> None:
+    """One chunk of ``version`` fetched and received, so the distributor read its file."""
+    await dev.publish(*fetch(dev.client_id, version, [[0, 1]]), qos=1)
+    served = await messages_until_quiet(dev, topics.MODEL_RESEND, quiet_s=0.5, limit_s=15)
+    assert [env.decode(env.Chunk, p).version for _, p in served] == [version]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads descriptors from /proc (Linux)")
+async def test_distributor_holds_no_descriptor_per_version_pushed(broker: BrokerHandle, tmp_path: Path) -> None:
+    """A distributor runs for months and stores every version ever pushed: the files it writes
+    and serves from must not stay open per version, or a long-lived one runs out of descriptors.
+    Checked while versions are pushed and served, and after a restart on the same store (whose
+    versions are only read)."""
+    store = tmp_path / "store"
+    versions = [str(n) for n in range(1, 7)]
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        async with session(broker, "op-fd") as op, session(broker, "cam-fd") as dev:
+            await dev.subscribe(topics.MODEL_RESEND.filter(device_id="cam-fd"), qos=1)
+            proc = await start_distributor(broker, store, op)
+            before = open_files(proc.pid)
+            counts: list[int] = []
+            for version in versions:
+                path = tmp_path / f"v{version}.plan"
+                path.write_bytes(os.urandom(SIZE))
+                await push.push(op, path, manifest_of(path, version))
+                await until(lambda v=version: (store / "m" / v / "complete").exists(), 30)  # type: ignore[misc]
+                await fetched(dev, version)
+                counts.append(len(open_files(proc.pid)))
+            after = open_files(proc.pid)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+            proc = await start_distributor(broker, store, op)
+            restarted_before = len(open_files(proc.pid))
+            for version in versions:
+                await fetched(dev, version)
+            restarted = open_files(proc.pid)
+        for listing in (after, restarted):
+            store_files = sorted(t for t in listing.values() if t.startswith(str(store)))
+            assert store_files == [], f"store files still open with {len(versions)} versions stored: {store_files}"
+        # Sockets and the like may come and go by a few; nothing may grow with each version.
+        assert max(counts) - len(before) <= 3, f"descriptors {len(before)} -> {counts}: {after}"
+        assert len(restarted) - restarted_before <= 3, f"after a restart {restarted_before} -> {restarted}"
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
