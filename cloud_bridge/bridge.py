@@ -36,15 +36,12 @@ from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
 
-import numpy as np
-
 from edgewire import envelopes as env
 from edgewire import logs, sdnotify, topics
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import BrokerSettings
 from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
-from edgewire.preprocess import ImageRejected, Preprocessor, decode
 from edgewire.session import InboundMessage, MqttSession, NotConnected, presence_factory
 
 from .admission import Admission
@@ -52,6 +49,7 @@ from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
 from .detect_path import DetectPath
 from .dispatch import Dispatcher, Unavailable
 from .group_claims import GroupClaims
+from .model_inputs import ModelInputs
 from .rules import Route, RuleSet
 from .shared_dedupe import SharedDedupe
 from .steps import record_steps
@@ -107,16 +105,15 @@ class Bridge:
         self._unacked: set[asyncio.Future[None]] = set()  # results sent, not yet acknowledged
         self._stop = asyncio.Event()
         self._telemetry_interval_s = telemetry_interval_s
-        self._pre: dict[str, Preprocessor] = {}
+        self.inputs = ModelInputs()  # each model's preprocessor, shared by every request path
         self.decode_workers = decode_workers
         # With this few requests in flight the loop has time to spare: a request is decoded on
         # it, sooner than by a round trip to a worker (two more process wake-ups). Under load
         # the workers take the decoding, a burst per pass of the loop.
         self.inline_decode_max_inflight = 2
         self.decoder: DecodePool | None = None
-        self._spec_ids: dict[str, int] = {}  # model -> its input spec's id in the decode pool
         self._reply_topics: dict[str, str] = {}  # device_id -> its result topic, built once
-        self._detect_path = DetectPath(dispatcher, self._preprocessor, self._result)
+        self._detect_path = DetectPath(dispatcher, self.inputs.preprocessor, self._result)
         self.session: MqttSession | None = None
         self.ready = asyncio.Event()
         # A site's bridge: requests its routes hand up to the cloud tier, and their answers.
@@ -397,12 +394,12 @@ class Bridge:
         if req.task == "detect":
             return await self._detect_path.answer(req, route, metas, received)
         if self.decoder is None or len(self._inflight) <= self.inline_decode_max_inflight:
-            tensors = self._tensors(req.payload, metas)
+            tensors = self.inputs.tensors(req.payload, metas)
             if tensors is None:
                 return self._result(device_id, trace_id, received, "rejected", reason=NOT_AN_IMAGE)
         else:
             try:
-                tensors = await self._decoded(self.decoder, req.payload, metas)
+                tensors = await self.inputs.decoded(self.decoder, req.payload, metas)
             except NotDecodable as exc:
                 return self._result(device_id, trace_id, received, "rejected", reason=str(exc))
             except DecoderUnavailable as exc:
@@ -427,39 +424,6 @@ class Bridge:
             version=answer.version,
             prediction=answer.prediction,
         )
-
-    def _preprocessor(self, model: str, meta: Any) -> Preprocessor:
-        pre = self._pre.get(model)
-        if pre is None:
-            pre = self._pre[model] = Preprocessor(meta.input)
-        return pre
-
-    def _tensors(self, payload: bytes, metas: dict[str, Any]) -> dict[str, np.ndarray] | None:
-        out: dict[str, np.ndarray] = {}
-        images: dict[bool, np.ndarray | None] = {}
-        for model, meta in metas.items():
-            pre = self._preprocessor(model, meta)
-            if pre.gray not in images:
-                try:
-                    images[pre.gray] = decode(payload, pre.gray)
-                except ImageRejected:
-                    return None
-            image = images[pre.gray]
-            if image is None or image.size == 0:
-                return None
-            out[model] = pre.batch([image])
-        return out
-
-    async def _decoded(self, decoder: DecodePool, payload: bytes, metas: dict[str, Any]) -> dict[str, np.ndarray]:
-        """The same tensors as ``_tensors``, from the decode workers (a burst per loop pass)."""
-        sids = []
-        for model, meta in metas.items():
-            sid = self._spec_ids.get(model)
-            if sid is None:
-                sid = self._spec_ids[model] = decoder.spec_id(meta.input)
-            sids.append(sid)
-        arrays = await decoder.decode(payload, tuple(sids))
-        return dict(zip(metas, arrays, strict=True))
 
     def _result(
         self,
