@@ -11,12 +11,11 @@ request answered, never the other's.
 Bridges that share the request stream on one host may share their dedupe too (``shared``, a
 SQLite file: see cloud_bridge.shared_dedupe): a request is then claimed there before it runs, so
 a redelivery that lands on another bridge of the group gets the kept answer, not a second run.
-Each device's requests are paid from its own token bucket (``device_rate_per_s``,
-``device_burst``): past it a request is answered ``rejected`` (reason ``rate limited``) without
-being decoded or dispatched, so one device cannot starve the others. Those refusals are paid
-from a second bucket per device (``REFUSALS_PER_S``, ``REFUSAL_BURST``): a device flooding
-past both is not answered at all (counted), so a flood costs the bridge the reading of it
-only, and the event loop every other device's requests and Triton's answers run on stays free.
+Each device's requests are paid from its own budget (``device_rate_per_s``, ``device_burst``):
+past it a request is answered ``rejected`` (reason ``rate limited``) without being decoded or
+dispatched, so one device cannot starve the others; a device flooding past its refusals' budget
+too is not answered at all (cloud_bridge.admission). A ``task: detect`` request takes a path of
+its own between routing and answer (cloud_bridge.detect_path).
 
 A bridge whose rules have an ``upstream`` is a site's bridge (the edge-server tier, results say
 ``tier: site``): a route ending in ``tier:cloud`` serves a request with the site's models first
@@ -32,41 +31,31 @@ import asyncio
 import contextlib
 import logging
 import math
-import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
 
-import numpy as np
-
 from edgewire import envelopes as env
 from edgewire import logs, sdnotify, topics
 from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import BrokerSettings
-from edgewire.detection import DecodeSettings, decode_batch
 from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
-from edgewire.preprocess import ImageRejected, Preprocessor, decode
-from edgewire.ratelimit import BucketsPerKey
 from edgewire.session import InboundMessage, MqttSession, NotConnected, presence_factory
 
-from . import detect_merge
+from .admission import Admission
 from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
-from .dispatch import Answer, Dispatcher, Unavailable
+from .detect_path import DetectPath
+from .dispatch import Dispatcher, Unavailable
+from .group_claims import GroupClaims
+from .model_inputs import ModelInputs
 from .rules import Route, RuleSet
-from .shared_dedupe import Answered, Claimed, HeldElsewhere, SharedDedupe
+from .shared_dedupe import SharedDedupe
 from .steps import record_steps
 from .upstream import HandedUp, Upstream
 
 log = logging.getLogger(__name__)
-
-#: How many ``rate limited`` refusals one device is sent, at once and per second; past these
-#: its requests are dropped unanswered (its device sends them again on its resend schedule).
-REFUSAL_BURST = 200.0
-REFUSALS_PER_S = 100.0
-#: Longest a device past both budgets is dropped on its topic alone before they are asked again.
-SILENCE_MAX_S = 1.0
 
 
 class Bridge:
@@ -110,23 +99,21 @@ class Bridge:
         self._answered: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (device, trace) -> answer
         self._inflight: set[tuple[str, str]] = set()
         self.shared = shared
-        self._budgets = BucketsPerKey(device_rate_per_s, device_burst)  # requests, per device
-        self._refusals = BucketsPerKey(REFUSALS_PER_S, REFUSAL_BURST)  # answered refusals, per device
-        self._silenced: dict[str, float] = {}  # device past both budgets -> until when (time.time())
-        self._dropped = 0  # requests dropped so, not yet counted in the meter
+        self.claims = GroupClaims(shared, self.meter, bridge_id) if shared is not None else None
+        self.admission = Admission(self.meter, device_rate_per_s, device_burst)
         self._jobs: set[asyncio.Task[None]] = set()
         self._unacked: set[asyncio.Future[None]] = set()  # results sent, not yet acknowledged
         self._stop = asyncio.Event()
         self._telemetry_interval_s = telemetry_interval_s
-        self._pre: dict[str, Preprocessor] = {}
+        self.inputs = ModelInputs()  # each model's preprocessor, shared by every request path
         self.decode_workers = decode_workers
         # With this few requests in flight the loop has time to spare: a request is decoded on
         # it, sooner than by a round trip to a worker (two more process wake-ups). Under load
         # the workers take the decoding, a burst per pass of the loop.
         self.inline_decode_max_inflight = 2
         self.decoder: DecodePool | None = None
-        self._spec_ids: dict[str, int] = {}  # model -> its input spec's id in the decode pool
         self._reply_topics: dict[str, str] = {}  # device_id -> its result topic, built once
+        self._detect_path = DetectPath(dispatcher, self.inputs.preprocessor, self._result)
         self.session: MqttSession | None = None
         self.ready = asyncio.Event()
         # A site's bridge: requests its routes hand up to the cloud tier, and their answers.
@@ -179,7 +166,9 @@ class Bridge:
             listener = asyncio.create_task(self._listen(session))
             telemetry = asyncio.create_task(self._telemetry(session))
             watchdog = asyncio.create_task(sdnotify.watchdog(lambda: session.connected))
-            claims = asyncio.create_task(self._keep_claims())
+            # Without a group there are no claims to renew: the task ends at once.
+            renewing = self.claims.keep_renewed(self._inflight) if self.claims is not None else asyncio.sleep(0)
+            claims = asyncio.create_task(renewing)
             await self._stop.wait()
             # From here on nothing new is acknowledged: the broker keeps it for the next bridge
             # with this id (or another of the group); what was acknowledged is answered below.
@@ -187,7 +176,7 @@ class Bridge:
             await cancel_and_wait(listener)
             for message in session.drain_inbox():  # taken from the broker already: answer them too
                 self._on_request(session, message)
-            self._count_dropped()
+            self.admission.flush_dropped()
             if self.upstream is not None:  # no more answers come down: settle what waits for one
                 self.upstream.abandon()
             if self._jobs:
@@ -204,12 +193,7 @@ class Bridge:
             # requests of a burst reach the batcher together instead of one loop pass each.
             for more in session.drain_inbox():
                 self._on_request(session, more)
-            self._count_dropped()
-
-    def _count_dropped(self) -> None:
-        if self._dropped:
-            self.meter.inc("requests_rate_limited_total", self._dropped, answered="no")
-            self._dropped = 0
+            self.admission.flush_dropped()
 
     def _reply_topic(self, device_id: str) -> str:
         topic = self._reply_topics.get(device_id)
@@ -225,8 +209,7 @@ class Bridge:
         if self.upstream is not None and self.upstream.owns(topic):
             self.upstream.take(message)
             return
-        if self._silenced and self._silent(topic, received):
-            self._dropped += 1  # counted once per burst (_count_dropped): a flood's cost is its reading
+        if self.admission.drop_silenced(topic, received):
             return
         try:
             parsed = topics.parse(topic)
@@ -243,7 +226,7 @@ class Bridge:
             return
         # Checked before the cache: a resent duplicate costs a publish too, so a device cannot
         # flood past its budget by repeating one trace id.
-        over_budget = not self._budgets.take(device_id)
+        over_budget = not self.admission.take(device_id)
         if over_budget and self.upstream is None:
             self._refuse(session, device_id, trace_id, received)
             return
@@ -253,91 +236,30 @@ class Bridge:
             self.meter.inc("requests_duplicate_total", state="answered")
             self._spawn(self._publish(session, self._reply_topic(device_id), cached))
             return
-        if self.shared is not None and not self._claim(session, key):
-            return
+        if self.claims is not None:
+            claim = self.claims.claim(key)
+            if isinstance(claim, bytes):  # answered by a bridge of the group: the same answer again
+                self._remember(key, claim)
+                self._spawn(self._publish(session, self._reply_topic(device_id), claim))
+            if claim is not True:
+                return
         # A site's bridge decides after routing: over budget is busy where the route hands up.
         self._inflight.add(key)
         self._spawn(self._handle(session, device_id, trace_id, bytes(message.payload), received, over_budget))
 
-    def _claim(self, session: MqttSession, key: tuple[str, str]) -> bool:
-        """Whether this bridge is to run the request: claimed in the shared dedupe, or the
-        kept answer published again, or left to the bridge of the group that holds it."""
-        assert self.shared is not None
-        try:
-            claim = self.shared.claim(*key)
-        except sqlite3.Error as exc:  # a request run twice beats a request lost
-            self.meter.inc("shared_dedupe_errors_total")
-            log.warning("%s: the shared dedupe failed (%s); running %s unclaimed", self.bridge_id, exc, key[1])
-            return True
-        if isinstance(claim, Answered):
-            self.meter.inc("requests_duplicate_total", state="answered_in_group")
-            self._remember(key, claim.payload)
-            self._spawn(self._publish(session, self._reply_topic(key[0]), claim.payload))
-            return False
-        if isinstance(claim, HeldElsewhere):
-            self.meter.inc("requests_duplicate_total", state="inflight_in_group")
-            return False
-        assert isinstance(claim, Claimed)
-        if claim.taken_from is not None:
-            self.meter.inc("shared_claims_taken_over_total")
-            log.info("%s: %s taken over from %s, whose lease ran out", self.bridge_id, key[1], claim.taken_from)
-        return True
-
-    def _release(self, key: tuple[str, str]) -> None:
-        if self.shared is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self.shared.release(*key)
-
-    async def _keep_claims(self) -> None:
-        """Renew this bridge's open claims (so they outlive slow calls, not the bridge) and
-        forget old answers."""
-        if self.shared is None:
-            return
-        while True:
-            await asyncio.sleep(self.shared.lease_s / 3)
-            try:
-                self.shared.renew(list(self._inflight))
-                self.shared.prune()
-            except sqlite3.Error as exc:
-                self.meter.inc("shared_dedupe_errors_total")
-                log.warning("%s: renewing claims in the shared dedupe failed: %s", self.bridge_id, exc)
-
     def _refuse(self, session: MqttSession, device_id: str, trace_id: str, received: float) -> None:
-        """Answer a request past its device's budget ``rejected: rate limited``, at QoS 0 and
-        without a task of its own: a flood's refusals must cost the bridge little, and must not
-        fill the queue of QoS 1 answers every other device's results wait in. Past its refusals'
-        budget too, the request is dropped unanswered. A refusal lost or left out costs its
-        device nothing: it keeps the request owed and sends it again later."""
-        if not self._refusals.take(device_id):
-            self.meter.inc("requests_rate_limited_total", answered="no")
-            # Neither bucket has a token: until the first of them has one, this device's
-            # requests are dropped on their topic alone, before any parsing.
-            buckets = (self._budgets.bucket(device_id), self._refusals.bucket(device_id))
-            wait = min([SILENCE_MAX_S] + [(1 - b.tokens) / b.rate for b in buckets if b.rate > 0])
-            if len(self._silenced) >= 4096:
-                self._silenced.clear()
-            self._silenced[device_id] = received + wait
+        """Answer a request past its device's budget ``rejected: rate limited``, while its
+        refusals' budget lasts (cloud_bridge.admission), at QoS 0 and without a task of its own:
+        a flood's refusals must cost the bridge little, and must not fill the queue of QoS 1
+        answers every other device's results wait in."""
+        if not self.admission.refuse(device_id, received):
             return
-        self.meter.inc("requests_rate_limited_total", answered="yes")
         # Counted, not logged one by one: a flood would fill the log at the bridge's expense.
         refusal = self._result(device_id, trace_id, received, "rejected", reason=env.RATE_LIMITED, quiet=True)
         try:
             session.publish_soon(self._reply_topic(device_id), env.encode(refusal), qos=0)
         except NotConnected:
             self.meter.inc("results_unsent_total")
-
-    def _silent(self, topic: str, now: float) -> bool:
-        """Whether this request comes from a device past both its budgets, read from the topic
-        alone (``req/<device>/...``)."""
-        end = topic.find("/", 4)
-        device_id = topic[4:end] if end > 4 and topic.startswith("req/") else ""
-        until = self._silenced.get(device_id)
-        if until is None:
-            return False
-        if now < until:
-            return True
-        del self._silenced[device_id]
-        return False
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         spawn(self._jobs, coro)
@@ -357,9 +279,10 @@ class Bridge:
         payload = env.encode(result)
         if result.status != "unavailable":  # a passing state: a resend is served afresh
             self._remember((device_id, trace_id), payload)
-            self._keep_shared((device_id, trace_id), payload)
-        else:
-            self._release((device_id, trace_id))
+            if self.claims is not None:
+                self.claims.keep((device_id, trace_id), payload)
+        elif self.claims is not None:
+            self.claims.release((device_id, trace_id))
         self._inflight.discard((device_id, trace_id))
         self.meter.inc("requests_total", status=result.status)
         topic = self._reply_topic(device_id)
@@ -469,14 +392,14 @@ class Bridge:
         except (Unavailable, EdgewireError) as exc:
             return self._result(device_id, trace_id, received, "unavailable", reason=str(exc))
         if req.task == "detect":
-            return await self._answer_detect(req, route, metas, received)
+            return await self._detect_path.answer(req, route, metas, received)
         if self.decoder is None or len(self._inflight) <= self.inline_decode_max_inflight:
-            tensors = self._tensors(req.payload, metas)
+            tensors = self.inputs.tensors(req.payload, metas)
             if tensors is None:
                 return self._result(device_id, trace_id, received, "rejected", reason=NOT_AN_IMAGE)
         else:
             try:
-                tensors = await self._decoded(self.decoder, req.payload, metas)
+                tensors = await self.inputs.decoded(self.decoder, req.payload, metas)
             except NotDecodable as exc:
                 return self._result(device_id, trace_id, received, "rejected", reason=str(exc))
             except DecoderUnavailable as exc:
@@ -501,127 +424,6 @@ class Bridge:
             version=answer.version,
             prediction=answer.prediction,
         )
-
-    async def _answer_detect(
-        self, req: env.Request, route: Route, metas: dict[str, Any], received: float
-    ) -> env.Result:
-        """A detect request: crops relabelled by a classifier, or the frame run by a detector and
-        merged with the device's list (cloud_bridge.detect_merge). Decoded on the loop: a
-        request's crops are small, and a frame is decoded once for every target."""
-        device_id, trace_id = req.device_id, req.trace_id
-        tasks = {meta.task for meta in metas.values()}
-        if len(tasks) > 1:
-            reason = f"route {route.name!r} mixes classifiers and detectors; a detect request needs one kind"
-            return self._result(device_id, trace_id, received, "rejected", reason=reason)
-        merge = route.merge or ("replace" if tasks == {"detect"} else "relabel")
-        if (merge == "relabel") != (tasks == {"classify"}):
-            kind = "a classifier" if merge == "relabel" else "a detector"
-            reason = f"route {route.name!r}: merge '{merge}' needs {kind}, and {', '.join(metas)} is not"
-            return self._result(device_id, trace_id, received, "rejected", reason=reason)
-        dispatched = time.time()
-        try:
-            if merge == "relabel":
-                detections, answers = await self._relabel(req, route, metas)
-            else:
-                detections, answers = await self._detect(req, route, metas, merge)
-        except detect_merge.Unanswerable as exc:
-            return self._result(device_id, trace_id, received, "rejected", reason=str(exc))
-        except (Unavailable, EdgewireError) as exc:
-            status = "expired" if time.time() >= req.deadline else "unavailable"
-            return self._result(device_id, trace_id, received, status, reason=str(exc), dispatched=dispatched)
-        lead = answers[0] if answers else None
-        return self._result(
-            device_id,
-            trace_id,
-            received,
-            "ok",
-            dispatched=dispatched,
-            inference_ms=max((a.inference_ms for a in answers), default=0.0),
-            model=lead.model if lead else route.route_to[0],
-            version=lead.version if lead else metas[route.route_to[0]].version,
-            detections=detections,
-        )
-
-    async def _relabel(
-        self, req: env.Request, route: Route, metas: dict[str, Any]
-    ) -> tuple[list[env.Detection], list[Answer]]:
-        pres = {m: self._preprocessor(m, meta) for m, meta in metas.items()}
-        gray = all(pre.gray for pre in pres.values())
-        pieces, boxes = detect_merge.pieces_to_classify(req, gray)
-        # One dispatch per piece, all in this pass of the loop: the batcher sends them as one call.
-        answers = await asyncio.gather(
-            *(
-                self.dispatcher.run(route, {m: pre.batch([piece]) for m, pre in pres.items()}, req.deadline)
-                for piece in pieces
-            )
-        )
-        predictions = [a.prediction for a in answers]
-        if any(p is None for p in predictions):
-            raise Unavailable(f"route {route.name!r}: a classifier gave no prediction")
-        return detect_merge.relabel(req, boxes, predictions), list(answers)
-
-    async def _detect(
-        self, req: env.Request, route: Route, metas: dict[str, Any], merge: str
-    ) -> tuple[list[env.Detection], list[Answer]]:
-        pres = {m: self._preprocessor(m, meta) for m, meta in metas.items()}
-        try:
-            frame = decode(req.payload, all(pre.gray for pre in pres.values()))
-        except ImageRejected as exc:
-            raise detect_merge.Unanswerable(f"replace and union need the whole frame: {exc}") from None
-        if frame is None or frame.size == 0:
-            raise detect_merge.Unanswerable(f"replace and union need the whole frame: {NOT_AN_IMAGE}")
-        answer = await self.dispatcher.run(route, {m: pre.batch([frame]) for m, pre in pres.items()}, req.deadline)
-        model = answer.model if answer.model in metas else route.route_to[0]
-        meta = metas[model]
-        if answer.output is None or meta.detect is None:
-            raise Unavailable(f"{model}: a detector gave no output")
-        found = decode_batch(
-            answer.output[None],
-            meta.detect.format,
-            [pres[model].geometry(frame)],
-            DecodeSettings(),
-            input_hw=(meta.input.height, meta.input.width),
-        )[0]
-        cloud = found.to_wire(meta.labels)
-        merged = (
-            detect_merge.union(req.detections, cloud)
-            if merge == "union"
-            else detect_merge.replace(req.detections, cloud)
-        )
-        return merged, [answer]
-
-    def _preprocessor(self, model: str, meta: Any) -> Preprocessor:
-        pre = self._pre.get(model)
-        if pre is None:
-            pre = self._pre[model] = Preprocessor(meta.input)
-        return pre
-
-    def _tensors(self, payload: bytes, metas: dict[str, Any]) -> dict[str, np.ndarray] | None:
-        out: dict[str, np.ndarray] = {}
-        images: dict[bool, np.ndarray | None] = {}
-        for model, meta in metas.items():
-            pre = self._preprocessor(model, meta)
-            if pre.gray not in images:
-                try:
-                    images[pre.gray] = decode(payload, pre.gray)
-                except ImageRejected:
-                    return None
-            image = images[pre.gray]
-            if image is None or image.size == 0:
-                return None
-            out[model] = pre.batch([image])
-        return out
-
-    async def _decoded(self, decoder: DecodePool, payload: bytes, metas: dict[str, Any]) -> dict[str, np.ndarray]:
-        """The same tensors as ``_tensors``, from the decode workers (a burst per loop pass)."""
-        sids = []
-        for model, meta in metas.items():
-            sid = self._spec_ids.get(model)
-            if sid is None:
-                sid = self._spec_ids[model] = decoder.spec_id(meta.input)
-            sids.append(sid)
-        arrays = await decoder.decode(payload, tuple(sids))
-        return dict(zip(metas, arrays, strict=True))
 
     def _result(
         self,
@@ -664,17 +466,6 @@ class Bridge:
             hops=hops if self.hop_stamps else {},
             tier=self.tier,
         )
-
-    def _keep_shared(self, key: tuple[str, str], payload: bytes) -> None:
-        """The answer kept for the group before it is published, so a copy of the request on
-        another bridge is answered with it even if this bridge dies right after."""
-        if self.shared is None:
-            return
-        try:
-            self.shared.answer(*key, payload)
-        except sqlite3.Error as exc:
-            self.meter.inc("shared_dedupe_errors_total")
-            log.warning("%s: keeping the answer to %s in the shared dedupe failed: %s", self.bridge_id, key[1], exc)
 
     def _remember(self, key: tuple[str, str], payload: bytes) -> None:
         self._answered[key] = payload

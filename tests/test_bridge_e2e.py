@@ -342,7 +342,7 @@ async def test_a_flooding_device_is_rate_limited_and_does_not_starve_another(
     limited` without reaching Triton, and another device's requests are all answered."""
     jpeg = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
     running = RunningBridge(broker, triton)
-    running.bridge._budgets = type(running.bridge._budgets)(2.0, 10.0)  # 10 at once, then 2/s
+    running.bridge.admission.budgets = type(running.bridge.admission.budgets)(2.0, 10.0)  # 10 at once, then 2/s
     async with running as bridge, ResultReader(broker, "cam-flood") as flood, ResultReader(broker, "cam-calm") as calm:
         started = time.monotonic()
         for i in range(60):

@@ -70,8 +70,8 @@ async def test_a_flooding_neighbour_is_refused_and_every_escalation_is_answered(
     running = RunningBridge(broker, triton)
     # Each device: 40 requests at once, then 10 a second (the escalating device, 40 frames at
     # 20 a second, stays inside it); refusals: 20 at once, then 2 a second.
-    running.bridge._budgets = BucketsPerKey(10.0, 40.0)
-    running.bridge._refusals = BucketsPerKey(2.0, 20.0)
+    running.bridge.admission.budgets = BucketsPerKey(10.0, 40.0)
+    running.bridge.admission.refusals = BucketsPerKey(2.0, 20.0)
     seen: list[env.LocalResult] = []
     async with running as bridge:
         flooder = Flooder(broker, "cam-flood", payload)
