@@ -18,7 +18,10 @@ time went (to the bridge, in it, back) and the CPU each process used in each pha
 ``--flood-nowhere`` is the control: the same flood on a topic no one reads, so what is left is
 the host's cost of carrying it (broker, flooder), not the bridge's.
 
-    python bench/flood.py [--rounds 4] [--phase-s 8] [--victim-rate 20] [--flood-rate 0] [--flood-nowhere]
+``--no-shield`` runs the bridge without its flood shield (cloud_bridge.flood_shield): it reads
+every flooded request and drops it itself.
+
+    python bench/flood.py [--rounds 4] [--phase-s 8] [--victim-rate 20] [--flood-rate 0] [--flood-nowhere] [--no-shield]
 """
 
 from __future__ import annotations
@@ -147,6 +150,7 @@ def serve_bridge(args: argparse.Namespace) -> None:
             default_rules("digits-cloud"),
             device_rate_per_s=args.device_rate,
             device_burst=args.device_burst,
+            flood_shield=not args.no_shield,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -165,7 +169,7 @@ def serve_bridge(args: argparse.Namespace) -> None:
         finally:
             watcher.cancel()
             await dispatcher.close()
-        meter = {k: bridge.meter.total(k) for k in ("requests_rate_limited_total",)}
+        meter = {k: bridge.meter.total(k) for k in ("requests_rate_limited_total", "devices_shut_out_total")}
         print(json.dumps({"meter": meter, "loop_lag_p99_ms": pct(lags, 99), "loop_lag_max_ms": max(lags)}), flush=True)
 
     asyncio.run(main())
@@ -401,6 +405,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                     str(args.device_rate),
                     "--device-burst",
                     str(args.device_burst),
+                    *(["--no-shield"] if args.no_shield else []),
                 ],
                 stdout=subprocess.PIPE,
                 text=True,
@@ -499,6 +504,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "device_budget": {"rate_per_s": args.device_rate, "burst": args.device_burst},
         "flood_rate_cap_per_s": args.flood_rate or None,
         "flood_nowhere": args.flood_nowhere,
+        "flood_shield": not args.no_shield,
         "broker": broker_kind,
         "flooder_sched": flood_counts.get("sched"),
         "cores": os.cpu_count(),
@@ -516,6 +522,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256, help="the flooder's unacknowledged publishes")
     parser.add_argument(
         "--flood-rate", type=float, default=0.0, help="the flooder's requests per second (0: as fast as it can)"
+    )
+    parser.add_argument(
+        "--no-shield", action="store_true", help="the bridge reads and drops the flood (no flood shield)"
     )
     parser.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto")
     parser.add_argument("--data", type=Path, default=None, help="reuse a demo folder")

@@ -9,8 +9,10 @@ a wrong password, or with its own password and another's client id, could still 
 client off. :class:`GuardedBroker` asks the plugins first and refuses the CONNECT before any
 session is touched. amqtt's own TLS context accepts a client without a certificate and reads no
 revocation list, so :class:`GuardedBroker` also builds the listener's context itself
-(:func:`edgewire.tls.server_context`). Those two are the only amqtt internals used here (the
-release is pinned in pyproject.toml and the tests cover them).
+(:func:`edgewire.tls.server_context`). amqtt 0.12 also hands a client that connects every
+retained message any client's subscription matches, its own or not: :class:`GuardedBroker`
+serves it only those of its own subscriptions. Those three are the only amqtt internals used
+here (the release is pinned in pyproject.toml and the tests cover them).
 """
 
 from __future__ import annotations
@@ -138,6 +140,17 @@ class GuardedBroker(Broker):
         if self.tls_context is not None:
             return self.tls_context
         return server_context(Path(listener["certfile"]), Path(listener["keyfile"]))
+
+    async def _publish_retained_messages_for_subscription(  # type: ignore[override]
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        # amqtt 0.12 calls this on every connect for every filter any client holds, so a device
+        # would be handed every retained message someone's wildcard matches (other devices'
+        # presence, their desired configuration under an operator's ``#``), past the ACL. Only
+        # the client's own subscriptions, each checked when it was made, are served here.
+        holders = self._subscriptions.get(subscription[0], ())
+        if any(held is session for held, _ in holders):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int

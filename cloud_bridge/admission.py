@@ -30,6 +30,7 @@ class Admission:
         self.refusals = BucketsPerKey(REFUSALS_PER_S, REFUSAL_BURST)  # answered refusals, per device
         self._silenced: dict[str, float] = {}  # device past both budgets -> until when (time.time())
         self._dropped = 0  # requests dropped so, not yet counted in the meter
+        self._flooders: list[str] = []  # devices silenced since take_flooders last asked
 
     def take(self, device_id: str) -> bool:
         """Whether the device's request fits its budget (a token is spent if so)."""
@@ -61,9 +62,17 @@ class Admission:
             if len(self._silenced) >= 4096:
                 self._silenced.clear()
             self._silenced[device_id] = received + wait
+            if len(self._flooders) < 4096:
+                self._flooders.append(device_id)
             return False
         self.meter.inc("requests_rate_limited_total", answered="yes")
         return True
+
+    def take_flooders(self) -> list[str]:
+        """The devices that went past both their budgets since the last call (the flood shield
+        shuts them out at the broker)."""
+        flooders, self._flooders = self._flooders, []
+        return flooders
 
     def _silent(self, topic: str, now: float) -> bool:
         """Whether this request comes from a device past both its budgets, read from the topic

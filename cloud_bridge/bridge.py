@@ -48,6 +48,7 @@ from .admission import Admission
 from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
 from .detect_path import DetectPath
 from .dispatch import Dispatcher, Unavailable
+from .flood_shield import FloodShield
 from .group_claims import GroupClaims
 from .model_inputs import ModelInputs
 from .rules import Route, RuleSet
@@ -76,6 +77,7 @@ class Bridge:
         device_rate_per_s: float = 500.0,
         device_burst: float = 1000.0,
         shared: SharedDedupe | None = None,
+        flood_shield: bool = True,
     ) -> None:
         """``decode_workers``: child processes that decode and preprocess request images, a
         burst per pass of the event loop (see cloud_bridge.decoder); 0 decodes on the loop.
@@ -85,7 +87,9 @@ class Bridge:
         device that keeps to its shipped settings is never refused; a fleet whose cameras and
         Triton capacity are known sets them lower.
         ``shared``: the claims and answers of every bridge of the group on this host; without
-        it this bridge's dedupe knows only what it ran itself."""
+        it this bridge's dedupe knows only what it ran itself.
+        ``flood_shield``: shut a device flooding past its refusals' budget out at the broker
+        (cloud_bridge.flood_shield) rather than read and drop its flood here."""
         self.hop_stamps = hop_stamps
         self.bridge_id = bridge_id
         self.broker = broker
@@ -101,6 +105,7 @@ class Bridge:
         self.shared = shared
         self.claims = GroupClaims(shared, self.meter, bridge_id) if shared is not None else None
         self.admission = Admission(self.meter, device_rate_per_s, device_burst)
+        self.shield = FloodShield(self.meter, self.request_filter) if flood_shield else None
         self._jobs: set[asyncio.Task[None]] = set()
         self._unacked: set[asyncio.Future[None]] = set()  # results sent, not yet acknowledged
         self._stop = asyncio.Event()
@@ -148,11 +153,9 @@ class Bridge:
         self.session = session
         async with session:
             await session.wait_connected(None)
-            # MQTT 5 brokers spread requests over every bridge in the group; 3.1.1 has one bridge.
-            if session.protocol == "5":
-                await session.subscribe(topics.REQUEST.shared_filter(self.group), qos=topics.REQUEST.qos)
-            else:
-                await session.subscribe(topics.REQUEST.filter(), qos=topics.REQUEST.qos)
+            await session.subscribe(self.request_filter(None), qos=topics.REQUEST.qos)
+            if self.shield is not None:  # which devices are online, to read while one floods
+                await session.subscribe(topics.PRESENCE.filter(), qos=0)
             if self.upstream is not None:  # the cloud's answers to what this site handed up
                 await session.subscribe(self.upstream.answer_filter(), qos=topics.RESULT.qos)
             log.info("%s: serving %s over MQTT %s", self.bridge_id, topics.REQUEST.filter(), session.protocol)
@@ -169,11 +172,16 @@ class Bridge:
             # Without a group there are no claims to renew: the task ends at once.
             renewing = self.claims.keep_renewed(self._inflight) if self.claims is not None else asyncio.sleep(0)
             claims = asyncio.create_task(renewing)
+            shielding = self.shield.keep(session, self.admission.take_flooders) if self.shield else asyncio.sleep(0)
+            shield = asyncio.create_task(shielding)
             await self._stop.wait()
             # From here on nothing new is acknowledged: the broker keeps it for the next bridge
             # with this id (or another of the group); what was acknowledged is answered below.
             session.hold_acks()
-            await cancel_and_wait(listener)
+            await cancel_and_wait(listener, shield)
+            if self.shield is not None and self.shield.shielded:
+                with contextlib.suppress(NotConnected):
+                    await self.shield.release(session)
             for message in session.drain_inbox():  # taken from the broker already: answer them too
                 self._on_request(session, message)
             self.admission.flush_dropped()
@@ -195,6 +203,15 @@ class Bridge:
                 self._on_request(session, more)
             self.admission.flush_dropped()
 
+    def request_filter(self, device_id: str | None) -> str:
+        """The requests this bridge reads: every device's (None) or one device's. MQTT 5 brokers
+        spread them over every bridge in the group; 3.1.1 has one bridge."""
+        assert self.session is not None
+        values = {} if device_id is None else {"device_id": device_id}
+        if self.session.protocol == "5":
+            return topics.REQUEST.shared_filter(self.group, **values)
+        return topics.REQUEST.filter(**values)
+
     def _reply_topic(self, device_id: str) -> str:
         topic = self._reply_topics.get(device_id)
         if topic is None:
@@ -211,6 +228,9 @@ class Bridge:
             return
         if self.admission.drop_silenced(topic, received):
             return
+        if self.shield is not None and topic.startswith("presence/"):
+            self.shield.presence(bytes(message.payload), received)
+            return
         try:
             parsed = topics.parse(topic)
             if parsed.spec is not topics.REQUEST:
@@ -220,6 +240,8 @@ class Bridge:
             log.warning("%s: %s", self.bridge_id, exc)
             return
         device_id, trace_id = parsed["device_id"], parsed["trace_id"]
+        if self.shield is not None:
+            self.shield.heard(device_id, received)
         key = (device_id, trace_id)
         if key in self._inflight:
             self.meter.inc("requests_duplicate_total", state="inflight")

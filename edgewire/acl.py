@@ -50,7 +50,8 @@ RULES: dict[Role, tuple[Grant, ...]] = {
         "model/chunk/+/+/+",
         "model/resend/%u/+/+/+",
     ),
-    "bridge": _OWN + _grants("read", "req/+/+") + _grants("write", "result/+"),
+    # A bridge reads presence to know which devices to keep reading while one floods.
+    "bridge": _OWN + _grants("read", "req/+/+", "presence/+") + _grants("write", "result/+"),
     "distributor": _OWN
     + _grants("read", "model/announce/+", "model/chunk/+/+/+", "model/fetch/+/+")
     + _grants("write", "model/resend/+/+/+/+", "model/chunk/+/+/+"),

@@ -212,6 +212,25 @@ class MqttSession:
         if self._client is not None and self._connected.is_set():
             await self._client.subscribe(topic_filter, qos=qos)
 
+    async def subscribe_all(self, topic_filters: list[str], qos: int = 1) -> None:
+        """Several subscriptions in one SUBSCRIBE (one round trip however many); kept as
+        :meth:`subscribe` keeps them."""
+        if not topic_filters:
+            return
+        for topic_filter in topic_filters:
+            self._subscriptions[topic_filter] = qos
+        if self._client is not None and self._connected.is_set():
+            await self._client.subscribe([(f, qos) for f in topic_filters])
+
+    async def unsubscribe(self, *topic_filters: str) -> None:
+        """Unsubscribe now if connected, and no longer after reconnects."""
+        if not topic_filters:
+            return
+        for topic_filter in topic_filters:
+            self._subscriptions.pop(topic_filter, None)
+        if self._client is not None and self._connected.is_set():
+            await self._client.unsubscribe(list(topic_filters))
+
     async def publish(
         self,
         topic: str,
@@ -484,8 +503,8 @@ class MqttSession:
                 await asyncio.sleep(self._backoff.next_delay())
 
     async def _serve(self, client: aiomqtt.Client, sender: _Sender) -> None:
-        for topic_filter, qos in self._subscriptions.items():
-            await client.subscribe(topic_filter, qos=qos)
+        if self._subscriptions:  # one SUBSCRIBE, however many filters (a bridge may hold many)
+            await client.subscribe(list(self._subscriptions.items()))
         if self._presence is not None:
             await client.publish(self._presence_topic, env.encode(self._presence(True)), qos=1, retain=True)
         self._client = client

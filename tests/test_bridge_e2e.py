@@ -39,6 +39,7 @@ class RunningBridge:
             BrokerSettings(url=broker.url, reconnect_min_s=0.05, reconnect_max_s=0.5),
             self.dispatcher,
             rules or default_rules("digits-cloud"),
+            **kw,  # type: ignore[arg-type]
         )
         self.task: asyncio.Task[None] | None = None
 

@@ -103,3 +103,32 @@ def test_broker_is_advertised_on_mdns_inside_a_private_namespace() -> None:
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found == [{"host": "127.0.0.1", "port": port, "props": {"edgewire": "1"}}]
+
+
+async def test_a_client_gets_the_retained_messages_of_its_own_subscriptions_only() -> None:
+    """amqtt 0.12 offers a connecting client every retained message that any client's filter
+    matches; the embedded broker serves each client only its own subscriptions' (edgewire.broker.guard)."""
+    port = free_port()
+    async with EmbeddedBroker("127.0.0.1", port, allow_anonymous=True):
+        async with aiomqtt.Client("127.0.0.1", port, identifier="watcher") as watcher:
+            await watcher.subscribe("presence/+", qos=1)
+            async with aiomqtt.Client("127.0.0.1", port, identifier="cam-a") as a:
+                await a.publish("presence/cam-a", b"online", qos=1, retain=True)
+            async with aiomqtt.Client("127.0.0.1", port, identifier="cam-b") as b:
+                await b.subscribe("result/cam-b", qos=1)
+                await b.publish("result/cam-b", b"mine", qos=1)
+                got = []
+                async for message in b.messages:
+                    got.append((str(message.topic), bytes(message.payload)))
+                    if message.topic.matches("result/cam-b"):
+                        break
+            assert got == [("result/cam-b", b"mine")]
+            # Its own subscription's retained message still comes.
+            async with aiomqtt.Client("127.0.0.1", port, identifier="cam-c") as c:
+                await c.subscribe("presence/+", qos=1)
+                message = await anext(aiter(c.messages))
+                assert (str(message.topic), bytes(message.payload), message.retain) == (
+                    "presence/cam-a",
+                    b"online",
+                    True,
+                )

@@ -67,7 +67,9 @@ async def test_a_flooding_neighbour_is_refused_and_every_escalation_is_answered(
     broker: BrokerHandle, triton: EmbeddedTriton, demo: DemoArtifacts
 ) -> None:
     payload = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
-    running = RunningBridge(broker, triton)
+    # Without the flood shield, so that every flooded request reaches the bridge and is counted
+    # (the shield, which leaves them at the broker, is tests/test_flood_shield.py's).
+    running = RunningBridge(broker, triton, flood_shield=False)
     # Each device: 40 requests at once, then 10 a second (the escalating device, 40 frames at
     # 20 a second, stays inside it); refusals: 20 at once, then 2 a second.
     running.bridge.admission.budgets = BucketsPerKey(10.0, 40.0)

@@ -266,6 +266,35 @@ async def test_a_bridge_takes_requests_through_the_acl(fleet: Fleet) -> None:
         assert shared == (fleet.kind == "mosquitto")
 
 
+async def test_the_flood_shields_subscriptions_pass_the_rules(fleet: Fleet) -> None:
+    """While a device is shut out (cloud_bridge.flood_shield) the bridge reads one device's
+    requests (shared on MQTT 5) and every device's presence: both pass the rules."""
+    from edgewire.session import MqttSession
+
+    async with MqttSession(
+        "bridge-1", fleet.host, fleet.port, username="bridge-1", password=fleet.passwords["bridge-1"]
+    ) as bridge:
+        await bridge.wait_connected(10)
+        one = {"device_id": "cam-a"}
+        shared = bridge.protocol == "5"
+        per_device = topics.REQUEST.shared_filter("bridges", **one) if shared else topics.REQUEST.filter(**one)
+        await bridge.subscribe_all([per_device, topics.PRESENCE.filter()], qos=1)
+        async with fleet.client("cam-a") as a:
+            await a.publish("presence/cam-a", b"online", qos=1)
+            await a.publish("req/cam-a/0123456789abcdef", b"request", qos=1)
+        got: set[tuple[str, bytes]] = set()
+
+        async def both() -> None:
+            async for message in bridge.messages():
+                got.add((str(message.topic), bytes(message.payload)))
+                if len(got) == 2:
+                    return
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(both(), 10)
+        assert got == {("presence/cam-a", b"online"), ("req/cam-a/0123456789abcdef", b"request")}
+
+
 async def test_commands_log_in_from_the_environment_and_a_refusal_is_a_warning(
     fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
