@@ -14,6 +14,11 @@ from __future__ import annotations
 from edgewire.metrics import Meter
 from edgewire.ratelimit import BucketsPerKey
 
+#: Each device's budget of new requests unless the operator sets one (``edgewire bridge
+#: --device-rate/--device-burst``): a device's own replay pace after an outage
+#: (``outbox.replay_per_s``), so a device that keeps to its shipped settings is never refused.
+DEVICE_RATE_PER_S = 500.0
+DEVICE_BURST = 1000.0
 #: How many ``rate limited`` refusals one device is sent, at once and per second; past these
 #: its requests are dropped unanswered (its device sends them again on its resend schedule).
 REFUSAL_BURST = 200.0

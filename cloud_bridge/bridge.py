@@ -44,7 +44,7 @@ from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
 from edgewire.session import InboundMessage, MqttSession, NotConnected, presence_factory
 
-from .admission import Admission
+from .admission import DEVICE_BURST, DEVICE_RATE_PER_S, Admission
 from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
 from .detect_path import DetectPath
 from .dispatch import Dispatcher, Unavailable
@@ -74,8 +74,8 @@ class Bridge:
         meter: Meter | None = None,
         decode_workers: int = 0,
         hop_stamps: bool = True,
-        device_rate_per_s: float = 500.0,
-        device_burst: float = 1000.0,
+        device_rate_per_s: float = DEVICE_RATE_PER_S,
+        device_burst: float = DEVICE_BURST,
         shared: SharedDedupe | None = None,
         flood_shield: bool = True,
     ) -> None:

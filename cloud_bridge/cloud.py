@@ -15,9 +15,10 @@ from pathlib import Path
 
 from edgewire.config import BrokerSettings
 
+from .admission import DEVICE_BURST, DEVICE_RATE_PER_S
 from .bridge import Bridge
 from .dispatch import Dispatcher
-from .distributor import Distributor
+from .distributor import Distributor, FetchLimits
 from .model_repository import write_onnxruntime_repository, write_python_repository
 from .rules import RuleSet, default_rules
 from .triton_server import EmbeddedTriton
@@ -37,13 +38,22 @@ class EmbeddedCloud:
         distributor: bool = True,
         distributor_id: str | None = None,
         decode_workers: int = 0,
+        device_rate_per_s: float = DEVICE_RATE_PER_S,
+        device_burst: float = DEVICE_BURST,
+        fetch_limits: FetchLimits | None = None,
     ) -> None:
+        """``device_rate_per_s``, ``device_burst``: each device's budget of requests at the
+        bridge; ``fetch_limits``: what fetches may make the distributor resend (see Bridge and
+        Distributor): the same doors as the standalone services, set the same way."""
         self.broker = broker
         self.models = models
         self.workdir = workdir
         self.rules = rules
         self.bridge_id = bridge_id
         self.decode_workers = decode_workers
+        self.device_rate_per_s = device_rate_per_s
+        self.device_burst = device_burst
+        self.fetch_limits = fetch_limits
         self.triton: EmbeddedTriton | None = None
         self.bridge: Bridge | None = None
         self.dispatcher: Dispatcher | None = None
@@ -73,7 +83,19 @@ class EmbeddedCloud:
         await self.triton.start()
         self.dispatcher = Dispatcher([f"grpc://{self.triton.grpc_url}"])
         rules = self.rules or default_rules(names[0])
-        self.bridge = Bridge(self.bridge_id, self.broker, self.dispatcher, rules, decode_workers=self.decode_workers)
+        try:
+            self.bridge = Bridge(
+                self.bridge_id,
+                self.broker,
+                self.dispatcher,
+                rules,
+                decode_workers=self.decode_workers,
+                device_rate_per_s=self.device_rate_per_s,
+                device_burst=self.device_burst,
+            )
+        except ValueError:  # a budget no bucket can hold: stop what already runs
+            await self.__aexit__(None, None, None)
+            raise
         self._task = asyncio.create_task(self.bridge.run(), name="bridge")
         ready = asyncio.create_task(self.bridge.ready.wait())
         await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
@@ -86,7 +108,13 @@ class EmbeddedCloud:
         return self
 
     async def _start_distributor(self) -> None:
-        self.distributor = Distributor(self.broker, self.model_store, client_id=self._distributor_id)
+        try:
+            self.distributor = Distributor(
+                self.broker, self.model_store, client_id=self._distributor_id, fetch_limits=self.fetch_limits
+            )
+        except ValueError:  # limits no bucket can hold: stop what already runs
+            await self.__aexit__(None, None, None)
+            raise
         task = self._distributor_task = asyncio.create_task(self.distributor.run(), name="distributor")
         ready = asyncio.create_task(self.distributor.ready.wait())
         await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)

@@ -74,6 +74,14 @@ class FetchLimits:
     total_bytes_per_s: float = 16 * env.MIB
     total_burst_bytes: float = 128 * env.MIB
 
+    def __post_init__(self) -> None:
+        for name in ("device_bytes_per_s", "total_bytes_per_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be 0 or more (bytes a second), got {getattr(self, name)}")
+        for name in ("device_burst_bytes", "total_burst_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be more than 0 (bytes), got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class FleetResend:

@@ -177,6 +177,62 @@ def test_group_help_says_only_what_the_group_does() -> None:
     assert not [p for p in COMMAND_PATHS if p[:1] == ("models",) and p[1:] not in ((), ("demo",))]
 
 
+# ---- per-device budgets -------------------------------------------------------------------------
+
+BRIDGE = ("bridge", "--triton", "grpc://127.0.0.1:1")
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "bound"),
+    [
+        ((*BRIDGE, "--device-rate", "-1"), "--device-rate", "0.1"),
+        ((*BRIDGE, "--device-rate", "nan"), "--device-rate", ""),  # the bound named depends on click's release
+        ((*BRIDGE, "--device-burst", "0"), "--device-burst", "1"),
+        ((*BRIDGE, "--device-burst", "2.5"), "--device-burst", "integer"),
+        (("cloud", "--device-rate", "0"), "--device-rate", "0.1"),
+        (("cloud", "--device-fetch-burst", "0"), "--device-fetch-burst", "4"),
+        (("distributor", "--device-fetch-rate", "-2"), "--device-fetch-rate", "0.01"),
+        (("distributor", "--device-fetch-rate", "1000"), "--device-fetch-rate", "16"),
+        (("distributor", "--device-fetch-burst", "1"), "--device-fetch-burst", "4"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, tuple) else v,
+)
+def test_a_budget_out_of_bounds_is_refused_naming_the_option_and_its_bound(
+    args: tuple[str, ...], option: str, bound: str
+) -> None:
+    """Refused before anything starts: a budget no device could be served under (no burst, a
+    fetch burst below the largest chunk) or that could never apply is a typo, not a setting."""
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert_says(result, f"Invalid value for '{option}'", bound)
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "option"),
+    [
+        (BRIDGE, "EDGEWIRE_BRIDGE_DEVICE_RATE", "--device-rate"),
+        (BRIDGE, "EDGEWIRE_BRIDGE_DEVICE_BURST", "--device-burst"),
+        (("distributor",), "EDGEWIRE_DISTRIBUTOR_DEVICE_FETCH_RATE", "--device-fetch-rate"),
+        (("distributor",), "EDGEWIRE_DISTRIBUTOR_DEVICE_FETCH_BURST", "--device-fetch-burst"),
+    ],
+)
+def test_a_budget_from_the_environment_is_checked_as_the_option_is(
+    command: tuple[str, ...], variable: str, option: str
+) -> None:
+    result = runner.invoke(app, list(command), env={variable: "-1"})
+    assert result.exit_code == 2, result.output
+    assert_says(result, f"Invalid value for '{option}'", variable)
+
+
+def test_the_budgets_help_says_what_a_device_past_its_budget_gets() -> None:
+    bridge = invoke("bridge", "--help")
+    assert_says(bridge, "--device-rate", "--device-burst", "rate limited")
+    distributor = invoke("distributor", "--help")
+    assert_says(distributor, "--device-fetch-rate", "--device-fetch-burst", "fetch_rate_limited")
+    cloud = invoke("cloud", "--help")
+    assert_says(cloud, "--device-rate", "--device-burst", "--device-fetch-rate", "--device-fetch-burst")
+
+
 # ---- watch ----------------------------------------------------------------------------------
 
 

@@ -766,11 +766,13 @@ def open_files(pid: int) -> dict[int, str]:
     return found
 
 
-async def start_distributor(broker: BrokerHandle, store: Path, op: MqttSession) -> asyncio.subprocess.Process:
+async def start_distributor(
+    broker: BrokerHandle, store: Path, op: MqttSession, *options: str
+) -> asyncio.subprocess.Process:
     """``edgewire distributor`` in its own process, returned once its presence says it is online."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "edgewire.cli", "distributor",
-        "--broker", broker.url, "--store", str(store), "--id", "distributor-fd",
+        "--broker", broker.url, "--store", str(store), "--id", "distributor-fd", *options,
         stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     for _ in range(60):  # a process starting on a loaded machine: give it room
@@ -780,6 +782,43 @@ async def start_distributor(broker: BrokerHandle, store: Path, op: MqttSession) 
     proc.kill()
     await proc.wait()
     raise AssertionError("the distributor never came online")
+
+
+async def test_the_distributor_command_s_device_fetch_budget_holds_one_device_and_serves_another(
+    broker: BrokerHandle, tmp_path: Path
+) -> None:
+    """``edgewire distributor --device-fetch-burst 4 --device-fetch-rate 0.01``, as an operator
+    starts it: a device fetching a 6 MiB version whole gets its first 4 MiB resent and no more
+    (the rest refused, its budget refilling 10 KiB/s), while another device's fetch, paid from its
+    own budget, is served whole."""
+    chunk = 256 * 1024
+    path = tmp_path / "big.plan"
+    path.write_bytes(os.urandom(24 * chunk))
+    m = delivery.build_manifest(path, name="m", version="1", chunk_size=chunk, precision="fp16")
+    store = tmp_path / "store"
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        async with (
+            session(broker, "op-budget") as op,
+            session(broker, "cam-greedy") as greedy,
+            session(broker, "cam-other") as other,
+        ):
+            for dev in (greedy, other):
+                await dev.subscribe(topics.MODEL_RESEND.filter(device_id=dev.client_id), qos=1)
+            budget = ("--device-fetch-burst", "4", "--device-fetch-rate", "0.01")
+            proc = await start_distributor(broker, store, op, *budget)
+            await push.push(op, path, m)
+            await until(lambda: (store / "m" / "1" / "complete").exists(), 30)
+            await greedy.publish(*fetch("cam-greedy", "1", [[0, 24]]), qos=1)
+            greedy_got = await messages_until_quiet(greedy, topics.MODEL_RESEND, quiet_s=1.0, limit_s=30)
+            await other.publish(*fetch("cam-other", "1", [[16, 24]]), qos=1)
+            other_got = await messages_until_quiet(other, topics.MODEL_RESEND, quiet_s=1.0, limit_s=30)
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 30)
+    assert sorted(env.decode(env.Chunk, p).index for _, p in greedy_got) == list(range(16))  # 4 MiB
+    assert sorted(env.decode(env.Chunk, p).index for _, p in other_got) == list(range(16, 24))
 
 
 async def fetched(dev: MqttSession, version: str) -> None:

@@ -73,6 +73,8 @@ async def test_cloud_command_serves_requests(demo: DemoArtifacts, tmp_path: Path
         str(demo.frames_dir.parent),
         "--workdir",
         str(tmp_path / "cloud"),
+        *("--device-rate", "0.1", "--device-burst", "1"),  # one request, then one per 10 s
+        *("--device-fetch-rate", "1", "--device-fetch-burst", "4"),
         stderr=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.DEVNULL,
     )
@@ -93,11 +95,16 @@ async def test_cloud_command_serves_requests(demo: DemoArtifacts, tmp_path: Path
                 content_type="image/jpeg",
                 reply_to="result/cam-z",
             )
-            await c.publish(topics.REQUEST.build(device_id="cam-z", trace_id="z1"), env.encode(req), qos=1)
-            async for m in c.messages:
-                result = env.decode(env.Result, m.payload)
-                break
+            results: list[env.Result] = []
+            for trace_id in ("z1", "z2"):  # the second past the device's budget of one
+                again = req.model_copy(update={"trace_id": trace_id})
+                await c.publish(topics.REQUEST.build(device_id="cam-z", trace_id=trace_id), env.encode(again), qos=1)
+                async for m in c.messages:
+                    results.append(env.decode(env.Result, m.payload))
+                    break
+        result, refused = results
         assert result.status == "ok" and result.model == "digits-cloud" and result.trace_id == "z1"
+        assert (refused.trace_id, refused.status, refused.reason) == ("z2", "rejected", env.RATE_LIMITED)
         assert (tmp_path / "cloud" / "triton-repository-ngc" / "digits-cloud" / "config.pbtxt").exists()
     finally:
         proc.send_signal(signal.SIGTERM)

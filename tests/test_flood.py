@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+import sys
 import time
+from pathlib import Path
 
 import aiomqtt
 import pytest
@@ -23,9 +27,9 @@ from edgewire.demo.models import DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
 from edgewire.ratelimit import BucketsPerKey
 
-from .conftest import BrokerHandle, until
+from .conftest import BrokerHandle, Mosquitto, until
 from .invariants import until_quiet
-from .test_bridge_e2e import RunningBridge, device, request
+from .test_bridge_e2e import ResultReader, RunningBridge, device, request
 
 
 class Flooder:
@@ -107,3 +111,49 @@ async def test_a_flooding_neighbour_is_refused_and_every_escalation_is_answered(
     assert 0 < len(refused) <= answered <= 20 + 2 * elapsed + 1
     assert bridge.meter.get("requests_rate_limited_total", answered="no") == limited - answered > 0
     assert bridge.meter.get("requests_total", status="ok") == len(ok) + len(pending)
+
+
+async def test_the_bridge_command_s_device_budget_refuses_a_burst_past_it_and_serves_another_device(
+    mosquitto: Mosquitto, triton: EmbeddedTriton, demo: DemoArtifacts, tmp_path: Path
+) -> None:
+    """``edgewire bridge --device-rate 2 --device-burst 2``, as an operator starts it: a device
+    sending 30 requests at once gets 2 (and what 2/s refilled) served and the rest answered
+    ``rate limited``, while another device's requests, each within its own budget, are served."""
+    jpeg = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
+    broker = BrokerHandle("mosquitto", "127.0.0.1", mosquitto.port)
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    log = tmp_path / "bridge.log"
+    with log.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgewire.cli", "bridge", "--triton", f"grpc://{triton.grpc_url}",
+            "--broker", broker.url, "--id", "bridge-budget", "--decode-workers", "0",
+            "--device-rate", "2", "--device-burst", "2",
+            env={**os.environ, "NOTIFY_SOCKET": notify_path}, stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
+        )  # fmt: skip
+    try:
+        notify.settimeout(60)  # READY=1 once it is subscribed to the requests; a loaded machine is slow
+        ready = await asyncio.to_thread(notify.recv, 4096)
+        assert ready.startswith(b"READY=1"), ready
+        async with ResultReader(broker, "cam-flood") as flood, ResultReader(broker, "cam-calm") as calm:
+            started = time.monotonic()
+            for i in range(30):
+                await flood.send(request("cam-flood", f"f{i:04d}", jpeg, deadline=time.time() + 60))
+            for i in range(2):  # behind the flood, and inside its own budget
+                await calm.send(request("cam-calm", f"c{i:04d}", jpeg, deadline=time.time() + 60))
+            flooded = await flood.wait(30, timeout=60)
+            elapsed = time.monotonic() - started
+            answers = await calm.wait(2, timeout=60)
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 30)
+        notify.close()
+    assert [r.status for r in answers] == ["ok", "ok"], log.read_text()
+    ok = [r for r in flooded if r.status == "ok"]
+    limited = [r for r in flooded if r.status == "rejected" and r.reason == env.RATE_LIMITED]
+    assert len(flooded) == 30 and len(ok) + len(limited) == 30, [(r.status, r.reason) for r in flooded]
+    # 2 from the burst, and at most 2/s more while the 30 arrived.
+    assert 2 <= len(ok) <= 2 + 2 * elapsed + 1, (len(ok), elapsed)
+    assert len(limited) >= 30 - 2 - 2 * elapsed - 1 and limited

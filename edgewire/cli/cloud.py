@@ -9,6 +9,17 @@ from typing import Annotated
 
 import typer
 
+from edgewire.cli.budgets import (
+    DEFAULT_DEVICE_BURST,
+    DEFAULT_DEVICE_FETCH_BURST,
+    DEFAULT_DEVICE_FETCH_RATE,
+    DEFAULT_DEVICE_RATE,
+    DeviceBurstOption,
+    DeviceFetchBurstOption,
+    DeviceFetchRateOption,
+    DeviceRateOption,
+    fetch_limits,
+)
 from edgewire.cli.common import broker_settings, console, fail, run_until_signal
 from edgewire.errors import EdgewireError
 
@@ -38,6 +49,8 @@ def bridge(
     dedupe_lease_s: Annotated[
         float, typer.Option(min=1.0, help="how long a dead bridge's claim on a request holds it (--dedupe-db)")
     ] = 15.0,
+    device_rate: DeviceRateOption = DEFAULT_DEVICE_RATE,
+    device_burst: DeviceBurstOption = DEFAULT_DEVICE_BURST,
 ) -> None:
     """Serve escalations: subscribe to requests, dispatch to Triton, publish results."""
     from edgewire.cloud_bridge.bridge import Bridge
@@ -55,7 +68,17 @@ def bridge(
         raise fail(exc) from None
     if metrics_port is not None:
         serve(metrics_port, metrics_host)
-    b = Bridge(bridge_id, settings, dispatcher, rules, group=group, decode_workers=decode_workers, shared=shared)
+    b = Bridge(
+        bridge_id,
+        settings,
+        dispatcher,
+        rules,
+        group=group,
+        decode_workers=decode_workers,
+        shared=shared,
+        device_rate_per_s=device_rate,
+        device_burst=device_burst,
+    )
     console.print(f"bridge {bridge_id}: {broker_url} → {', '.join(triton)}")
 
     async def run() -> None:
@@ -78,6 +101,10 @@ def cloud(
     decode_workers: Annotated[
         int, typer.Option(min=0, help="processes decoding request images beside the event loop; 0: decode on it")
     ] = 1,
+    device_rate: DeviceRateOption = DEFAULT_DEVICE_RATE,
+    device_burst: DeviceBurstOption = DEFAULT_DEVICE_BURST,
+    device_fetch_rate: DeviceFetchRateOption = DEFAULT_DEVICE_FETCH_RATE,
+    device_fetch_burst: DeviceFetchBurstOption = DEFAULT_DEVICE_FETCH_BURST,
 ) -> None:
     """The embedded cloud: a real Triton Inference Server on the cloud model, plus the bridge."""
     from edgewire.cloud_bridge.cloud import EmbeddedCloud
@@ -91,7 +118,16 @@ def cloud(
     async def run() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         rules = load_rules(rules_file) if rules_file else None
-        async with EmbeddedCloud(settings, models, workdir, rules=rules, decode_workers=decode_workers) as c:
+        async with EmbeddedCloud(
+            settings,
+            models,
+            workdir,
+            rules=rules,
+            decode_workers=decode_workers,
+            device_rate_per_s=device_rate,
+            device_burst=device_burst,
+            fetch_limits=fetch_limits(device_fetch_rate, device_fetch_burst),
+        ) as c:
             assert c.triton is not None
             console.print(
                 f"cloud: Triton {c.triton.grpc_url} serving {', '.join(c.triton.models)}; bridge {c.bridge_id} on "

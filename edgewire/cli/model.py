@@ -12,6 +12,13 @@ import typer
 from rich.markup import escape
 
 from edgewire.aio import settle_heap
+from edgewire.cli.budgets import (
+    DEFAULT_DEVICE_FETCH_BURST,
+    DEFAULT_DEVICE_FETCH_RATE,
+    DeviceFetchBurstOption,
+    DeviceFetchRateOption,
+    fetch_limits,
+)
 from edgewire.cli.common import (
     BrokerOption,
     HistoryOption,
@@ -52,6 +59,8 @@ def distributor(
     fleet_resend_window_s: Annotated[
         float, typer.Option(min=0.01, help="the window those fetches fall in, and each broadcast chunk's spacing")
     ] = 1.0,
+    device_fetch_rate: DeviceFetchRateOption = DEFAULT_DEVICE_FETCH_RATE,
+    device_fetch_burst: DeviceFetchBurstOption = DEFAULT_DEVICE_FETCH_BURST,
 ) -> None:
     """Store every model pushed over MQTT and resend the chunks devices ask for, until stopped."""
     from edgewire import signing
@@ -70,6 +79,7 @@ def distributor(
         window=window,
         fleet_key=fleet_key,
         fleet_resend=FleetResend(fleet_resend_devices, fleet_resend_window_s),
+        fetch_limits=fetch_limits(device_fetch_rate, device_fetch_burst),
     )
     if metrics_port is not None:
         serve(metrics_port, metrics_host)
