@@ -51,6 +51,15 @@ def bridge(
     ] = 15.0,
     device_rate: DeviceRateOption = DEFAULT_DEVICE_RATE,
     device_burst: DeviceBurstOption = DEFAULT_DEVICE_BURST,
+    flood_shield: Annotated[
+        bool,
+        typer.Option(
+            "--flood-shield/--no-flood-shield",
+            envvar="EDGEWIRE_BRIDGE_FLOOD_SHIELD",
+            help="shut a device flooding past its refusals out at the broker for a cool-off (per-device "
+            "subscriptions while it lasts) rather than read and drop its flood here",
+        ),
+    ] = True,
 ) -> None:
     """Serve escalations: subscribe to requests, dispatch to Triton, publish results."""
     from edgewire.cloud_bridge.bridge import Bridge
@@ -78,6 +87,7 @@ def bridge(
         shared=shared,
         device_rate_per_s=device_rate,
         device_burst=device_burst,
+        flood_shield=flood_shield,
     )
     console.print(f"bridge {bridge_id}: {broker_url} → {', '.join(triton)}")
 
