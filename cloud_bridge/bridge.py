@@ -47,7 +47,7 @@ from edgewire.session import InboundMessage, MqttSession, NotConnected, presence
 from .admission import DEVICE_BURST, DEVICE_RATE_PER_S, Admission
 from .decoder import NOT_AN_IMAGE, DecodePool, DecoderUnavailable, NotDecodable
 from .detect_path import DetectPath
-from .dispatch import Dispatcher, Unavailable
+from .dispatch import Dispatcher, Unavailable, failed_status
 from .flood_shield import FloodShield
 from .group_claims import GroupClaims
 from .model_inputs import ModelInputs
@@ -430,7 +430,7 @@ class Bridge:
         try:
             answer = await self.dispatcher.run(route, tensors, req.deadline)
         except Unavailable as exc:
-            status = "expired" if time.time() >= req.deadline else "unavailable"
+            status = failed_status(req.deadline)
             return self._result(device_id, trace_id, received, status, reason=str(exc), dispatched=dispatched)
         answered = time.time()
         self.meter.observe("triton_latency_ms", answer.inference_ms, model=answer.model)

@@ -21,7 +21,7 @@ from edgewire.preprocess import ImageRejected, Preprocessor, decode
 
 from . import detect_merge
 from .decoder import NOT_AN_IMAGE
-from .dispatch import Answer, Dispatcher, Unavailable
+from .dispatch import Answer, Dispatcher, Unavailable, failed_status
 from .rules import Route
 
 #: The bridge's answer builder (``Bridge._result``): every answer is metered and stamped alike.
@@ -59,7 +59,7 @@ class DetectPath:
         except detect_merge.Unanswerable as exc:
             return self._result(device_id, trace_id, received, "rejected", reason=str(exc))
         except (Unavailable, EdgewireError) as exc:
-            status = "expired" if time.time() >= req.deadline else "unavailable"
+            status = failed_status(req.deadline)
             return self._result(device_id, trace_id, received, status, reason=str(exc), dispatched=dispatched)
         lead = answers[0] if answers else None
         return self._result(

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 
 class Unavailable(EdgewireError):
     """No endpoint could answer for this model in time."""
+
+
+def failed_status(deadline: float) -> Literal["expired", "unavailable"]:
+    """What a request the models could not answer is told: ``expired`` once its deadline has
+    passed (the device stopped waiting and keeps its own answer), else ``unavailable`` (the
+    cloud is down or busy now; the device may ask again later)."""
+    return "expired" if time.time() >= deadline else "unavailable"
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,10 @@
 An operator pushes a model once; devices that were offline, joined later or lost a chunk must
 still get it. The distributor listens to the same announce and chunk topics the devices do,
 stores each artefact as it streams past (its persistent session keeps chunks queued at the
-broker while it restarts), and answers ``model/fetch/<device>/<model>`` by publishing exactly
-the chunks asked for on that device's own ``model/resend/<device>/...`` topic: only the device
-that asked receives them, so a straggler's resend costs one copy, not one per device subscribed
-to the model. When many devices lack the same version at once (a canary promoted: the rest of
-the fleet fetches the whole artefact within seconds), one copy each would queue the fleet behind
-the overall fetch budget; so once fetches for one version come from ``FleetResend.min_devices``
-distinct devices within ``FleetResend.window_s``, the chunks asked for are published once on
-the fleet's ``model/chunk/...`` topic instead, which every device downloading that version reads
-(each chunk at most once per window). Only distinct devices count, so no device can make the
-distributor broadcast on its own.
+broker while it restarts), and answers ``model/fetch/<device>/<model>`` with exactly the chunks
+asked for, on that device's own ``model/resend/<device>/...`` topic, or once on the fleet's
+chunk topic when many devices fetch the same version at once; which, and how fast (the fetch
+budgets), is :mod:`.resends`'s.
 
 Everything it receives is checked before it is believed: a chunk must agree with its topic, its
 manifest and its own checksum; a version is served only after the whole artefact hashes to the
@@ -34,7 +28,6 @@ import re
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +39,10 @@ from edgewire.aio import cancel_and_wait, spawn
 from edgewire.config import BrokerSettings
 from edgewire.errors import DecodeError, EdgewireError, TopicError
 from edgewire.metrics import Meter
-from edgewire.ratelimit import BucketsPerKey, TokenBucket
-from edgewire.session import MqttSession, NotConnected, presence_factory
+from edgewire.session import MqttSession, presence_factory
 
 from .artefact_store import StoredArtefact, StoreLimits, artefact_file, manifest_problem, stored_folders
+from .resends import FetchLimits, FleetResend, Resends
 
 log = logging.getLogger(__name__)
 
@@ -60,53 +53,6 @@ def default_client_id() -> str:
     """``distributor-<host>``: stable across restarts, so the broker keeps its persistent session."""
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "host"
     return f"distributor-{host}"[:128]
-
-
-@dataclass(frozen=True)
-class FetchLimits:
-    """How many chunk bytes fetches may make the distributor resend: per device, and for all
-    devices together (which also bounds what made-up device ids can ask for). A fetch beyond
-    them is served as far as the buckets allow and refused for the rest; the device asks again
-    for what it still lacks when its link goes quiet."""
-
-    device_bytes_per_s: float = 2 * env.MIB
-    device_burst_bytes: float = 32 * env.MIB
-    total_bytes_per_s: float = 16 * env.MIB
-    total_burst_bytes: float = 128 * env.MIB
-
-    def __post_init__(self) -> None:
-        for name in ("device_bytes_per_s", "total_bytes_per_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be 0 or more (bytes a second), got {getattr(self, name)}")
-        for name in ("device_burst_bytes", "total_burst_bytes"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be more than 0 (bytes), got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class FleetResend:
-    """When fetches turn into one broadcast: fetches for one version from at least
-    ``min_devices`` distinct devices within ``window_s`` seconds are answered on the fleet's
-    chunk topic, each chunk at most once per ``window_s``. The broadcast is paid from the
-    overall fetch budget once per chunk (and from the asker's own budget), however many devices
-    it reaches. A ``min_devices`` the fleet never reaches keeps every resend per device."""
-
-    min_devices: int = 3
-    window_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.min_devices < 2:
-            raise ValueError("min_devices must be at least 2: one device alone must not make a broadcast")
-        if self.window_s <= 0:
-            raise ValueError("window_s must be positive")
-
-
-@dataclass(frozen=True)
-class _Send:
-    device: str | None  # None: the fleet's chunk topic, for every device downloading the version
-    name: str
-    version: str
-    index: int
 
 
 class Distributor:
@@ -142,23 +88,16 @@ class Distributor:
         self._session_factory = session_factory
         self.limits = limits or StoreLimits()
         self.fleet_key = fleet_key
-        fl = self.fetch_limits = fetch_limits or FetchLimits()
-        self._device_budget = BucketsPerKey(fl.device_bytes_per_s, fl.device_burst_bytes)
-        self._total_budget = TokenBucket.full(fl.total_bytes_per_s, fl.total_burst_bytes, time.monotonic())
-        self.fleet_resend = fleet_resend or FleetResend()
-        # Per version: when each device last fetched it (only the last window's are kept).
-        self._askers: dict[tuple[str, str], dict[str, float]] = {}
-        # Per chunk of a version: when it was last queued for the fleet's topic.
-        self._broadcast_at: dict[tuple[str, str, int], float] = {}
         self._pending_limit = pending_limit_bytes
         self._telemetry_interval_s = telemetry_interval_s
         self._artefacts: dict[tuple[str, str], StoredArtefact] = {}
+        self.resends = Resends(
+            self.client_id, self.meter, self._artefacts, fetch_limits or FetchLimits(), fleet_resend or FleetResend()
+        )
         # Chunks that arrived before their manifest (another client's order is not guaranteed
         # across topics); bounded, because an unannounced stream must not fill the memory.
         self._pending: dict[tuple[str, str], dict[int, env.Chunk]] = {}
         self._pending_bytes = 0
-        self._sends: asyncio.Queue[_Send] = asyncio.Queue()
-        self._queued: set[_Send] = set()
         self._jobs: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self.session: MqttSession | None = None
@@ -218,7 +157,7 @@ class Distributor:
                     self._spawn(self._verify(art))
             self.ready.set()
             sdnotify.notify(f"READY=1\nSTATUS=serving {held} model version(s) from {self.store_dir}")
-            senders = [asyncio.create_task(self._sender(session)) for _ in range(self.window)]
+            senders = [asyncio.create_task(self.resends.sender(session)) for _ in range(self.window)]
             listener = asyncio.create_task(self._listen(session))
             telemetry = asyncio.create_task(self._telemetry(session))
             watchdog = asyncio.create_task(sdnotify.watchdog(lambda: session.connected))
@@ -230,7 +169,7 @@ class Distributor:
                     with contextlib.suppress(Exception):
                         self._on_message(str(message.topic), bytes(message.payload))
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._drain_sends(), 10)
+                    await asyncio.wait_for(self.resends.drain(), 10)
                 if self._jobs:  # a verification under way is worth finishing: it saves a whole resend
                     await asyncio.wait(set(self._jobs), timeout=30)
                 await cancel_and_wait(*senders, telemetry, watchdog, *self._jobs)
@@ -238,9 +177,6 @@ class Distributor:
                     await self._publish_telemetry(session)
                 for art in self._artefacts.values():
                     art.close()
-
-    async def _drain_sends(self) -> None:
-        await self._sends.join()
 
     def _load_store(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -328,7 +264,7 @@ class Distributor:
                     art.manifest.sha256[:12],
                 )
                 art.close()
-                self._unqueue(*key)
+                self.resends.forget(*key)
             try:
                 self._artefacts[key] = StoredArtefact.create(self.store_dir, manifest)
             except OSError as exc:
@@ -458,31 +394,12 @@ class Distributor:
                 return
             indices.update(range(r[0], r[1]))
         self.meter.inc("distributor_fetches_total")
-        queued = refused = 0
-        now = time.monotonic()
-        to_fleet = self._asked_by_many(model, req.version, device, now)
-        budget = self._device_budget.bucket(device)
-        for index in sorted(indices):
-            if self._on_its_way(device, model, req.version, index, now, to_fleet=to_fleet):
-                self.meter.inc("distributor_chunks_coalesced_total")
-                continue
-            length = delivery.expected_chunk_length(art.manifest, index)
-            if refused or budget.available(now) < length or not self._total_budget.take(length, now):
-                refused += 1  # over budget: this chunk and every later one of this fetch
-                continue
-            budget.take(length, now)
-            send = _Send(None if to_fleet else device, model, req.version, index)
-            if to_fleet:
-                self._broadcast_at[(model, req.version, index)] = now
-            self._queued.add(send)
-            self._sends.put_nowait(send)
-            queued += 1
-        if refused:
-            self.meter.inc("distributor_fetch_chunks_refused_total", refused)
+        queued = self.resends.queue(device, art.manifest, indices)
+        if queued.refused:
             self._reject(
                 "fetch_rate_limited",
                 f"{device} asks for {len(indices)} chunk(s) of {model} {req.version}; "
-                f"{queued} queued, the rest is over the fetch budget (it may ask again later)",
+                f"{queued.queued} queued, the rest is over the fetch budget (it may ask again later)",
             )
         log.info(
             "%s: %s fetches %d chunk(s) of %s %s (%d queued for %s)",
@@ -491,76 +408,9 @@ class Distributor:
             len(indices),
             model,
             req.version,
-            queued,
-            "the fleet" if to_fleet else "it alone",
+            queued.queued,
+            "the fleet" if queued.to_fleet else "it alone",
         )
-
-    def _asked_by_many(self, name: str, version: str, device: str, now: float) -> bool:
-        """Record ``device``'s fetch of this version; whether enough distinct devices fetched it
-        within the window for the answer to go to the fleet's topic."""
-        rule = self.fleet_resend
-        askers = self._askers.setdefault((name, version), {})
-        askers[device] = now
-        for other, when in list(askers.items()):
-            if now - when > rule.window_s:
-                del askers[other]
-        return len(askers) >= rule.min_devices
-
-    def _on_its_way(self, device: str, name: str, version: str, index: int, now: float, *, to_fleet: bool) -> bool:
-        """Whether this chunk will reach ``device`` without queuing it again: it waits to go to
-        the fleet's topic (which the device reads while downloading), or to the device itself,
-        or (when answering the fleet) it went to the fleet's topic within the window."""
-        if _Send(None, name, version, index) in self._queued:
-            return True
-        if to_fleet:
-            last = self._broadcast_at.get((name, version, index))
-            return last is not None and now - last < self.fleet_resend.window_s
-        return _Send(device, name, version, index) in self._queued
-
-    def _unqueue(self, name: str, version: str) -> None:
-        self._queued = {s for s in self._queued if (s.name, s.version) != (name, version)}
-        self._askers.pop((name, version), None)
-        self._broadcast_at = {k: t for k, t in self._broadcast_at.items() if k[:2] != (name, version)}
-
-    async def _sender(self, session: MqttSession) -> None:
-        """One of ``window`` workers: at most that many chunk publishes wait for their ack at once."""
-        while True:
-            send = await self._sends.get()
-            try:
-                self._queued.discard(send)
-                art = self._artefacts.get((send.name, send.version))
-                if art is None or not art.complete:
-                    continue
-                data = art.read(send.index)
-                chunk = env.Chunk(
-                    name=send.name,
-                    version=send.version,
-                    index=send.index,
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    data=data,
-                )
-                if send.device is None:
-                    topic = topics.MODEL_CHUNK.build(model=send.name, version=send.version, index=send.index)
-                else:
-                    topic = topics.MODEL_RESEND.build(
-                        device_id=send.device, model=send.name, version=send.version, index=send.index
-                    )
-                try:
-                    await session.publish(topic, env.encode(chunk), qos=topics.MODEL_CHUNK.qos, timeout=30)
-                except NotConnected as exc:
-                    self.meter.inc("distributor_chunks_unsent_total")
-                    log.warning("%s: chunk not sent to %s: %s", self.client_id, topic, exc)
-                    continue
-                to = "fleet" if send.device is None else "device"
-                self.meter.inc("distributor_chunks_served_total", to=to)
-                self.meter.inc("distributor_bytes_served_total", len(data), to=to)
-            except Exception as exc:  # an unreadable chunk costs that chunk, not a sender
-                self.meter.inc("distributor_chunks_unsent_total")
-                log.error(
-                    "%s: cannot send chunk %d of %s %s: %r", self.client_id, send.index, send.name, send.version, exc
-                )
-            finally:
-                self._sends.task_done()
 
     # -- telemetry --------------------------------------------------------------------------
 
@@ -570,7 +420,7 @@ class Distributor:
             await self._publish_telemetry(session)
 
     async def _publish_telemetry(self, session: MqttSession) -> None:
-        self.meter.set("distributor_sends_queued", self._sends.qsize())
+        self.meter.set("distributor_sends_queued", self.resends.waiting)
         payload = env.encode(env.Telemetry(client_id=self.client_id, ts=time.time(), metrics=self.meter.snapshot()))
         with contextlib.suppress(EdgewireError):
             await session.publish(topics.TELEMETRY.build(client_id=self.client_id), payload, qos=0)

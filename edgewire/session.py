@@ -4,12 +4,13 @@ Shaped like aiomqtt's client: an async context manager and an async iterator of 
 Underneath it reconnects with capped exponential backoff and full jitter (edgewire.backoff),
 restores subscriptions, and keeps a retained presence: a birth message after each connect and a
 last-will the broker publishes if the process vanishes. It speaks MQTT 5 where the broker does
-and falls back to 3.1.1 where it does not (amqtt refuses an MQTT 5 CONNECT).
+and falls back to 3.1.1 where it does not (edgewire.mqtt_protocol).
 
 Throughput comes from edgewire.mqtt_fastpath, installed on each connection's client when the
 installed paho-mqtt and aiomqtt are the tested releases; without it (``EDGEWIRE_MQTT_FASTPATH=0``,
-or other releases) the same session runs on aiomqtt's public API. Nothing here reaches into
-paho's or aiomqtt's internals but the one marked switch for manual acknowledgements.
+or other releases) the same session publishes through aiomqtt's public API
+(edgewire.mqtt_sender). Nothing here reaches into paho's or aiomqtt's internals but the one
+marked switch for manual acknowledgements.
 """
 
 from __future__ import annotations
@@ -17,19 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import socket
 import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 from aiomqtt import ProtocolVersion
-from aiomqtt.exceptions import MqttCodeError, MqttConnectError
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from aiomqtt.exceptions import MqttCodeError
 
 from edgewire import envelopes as env
 from edgewire import mqtt_fastpath, topics
@@ -37,6 +35,8 @@ from edgewire.aio import cancel_and_wait
 from edgewire.backoff import Backoff
 from edgewire.errors import EdgewireError
 from edgewire.metrics import Meter
+from edgewire.mqtt_protocol import MqttVersion, negotiate, session_options
+from edgewire.mqtt_sender import AiomqttSender, Sender
 from edgewire.tls import client_context
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MqttVersion = Literal["auto", "5", "3.1.1"]
 PresenceFactory = Callable[[bool], env.Presence]
 
 
@@ -121,7 +120,7 @@ class MqttSession:
         # it here would lose an acknowledged message. Consumers keep up or apply backpressure.
         self._inbox: asyncio.Queue[InboundMessage] = asyncio.Queue()
         self._client: aiomqtt.Client | None = None
-        self._sender: _Sender | None = None
+        self._sender: Sender | None = None
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -360,7 +359,7 @@ class MqttSession:
     def _presence_topic(self) -> str:
         return topics.PRESENCE.build(client_id=self.client_id)
 
-    def _make_client(self, protocol: ProtocolVersion) -> tuple[aiomqtt.Client, _Sender]:
+    def _make_client(self, protocol: ProtocolVersion) -> tuple[aiomqtt.Client, Sender]:
         """A client for one connection, and what publishes on it: the fast path where it is
         installed, aiomqtt's own publish where not."""
         will = None
@@ -410,54 +409,23 @@ class MqttSession:
             # Small request/answer messages must not wait for Nagle's algorithm (~40 ms stalls).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             tls_context=self._tls,
-            **self._session_options(protocol),
+            **session_options(protocol, persistent=self._persistent, session_expiry_s=self._session_expiry_s),
         )
         # aiomqtt warns past 10 unacknowledged publishes; we run up to max_inflight on purpose.
         client.pending_calls_threshold = self._max_inflight
         if self._holding:
             _manual_acks(client)
-        sender: _Sender | None = mqtt_fastpath.install(client, deliver)
-        return client, sender or _AiomqttSender(client)
+        sender: Sender | None = mqtt_fastpath.install(client, deliver)
+        return client, sender or AiomqttSender(client)
 
-    def _session_options(self, protocol: ProtocolVersion) -> dict[str, Any]:
-        if protocol == ProtocolVersion.V5:
-            if not self._persistent:
-                return {"clean_start": True}
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = self._session_expiry_s
-            return {"clean_start": False, "properties": props}
-        return {"clean_session": not self._persistent}
-
-    async def _negotiate(self) -> MqttVersion:
-        """Ask the broker with a bare MQTT 5 CONNECT; a refusal of the protocol means 3.1.1.
-
-        The probe carries no will and no credentials on purpose: amqtt misparses an MQTT 5
-        CONNECT with either and leaves it hanging instead of refusing it, while a bare one is
-        refused at once. A broker that answers the bare probe in MQTT 5 with any other refusal
-        (not authorized: anonymous logins are off) speaks MQTT 5; the real login follows.
-        """
-        probe = aiomqtt.Client(
-            self.host,
-            self.port,
-            identifier=f"{self.client_id[:40]}-probe-{secrets.token_hex(3)}",
-            protocol=ProtocolVersion.V5,
-            timeout=10,
-            tls_context=self._tls,
-        )
-        try:
-            async with probe:
-                return "5"
-        except MqttConnectError as exc:
-            return "3.1.1" if _refuses_protocol(exc) else "5"
-
-    async def _connect(self) -> tuple[aiomqtt.Client, _Sender]:
+    async def _connect(self) -> tuple[aiomqtt.Client, Sender]:
         if self._resolver is not None and (self.connects == 0 or self.last_error is not None):
             address = await self._resolver()
             if address != (self.host, self.port):
                 self.host, self.port = address
                 self._protocol = self._configured_protocol  # another broker may speak another MQTT
         if self._protocol == "auto":
-            self._protocol = await self._negotiate()
+            self._protocol = await negotiate(self.host, self.port, self.client_id, self._tls)
             log.info("%s: broker speaks MQTT %s", self.client_id, self._protocol)
         version = ProtocolVersion.V5 if self._protocol == "5" else ProtocolVersion.V311
         client, sender = self._make_client(version)
@@ -502,7 +470,7 @@ class MqttSession:
                 # Every client of a restarted broker lost it at once: spread the first retry.
                 await asyncio.sleep(self._backoff.next_delay())
 
-    async def _serve(self, client: aiomqtt.Client, sender: _Sender) -> None:
+    async def _serve(self, client: aiomqtt.Client, sender: Sender) -> None:
         if self._subscriptions:  # one SUBSCRIBE, however many filters (a bridge may hold many)
             await client.subscribe(list(self._subscriptions.items()))
         if self._presence is not None:
@@ -517,55 +485,6 @@ class MqttSession:
         log.info("%s: connected to %s", self.client_id, self.url)
         async for _ in client.messages:  # messages go straight to the inbox; this ends on disconnect
             pass
-
-
-class _Sender(Protocol):
-    """What publishes on one connection: mqtt_fastpath.FastPath, or :class:`_AiomqttSender`."""
-
-    def send(self, topic: str, payload: bytes, qos: int, retain: bool) -> asyncio.Future[None] | None:
-        """Queue one message; None when it is out already, else a future settled by the broker's
-        acknowledgement (aiomqtt.MqttError when it does not come)."""
-        ...
-
-    def fail_all(self) -> None:
-        """The connection is gone: fail every wait now."""
-        ...
-
-
-class _AiomqttSender:
-    """Publishing through aiomqtt's public ``Client.publish``, for when the fast path is off.
-
-    One task per message (aiomqtt's publish is a coroutine), each behind a future the session
-    waits on, so a dropped link fails the waits at once as the fast path does, instead of each
-    waiting out the client's timeout."""
-
-    def __init__(self, client: aiomqtt.Client) -> None:
-        self._client = client
-        self._running: set[asyncio.Task[None]] = set()
-
-    def send(self, topic: str, payload: bytes, qos: int, retain: bool) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[None] = loop.create_future()
-        task = loop.create_task(self._client.publish(topic, payload, qos=qos, retain=retain))
-        self._running.add(task)
-
-        def settle(task: asyncio.Task[None]) -> None:
-            self._running.discard(task)
-            if outcome.done():
-                return
-            if task.cancelled():
-                outcome.set_exception(aiomqtt.MqttError("Disconnected before the broker acknowledged"))
-            elif (exc := task.exception()) is not None:
-                outcome.set_exception(exc)
-            else:
-                outcome.set_result(None)
-
-        task.add_done_callback(settle)
-        return outcome
-
-    def fail_all(self) -> None:
-        for task in list(self._running):
-            task.cancel()
 
 
 def _manual_acks(client: aiomqtt.Client) -> None:
@@ -583,13 +502,3 @@ def presence_factory(client_id: str, kind: str, **fields: object) -> PresenceFac
         )
 
     return make
-
-
-#: CONNACK codes that refuse the protocol version: 1 in MQTT 3.1.1, 0x84 in MQTT 5.
-_PROTOCOL_REFUSALS = frozenset({1, 0x84})
-
-
-def _refuses_protocol(exc: MqttConnectError) -> bool:
-    rc = exc.rc
-    value = getattr(rc, "value", rc)
-    return value is None or value in _PROTOCOL_REFUSALS

@@ -17,7 +17,7 @@ from edgewire import envelopes as env
 from edgewire import topics
 from edgewire.cloud_bridge.breaker import BreakerBoard
 from edgewire.cloud_bridge.bridge import Bridge
-from edgewire.cloud_bridge.dispatch import Dispatcher
+from edgewire.cloud_bridge.dispatch import Dispatcher, failed_status
 from edgewire.cloud_bridge.rules import RuleSet, default_rules, load_rules
 from edgewire.cloud_bridge.triton_server import EmbeddedTriton
 from edgewire.config import BrokerSettings, CloudSettings, DeviceConfig, JudgeSettings, ModelSettings, SourceSettings
@@ -369,3 +369,11 @@ async def test_a_flooding_device_is_rate_limited_and_does_not_starve_another(
     assert 60 - 10 - 2 * elapsed - 1 <= len(limited) <= 50
     assert bridge.meter.total("requests_rate_limited_total") == len(limited)
     assert bridge.meter.get("requests_total", status="ok") == 60 - len(limited) + 5
+
+
+def test_a_request_the_models_could_not_answer_is_expired_only_past_its_deadline() -> None:
+    """The classify and the detect path tell a failed request the same thing: ``unavailable``
+    (ask again) while the device still waits, ``expired`` once it has stopped waiting."""
+    now = time.time()
+    assert failed_status(now + 60) == "unavailable"
+    assert failed_status(now - 1) == "expired"

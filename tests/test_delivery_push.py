@@ -630,7 +630,7 @@ async def test_fetches_resend_no_more_than_the_fetch_budget(broker: BrokerHandle
     would make the distributor re-broadcast five copies; with one it resends what the per-device
     and overall buckets hold, refuses the rest by reason, and a real device's fetch is still
     served once the buckets refill."""
-    from edgewire.cloud_bridge.distributor import FetchLimits
+    from edgewire.cloud_bridge.resends import FetchLimits
 
     chunk = 4 * 1024
     path = tmp_path / "big.onnx"
@@ -656,7 +656,7 @@ async def test_fetches_resend_no_more_than_the_fetch_budget(broker: BrokerHandle
                     topics.MODEL_FETCH.build(device_id=f"ghost-{i}", model="m"), env.encode(req), qos=1
                 )
             await until(lambda: d.rejected("fetch_rate_limited") >= 4)
-            await until(lambda: d._sends.qsize() == 0 and not d._queued)
+            await until(lambda: d.resends.idle)
         elapsed = time.monotonic() - started
         resent = d.meter.total("distributor_bytes_served_total") - served_before
         unlimited = 5 * m.size
@@ -699,7 +699,7 @@ async def test_many_fetches_at_once_are_answered_once_for_the_fleet(
     distinct device on, the chunks go once on the fleet's chunk topic (which every device
     downloading the version reads) instead of one copy per device; one device fetching again and
     again is still answered on its own resend topic alone."""
-    from edgewire.cloud_bridge.distributor import FleetResend
+    from edgewire.cloud_bridge.resends import FleetResend
 
     rule = FleetResend(min_devices=3, window_s=5.0)  # wide: the fetches of a loaded machine still fall in one
     d = Distributor(BrokerSettings(url=broker.url), tmp_path / "store", client_id="distributor-f", fleet_resend=rule)
@@ -749,7 +749,7 @@ def resent_to(topic: str) -> str | None:
 
 
 def test_a_fleet_resend_needs_more_than_one_device() -> None:
-    from edgewire.cloud_bridge.distributor import FleetResend
+    from edgewire.cloud_bridge.resends import FleetResend
 
     with pytest.raises(ValueError):
         FleetResend(min_devices=1)

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from edgewire import mqtt_fastpath
-from edgewire.session import InboundMessage, MqttSession, MqttVersion, NotConnected
+from edgewire.mqtt_protocol import MqttVersion
+from edgewire.session import InboundMessage, MqttSession, NotConnected
 
 from .conftest import BrokerHandle, Mosquitto, until
 

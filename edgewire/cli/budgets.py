@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from edgewire.cloud_bridge.admission import DEVICE_BURST, DEVICE_RATE_PER_S, REFUSAL_BURST, REFUSALS_PER_S
-from edgewire.cloud_bridge.distributor import FetchLimits
+from edgewire.cloud_bridge.resends import FetchLimits
 from edgewire.delivery import MAX_CHUNK_SIZE
 from edgewire.envelopes import MIB
 

@@ -64,7 +64,8 @@ def distributor(
 ) -> None:
     """Store every model pushed over MQTT and resend the chunks devices ask for, until stopped."""
     from edgewire import signing
-    from edgewire.cloud_bridge.distributor import Distributor, FleetResend
+    from edgewire.cloud_bridge.distributor import Distributor
+    from edgewire.cloud_bridge.resends import FleetResend
     from edgewire.metrics import serve
 
     settings = broker_settings(broker_url)
