@@ -11,6 +11,8 @@ tuned as one thing, not spread over the request path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from edgewire.metrics import Meter
 from edgewire.ratelimit import BucketsPerKey
 
@@ -36,6 +38,8 @@ class Admission:
         self._silenced: dict[str, float] = {}  # device past both budgets -> until when (time.time())
         self._dropped = 0  # requests dropped so, not yet counted in the meter
         self._flooders: list[str] = []  # devices silenced since take_flooders last asked
+        #: Called (on the loop) when a device goes past both budgets: the flood shield wakes.
+        self.on_flood: Callable[[], None] | None = None
 
     def take(self, device_id: str) -> bool:
         """Whether the device's request fits its budget (a token is spent if so)."""
@@ -69,6 +73,8 @@ class Admission:
             self._silenced[device_id] = received + wait
             if len(self._flooders) < 4096:
                 self._flooders.append(device_id)
+            if self.on_flood is not None:
+                self.on_flood()
             return False
         self.meter.inc("requests_rate_limited_total", answered="yes")
         return True
@@ -78,6 +84,14 @@ class Admission:
         shuts them out at the broker)."""
         flooders, self._flooders = self._flooders, []
         return flooders
+
+    def on_probation(self, device_id: str) -> None:
+        """Empty both the device's buckets: a device let back after a flood starts with no burst
+        and no refusals to spend, so flooding again silences it at once (cloud_bridge.flood_shield)."""
+        now = self.budgets.clock()
+        for buckets in (self.budgets, self.refusals):
+            bucket = buckets.bucket(device_id)
+            bucket.tokens, bucket.updated = 0.0, now
 
     def _silent(self, topic: str, now: float) -> bool:
         """Whether this request comes from a device past both its budgets, read from the topic

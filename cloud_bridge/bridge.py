@@ -172,7 +172,7 @@ class Bridge:
             # Without a group there are no claims to renew: the task ends at once.
             renewing = self.claims.keep_renewed(self._inflight) if self.claims is not None else asyncio.sleep(0)
             claims = asyncio.create_task(renewing)
-            shielding = self.shield.keep(session, self.admission.take_flooders) if self.shield else asyncio.sleep(0)
+            shielding = self.shield.keep(session, self.admission) if self.shield else asyncio.sleep(0)
             shield = asyncio.create_task(shielding)
             await self._stop.wait()
             # From here on nothing new is acknowledged: the broker keeps it for the next bridge

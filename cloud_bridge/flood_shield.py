@@ -9,8 +9,9 @@ publisher, so while a device is shut out the bridge holds one subscription per o
 
 Which devices: those the bridge has taken requests from, and those whose presence says they are
 online (``presence/+``). A shut-out device is let back after a cool-off that doubles each time
-it floods again (up to ``max_cooloff_s``). When no device has flooded for ``calm_s`` the bridge
-goes back to the one wildcard subscription.
+it floods again (up to ``max_cooloff_s``), on probation: with no burst or refusals to spend, so
+a flood that starts again is shut out again at once, not after another burst. When no device
+has flooded for ``calm_s`` the bridge goes back to the one wildcard subscription.
 
 What it costs, said plainly: while shielded, a device the bridge has neither heard from nor seen
 the presence of is not read until its presence arrives (its requests stay owed at the device,
@@ -23,6 +24,7 @@ duplicates (answered once) until it shields and calms again or its session is cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +34,8 @@ from edgewire import topics
 from edgewire.errors import DecodeError
 from edgewire.metrics import Meter
 from edgewire.session import MqttSession, NotConnected
+
+from .admission import Admission
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ class FloodShield:
         self._subscribed: set[str] = set()  # per-device subscriptions held now
         self.shielded = False
         self._last_flood = 0.0
+        self._probation: Callable[[str], None] | None = None  # empties a device's buckets
 
     # -- what the bridge tells it ----------------------------------------------------------------
 
@@ -105,13 +110,18 @@ class FloodShield:
 
     # -- what it does at the broker --------------------------------------------------------------
 
-    async def keep(self, session: MqttSession, take_flooders: Callable[[], list[str]]) -> None:
-        """Shut out the devices ``take_flooders`` names, let them back after their cool-off, and
-        hold the subscriptions that says; until cancelled."""
+    async def keep(self, session: MqttSession, admission: Admission) -> None:
+        """Shut out the devices admission finds flooding (at once: it wakes this), let them back
+        on probation after their cool-off, and hold the subscriptions that says; until cancelled."""
+        woken = asyncio.Event()
+        admission.on_flood = woken.set
+        self._probation = admission.on_probation
         while True:
-            await asyncio.sleep(self.tick_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(woken.wait(), self.tick_s)
+            woken.clear()
             now = time.time()
-            for device_id in take_flooders():
+            for device_id in admission.take_flooders():
                 self.flooded(device_id, now)
             try:
                 await self.apply(session, now)
@@ -132,7 +142,10 @@ class FloodShield:
         for device_id, until in list(self._shut_out.items()):
             if now >= until:
                 del self._shut_out[device_id]
-                log.info("%s: its requests are read again", device_id)
+                self._last_flood = now  # calm is counted from the last flooder let back
+                if self._probation is not None:
+                    self._probation(device_id)
+                log.info("%s: its requests are read again, with no burst to spend", device_id)
         want_shield = bool(self._shut_out) or (self.shielded and now - self._last_flood < self.calm_s)
         if not want_shield:
             if self.shielded:

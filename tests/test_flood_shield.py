@@ -104,7 +104,9 @@ async def test_a_flooder_is_shut_out_at_the_broker_and_the_others_are_served(
     bridge = running.bridge
     bridge.admission.budgets = BucketsPerKey(10.0, 20.0)
     bridge.admission.refusals = BucketsPerKey(2.0, 10.0)
-    bridge.shield = FloodShield(bridge.meter, bridge.request_filter, cooloff_s=3.0, calm_s=3.0, tick_s=0.05)
+    bridge.shield = FloodShield(
+        bridge.meter, bridge.request_filter, cooloff_s=2.0, max_cooloff_s=8.0, calm_s=3.0, tick_s=0.05
+    )
     shield = shield_of(bridge)
     async with running, Device(broker, "cam-calm", payload) as calm, Device(broker, "cam-flood", payload) as flood:
         assert (await calm.served()).status == "ok"  # heard: a device the shield keeps reading
@@ -113,7 +115,10 @@ async def test_a_flooder_is_shut_out_at_the_broker_and_the_others_are_served(
         # The flood: back to back until the bridge has shut the flooder out.
         async def flooding() -> None:
             while True:
-                await flood.send()
+                try:
+                    await flood.send()
+                except aiomqtt.MqttError:  # a publish the loaded broker was slow to take: go on
+                    await asyncio.sleep(0.05)
 
         flooder = asyncio.create_task(flooding())
         try:
