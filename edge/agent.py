@@ -19,7 +19,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from .active_model import ActiveModel, load_model
 from .backlog import Backlog
 from .connection import advertisement, device_session
 from .escalation import Escalations
-from .handoff import run_on
+from .handoff import Workers, run_on
 from .inbox import Inbox
 from .judge import Judge, Verdicts
 from .local_results import LocalRows, answered_here
@@ -122,7 +121,7 @@ class EdgeAgent:
         # Batches run on their own worker threads (OpenCV and onnxruntime release the GIL);
         # results are still taken and published strictly in frame order.
         self._workers = config.pipeline.workers
-        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=f"infer-{config.device_id}")
+        self._executor = Workers(self._workers, f"infer-{config.device_id}")
         self.escalations: Escalations | None = None
         if config.cloud is not None:
             self.escalations = Escalations(config, meter=self.meter, mode=self.link_mode, publish=self._publish_later)
