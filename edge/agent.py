@@ -279,10 +279,12 @@ class EdgeAgent:
         stop = self._stop
         frames = Backlog(self.config.pipeline.queue_size)
         # Batches handed to the workers and not yet finished, oldest first: per worker the one it
-        # runs and the one it takes next, plus two the loop finishes (it is woken once per two,
-        # see handoff).
+        # runs and the one it takes next, plus two more. The loop is woken for all of them but one
+        # per worker (see handoff): each worker still has a batch to run while the loop finishes
+        # the others and hands out more.
         running: deque[asyncio.Future[_Batch]] = deque()
         depth = 2 * self._workers + 2
+        together = depth - self._workers
         limit = self.config.source.max_frames
 
         def feed() -> None:
@@ -291,7 +293,8 @@ class EdgeAgent:
             while len(running) < depth and (group := frames.take_now(self._max_batch)):
                 waiting = len(frames)
                 self.meter.set("queue_depth", waiting)
-                running.append(run_on(self._executor, self._infer, group, self._pick_model(waiting), together=True))
+                model = self._pick_model(waiting)
+                running.append(run_on(self._executor, self._infer, group, model, together=together))
 
         async def read_source() -> None:
             try:

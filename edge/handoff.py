@@ -9,11 +9,12 @@ once for several results, not once each.
 
 Each wake-up has a price beyond its own work: the loop takes the interpreter for as long as it
 handles what came back, and a worker that has just finished a batch, about to start its next,
-waits for it. So a caller that keeps several batches in flight may ask (``together=True``) for
-a finished result to wait for the next one of the same executor, unless nothing else of it is in
-flight or a wake-up is already due: the loop wakes once per two batches, at the cost of a
-result sitting one batch time at most. Work run that way must never wait for the loop to take
-an earlier result.
+waits for it; and every wake-up takes a core from a worker on a board with no core to spare.
+So a caller that keeps several batches in flight may ask (``together=n``) for a finished result
+to wait until ``n`` results of the same executor are ready, unless nothing else of it is in
+flight or a wake-up is already due: the loop wakes once per ``n`` batches, at the cost of a
+result sitting ``n - 1`` batch times at most. Work run that way must never wait for the loop to
+take an earlier result.
 
 The work itself may run on any executor, or on :class:`Workers`: ``ThreadPoolExecutor.submit``
 builds a concurrent future (a condition and its lock) and a work item and takes an idle
@@ -106,15 +107,15 @@ class _Settler:
         with self._lock:
             self._in_flight += 1
 
-    def put(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None, together: bool) -> None:
+    def put(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None, together: int) -> None:
         """From a worker thread: settle ``future`` on the loop."""
         with self._lock:
             self._ready.append((future, result, exc))
             self._in_flight -= 1
             if self._asked:
                 return  # the loop is already asked to settle the ones before, and takes this too
-            if together and self._in_flight and len(self._ready) < 2:
-                return  # the next result to finish asks for both
+            if self._in_flight and len(self._ready) < together:
+                return  # a later result asks for them all
             self._asked = True
         self.loop.call_soon_threadsafe(self._settle_ready)
 
@@ -129,10 +130,11 @@ class _Settler:
 _SETTLERS: weakref.WeakKeyDictionary[Submits, _Settler] = weakref.WeakKeyDictionary()
 
 
-def run_on(executor: Submits, fn: Callable[..., T], *args: Any, together: bool = False) -> asyncio.Future[T]:
+def run_on(executor: Submits, fn: Callable[..., T], *args: Any, together: int = 1) -> asyncio.Future[T]:
     """Run ``fn(*args)`` on ``executor``; the future settles on the running loop with its result
     or its exception. Cancelling the future does not stop work already started. ``together``:
-    settle with the next result of the same executor when more of its work is in flight."""
+    settle once that many results of the same executor are ready, or none of its work is left
+    in flight."""
     loop = asyncio.get_running_loop()
     settler = _SETTLERS.get(executor)
     if settler is None or settler.loop is not loop:

@@ -72,10 +72,10 @@ async def test_results_finished_before_the_loop_wakes_are_settled_together_and_i
 async def test_together_a_result_waits_for_the_next_in_flight_and_never_when_alone() -> None:
     release = threading.Event()
     with ThreadPoolExecutor(2) as pool:
-        alone = run_on(pool, lambda: "alone", together=True)
+        alone = run_on(pool, lambda: "alone", together=2)
         assert await asyncio.wait_for(alone, 5) == "alone"
-        slow = run_on(pool, lambda: release.wait(5) and "slow", together=True)
-        quick = run_on(pool, lambda: "quick", together=True)
+        slow = run_on(pool, lambda: release.wait(5) and "slow", together=2)
+        quick = run_on(pool, lambda: "quick", together=2)
         await asyncio.sleep(0.2)
         assert not quick.done()  # finished on its worker, settled with the next result
         release.set()
@@ -128,3 +128,18 @@ def test_workers_start_no_thread_until_given_work() -> None:
     pool = Workers(2, "idle-pool")
     pool.shutdown()
     assert not any(t.name.startswith("idle-pool") for t in threading.enumerate() if t.name not in before)
+
+
+async def test_together_n_results_wait_until_n_are_ready_or_nothing_else_is_in_flight() -> None:
+    first, second = threading.Event(), threading.Event()
+    with ThreadPoolExecutor(3) as pool:
+        slow = run_on(pool, lambda: first.wait(5) and "slow", together=3)
+        slower = run_on(pool, lambda: second.wait(5) and "slower", together=3)
+        quick = run_on(pool, lambda: "quick", together=3)
+        await asyncio.sleep(0.2)
+        assert not quick.done()  # one of three ready
+        first.set()
+        await asyncio.sleep(0.2)
+        assert not slow.done() and not quick.done()  # two of three ready, one still in flight
+        second.set()
+        assert await asyncio.wait_for(asyncio.gather(slow, slower, quick), 5) == ["slow", "slower", "quick"]
