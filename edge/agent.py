@@ -3,9 +3,8 @@
 Decoding, preprocessing, inference, judging and a classifier's answers (rows packed for the
 wire) run on worker threads, a micro-batch at a time (:mod:`.worker_batch`), so the event loop
 stays free to read the source and move messages; batches are still finished strictly in frame
-order. Hard frames go to
-the cloud (:mod:`.escalation`) and wait for their answer or their deadline; everything else is
-answered at once.
+order. Hard frames go to the cloud (:mod:`.escalation`) and wait for their answer or their
+deadline; everything else is answered at once.
 
 A missing broker or cloud never stops the device. It switches to degraded mode (:mod:`.mode`,
 published on its presence topic and counted): every frame is answered locally at once, flagged
