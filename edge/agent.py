@@ -1,10 +1,10 @@
 """The device agent: source -> decode/preprocess/infer/judge (worker threads) -> task -> publish.
 
 Decoding, preprocessing, inference, judging and a classifier's answers (rows packed for the
-wire) run on worker threads, a micro-batch at a time, so the event loop stays free to read the
-source and move messages; batches are still finished strictly in frame order. Hard frames go to
-the cloud (:mod:`.escalation`) and wait for their answer or their deadline; everything else is
-answered at once.
+wire) run on worker threads, a micro-batch at a time (:mod:`.worker_batch`), so the event loop
+stays free to read the source and move messages; batches are still finished strictly in frame
+order. Hard frames go to the cloud (:mod:`.escalation`) and wait for their answer or their
+deadline; everything else is answered at once.
 
 A missing broker or cloud never stops the device. It switches to degraded mode (:mod:`.mode`,
 published on its presence topic and counted): every frame is answered locally at once, flagged
@@ -19,12 +19,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from edgewire import __version__, logs, sdnotify, topics
 from edgewire import envelopes as env
@@ -33,7 +29,6 @@ from edgewire.config import DeviceConfig
 from edgewire.errors import ModelError, SourceError
 from edgewire.metrics import Meter
 from edgewire.modelmeta import ModelMeta
-from edgewire.preprocess import ImageRejected, decode, read, sharpness
 from edgewire.profiles import DeviceProfile, load_profile
 from edgewire.session import MqttSession, NotConnected
 
@@ -41,43 +36,25 @@ from .active_model import ActiveModel, load_model
 from .backlog import Backlog
 from .connection import advertisement, device_session
 from .escalation import Escalations
-from .handoff import run_on
+from .handoff import Workers, run_on
 from .inbox import Inbox
-from .judge import Judge, Verdicts
-from .local_results import LocalRows, answered_here
+from .judge import Judge
+from .local_results import LocalRows
 from .local_stream import LocalStream
 from .mode import DEGRADED, DeviceMode
 from .model_updater import ModelUpdater
-from .object_frames import DetectedBatch, ObjectFrames
+from .object_frames import ObjectFrames
 from .remote_config import RemoteConfig
 from .sources import Frame, QueueSource, chunks, open_source
 from .state import DeviceState
-from .tasks import Task, TaskState, new_trace_ids
+from .tasks import Task, TaskState
 from .telemetry import AgentSummary, observe_answered_here, publish_telemetry, report_every
+from .worker_batch import Batch, work_batch
 from .write_window import WriteWindow
 
 log = logging.getLogger(__name__)
 
 ResultHook = Callable[[env.LocalResult], None]
-
-
-@dataclass
-class _Batch:
-    frames: list[Frame]
-    model: ActiveModel
-    #: Indices in ``frames`` of the frames decoded, in order; ``verdicts`` are theirs.
-    ok: list[int] = field(default_factory=list)
-    verdicts: Verdicts | None = None
-    #: A detector's batch instead (``verdicts`` stays None).
-    objects: DetectedBatch | None = None
-    failures: dict[int, str] = field(default_factory=dict)
-    #: Encoded bytes of the hard frames, by index in ``frames``, read on the worker thread.
-    payloads: dict[int, bytes] = field(default_factory=dict)
-    infer_s: float = 0.0
-    #: A classifier's answers as made on the worker (every frame complete, a hard one flagged
-    #: degraded), and their trace ids; the event loop changes only the frames it escalates.
-    answers: LocalRows | None = None
-    trace_ids: list[str] = field(default_factory=list)
 
 
 class EdgeAgent:
@@ -122,7 +99,7 @@ class EdgeAgent:
         # Batches run on their own worker threads (OpenCV and onnxruntime release the GIL);
         # results are still taken and published strictly in frame order.
         self._workers = config.pipeline.workers
-        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=f"infer-{config.device_id}")
+        self._executor = Workers(self._workers, f"infer-{config.device_id}")
         self.escalations: Escalations | None = None
         if config.cloud is not None:
             self.escalations = Escalations(config, meter=self.meter, mode=self.link_mode, publish=self._publish_later)
@@ -280,10 +257,12 @@ class EdgeAgent:
         stop = self._stop
         frames = Backlog(self.config.pipeline.queue_size)
         # Batches handed to the workers and not yet finished, oldest first: per worker the one it
-        # runs and the one it takes next, plus two the loop finishes (it is woken once per two,
-        # see handoff).
-        running: deque[asyncio.Future[_Batch]] = deque()
+        # runs and the one it takes next, plus two more. The loop is woken for all of them but one
+        # per worker (see handoff): each worker still has a batch to run while the loop finishes
+        # the others and hands out more.
+        running: deque[asyncio.Future[Batch]] = deque()
         depth = 2 * self._workers + 2
+        together = depth - self._workers
         limit = self.config.source.max_frames
 
         def feed() -> None:
@@ -292,7 +271,8 @@ class EdgeAgent:
             while len(running) < depth and (group := frames.take_now(self._max_batch)):
                 waiting = len(frames)
                 self.meter.set("queue_depth", waiting)
-                running.append(run_on(self._executor, self._infer, group, self._pick_model(waiting), together=True))
+                model = self._pick_model(waiting)
+                running.append(run_on(self._executor, self._infer, group, model, together=together))
 
         async def read_source() -> None:
             try:
@@ -350,76 +330,11 @@ class EdgeAgent:
             return self.fallback
         return self.model
 
-    def _infer(self, group: list[Frame], model: ActiveModel) -> _Batch:
-        """Runs on a worker thread: decode, preprocess, infer and judge one micro-batch."""
-        out = _Batch(group, model)
-        images: list[np.ndarray] = []
-        for i, frame in enumerate(group):
-            image = frame.image
-            if image is None:
-                if frame.path is not None:
-                    image = read(str(frame.path), model.pre.gray)
-                elif frame.data is not None:
-                    try:
-                        image = decode(frame.data, model.pre.gray)
-                    except ImageRejected as exc:
-                        log.warning("%s: frame %s refused: %s", self.config.device_id, frame.ref, exc)
-                        out.failures[i] = "rejected"
-                        continue
-            if image is None or image.size == 0:
-                out.failures[i] = "decode"
-                continue
-            images.append(image)
-            out.ok.append(i)
-        if not images:
-            return out
-        if model.detects:
-            escalate = self.config.detect.escalate if self.config.cloud is not None else None
-            out.objects = self.object_frames.infer(group, out.ok, images, model, escalate)
-            if out.objects is None:
-                out.failures.update({i: "inference" for i in out.ok})
-                out.ok = []
-            else:
-                out.infer_s = out.objects.infer_s
-            return out
-        sharp = [sharpness(img) for img in images] if model.judge.wants_sharpness else None
-        t0 = time.perf_counter()
-        try:
-            probs = model.engine.infer(model.pre.batch(images))
-            # Judged inside the guard: an output the load-time check could not pin (open
-            # dimensions) fails this batch, counted, never the device.
-            out.verdicts = model.judge.judge_batch(probs, sharp)
-        except Exception:
-            log.exception("%s: inference failed for a batch of %d", self.config.device_id, len(images))
-            out.failures.update({i: "inference" for i in out.ok})
-            out.ok = []
-            return out
-        out.infer_s = time.perf_counter() - t0
-        # The answers are made here, by the worker that has the batch in hand, rather than on the
-        # event loop while both workers wait for it to hand back the interpreter.
-        meta = model.meta
-        out.trace_ids = new_trace_ids(len(out.ok))
-        out.answers = answered_here(
-            [group[i] for i in out.ok] if out.failures else group,
-            out.verdicts,
-            device_id=self.config.device_id,
-            trace_ids=out.trace_ids,
-            model=meta.name,
-            version=meta.version,
-            now=time.time(),
-        )
-        if self.config.publish.local_results:
-            out.answers.packed()
-        if self.config.cloud is not None:
-            for j in out.verdicts.hard:
-                i = out.ok[j]
-                try:
-                    out.payloads[i] = group[i].encoded()
-                except (OSError, SourceError) as exc:
-                    log.warning("%s: cannot escalate %s: %s", self.config.device_id, group[i].ref, exc)
-        return out
+    def _infer(self, group: list[Frame], model: ActiveModel) -> Batch:
+        """Runs on a worker thread, under the settings of the moment (they may change over the air)."""
+        return work_batch(group, model, self.config, self.object_frames)
 
-    async def _finish(self, session: MqttSession, batch: _Batch, stream: LocalStream | None = None) -> None:
+    async def _finish(self, session: MqttSession, batch: Batch, stream: LocalStream | None = None) -> None:
         m = self.meter
         m.inc("frames_total", len(batch.frames))
         for i, reason in batch.failures.items():

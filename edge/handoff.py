@@ -9,23 +9,85 @@ once for several results, not once each.
 
 Each wake-up has a price beyond its own work: the loop takes the interpreter for as long as it
 handles what came back, and a worker that has just finished a batch, about to start its next,
-waits for it. So a caller that keeps several batches in flight may ask (``together=True``) for
-a finished result to wait for the next one of the same executor, unless nothing else of it is in
-flight or a wake-up is already due: the loop wakes once per two batches, at the cost of a
-result sitting one batch time at most. Work run that way must never wait for the loop to take
-an earlier result.
+waits for it; and every wake-up takes a core from a worker on a board with no core to spare.
+So a caller that keeps several batches in flight may ask (``together=n``) for a finished result
+to wait until ``n`` results of the same executor are ready, unless nothing else of it is in
+flight or a wake-up is already due: the loop wakes once per ``n`` batches, at the cost of a
+result sitting ``n - 1`` batch times at most. Work run that way must never wait for the loop to
+take an earlier result.
+
+The work itself may run on any executor, or on :class:`Workers`: ``ThreadPoolExecutor.submit``
+builds a concurrent future (a condition and its lock) and a work item and takes an idle
+semaphore for every call, and its worker settles that future under the condition again, which
+costs more than the handoff itself. Work handed over by :func:`run_on` reports through the
+handoff alone, so a queue of callables and threads that take from it are all it needs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import queue
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Submits(Protocol):
+    """Where work runs: an ``Executor``, or :class:`Workers`."""
+
+    def submit(self, fn: Callable[[], Any], /) -> object: ...
+
+
+class Workers:
+    """``count`` threads, started with the first work, taking callables from one queue in order.
+
+    What a callable raises is logged and the thread goes on (work run by :func:`run_on` hands its
+    own exceptions to the loop). :meth:`shutdown` lets the work already queued finish first, as
+    an executor's does."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self.count = count
+        self.name = name
+        self._queue: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def submit(self, fn: Callable[[], Any], /) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.name}: cannot take work after shutdown")
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._serve, name=f"{self.name}_{i}", daemon=True) for i in range(self.count)
+            ]
+            for thread in self._threads:
+                thread.start()
+        self._queue.put(fn)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop taking work; the threads end once the work queued before is done."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    def _serve(self) -> None:
+        take = self._queue.get
+        while (fn := take()) is not None:
+            try:
+                fn()
+            except Exception:
+                log.exception("%s: work failed", self.name)
+
 
 _Outcome = tuple["asyncio.Future[Any]", Any, "BaseException | None"]
 
@@ -45,15 +107,15 @@ class _Settler:
         with self._lock:
             self._in_flight += 1
 
-    def put(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None, together: bool) -> None:
+    def put(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None, together: int) -> None:
         """From a worker thread: settle ``future`` on the loop."""
         with self._lock:
             self._ready.append((future, result, exc))
             self._in_flight -= 1
             if self._asked:
                 return  # the loop is already asked to settle the ones before, and takes this too
-            if together and self._in_flight and len(self._ready) < 2:
-                return  # the next result to finish asks for both
+            if self._in_flight and len(self._ready) < together:
+                return  # a later result asks for them all
             self._asked = True
         self.loop.call_soon_threadsafe(self._settle_ready)
 
@@ -65,13 +127,14 @@ class _Settler:
             _settle(future, result, exc)
 
 
-_SETTLERS: weakref.WeakKeyDictionary[Executor, _Settler] = weakref.WeakKeyDictionary()
+_SETTLERS: weakref.WeakKeyDictionary[Submits, _Settler] = weakref.WeakKeyDictionary()
 
 
-def run_on(executor: Executor, fn: Callable[..., T], *args: Any, together: bool = False) -> asyncio.Future[T]:
+def run_on(executor: Submits, fn: Callable[..., T], *args: Any, together: int = 1) -> asyncio.Future[T]:
     """Run ``fn(*args)`` on ``executor``; the future settles on the running loop with its result
     or its exception. Cancelling the future does not stop work already started. ``together``:
-    settle with the next result of the same executor when more of its work is in flight."""
+    settle once that many results of the same executor are ready, or none of its work is left
+    in flight."""
     loop = asyncio.get_running_loop()
     settler = _SETTLERS.get(executor)
     if settler is None or settler.loop is not loop:
