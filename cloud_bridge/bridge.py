@@ -22,7 +22,8 @@ A bridge whose rules have an ``upstream`` is a site's bridge (the edge-server ti
 and hands it up to the cloud tier when the site's answer is unsure, the site is busy (the
 device's budget spent, ``max_local_queue`` requests at the site, a breaker open) or down
 (Triton unreachable); the one answer the device gets then is the cloud's (``tier: cloud``), or
-the site's own when the cloud could not do better in time (cloud_bridge.upstream).
+the site's own when the cloud could not do better in time (cloud_bridge.site_tier, whose
+hand-up and wait for the cloud's answer are cloud_bridge.upstream).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .group_claims import GroupClaims
 from .model_inputs import ModelInputs
 from .rules import Route, RuleSet
 from .shared_dedupe import SharedDedupe
+from .site_tier import SiteTier
 from .steps import record_steps
 from .upstream import HandedUp, Upstream
 
@@ -123,8 +125,10 @@ class Bridge:
         self.ready = asyncio.Event()
         # A site's bridge: requests its routes hand up to the cloud tier, and their answers.
         self.upstream = Upstream(rules.upstream, self.meter) if rules.upstream is not None else None
+        self.site: SiteTier | None = None  # what this tier serves, and what it hands up
+        if self.upstream is not None:
+            self.site = SiteTier(self.upstream, self._serve, self._result, hop_stamps=hop_stamps)
         self.tier = "site" if self.upstream is not None else "cloud"
-        self._at_site = 0  # requests being served by this tier's models right now
 
     def stop(self) -> None:
         """Stop taking requests, answer those already taken, then disconnect."""
@@ -294,7 +298,10 @@ class Bridge:
             async with self._slots:
                 outcome = await self._answer_request(device_id, trace_id, data, received, over_budget)
             # Handed up: the wait for the cloud holds no slot (an uplink cut must not stall the site).
-            result = await self._settle(outcome) if isinstance(outcome, HandedUp) else outcome
+            if isinstance(outcome, HandedUp):
+                assert self.site is not None  # only a site's bridge hands up
+                outcome = await self.site.settle(outcome)
+            result = outcome
         except Exception as exc:  # a bug must cost one answer, not the bridge
             log.exception("%s: request %s failed", self.bridge_id, trace_id)
             result = self._result(device_id, trace_id, received, "rejected", reason=f"internal error: {exc!r}")
@@ -342,69 +349,13 @@ class Bridge:
         route = self.rules.route(req)
         if route is None:
             return self._result(device_id, trace_id, received, "rejected", reason=f"no route for {req.model_hint!r}")
-        if route.hands_up and self.upstream is not None:
-            return await self._serve_at_site(req, data, route, received, over_budget)
+        if route.hands_up and self.site is not None:
+            assert self.session is not None
+            return await self.site.serve(self.session, req, data, route, received, over_budget)
         if over_budget:
             self.meter.inc("requests_rate_limited_total")
             return self._result(device_id, trace_id, received, "rejected", reason="rate limited")
         return await self._serve(req, route, received)
-
-    async def _serve_at_site(
-        self, req: env.Request, data: bytes, route: Route, received: float, over_budget: bool
-    ) -> env.Result | HandedUp:
-        """This tier's models first; up to the cloud tier when they are unsure, busy or down."""
-        assert self.upstream is not None and self.session is not None
-        here = route.at_this_tier()
-        site_answer: env.Result | None = None
-        if over_budget:
-            why = "busy"
-        elif here is None:
-            why = "routed"
-        elif self._at_site >= self.upstream.settings.max_local_queue:
-            why = "busy"
-        else:
-            self._at_site += 1
-            try:
-                site = await self._serve(req, here, received)
-            finally:
-                self._at_site -= 1
-            if site.status == "unavailable":
-                why = "busy" if "circuit open" in (site.reason or "") else "down"
-            elif site.status == "ok" and route.unsure(site.prediction):
-                why, site_answer = "unsure", site
-            else:
-                return site  # sure, or a request no tier would answer otherwise (rejected, expired)
-        if time.time() >= req.deadline:
-            return site_answer or self._result(
-                req.device_id, req.trace_id, received, "expired", reason="deadline passed before handing up"
-            )
-        try:
-            return await self.upstream.hand_up(
-                self.session, req, data, received=received, why=why, site_answer=site_answer
-            )
-        except EdgewireError as exc:
-            return site_answer or self._result(
-                req.device_id, req.trace_id, received, "unavailable", reason=f"cannot hand up ({why}): {exc}"
-            )
-
-    async def _settle(self, handed: HandedUp) -> env.Result:
-        """The one answer to a request handed up: the cloud's (with this site's stamps), else
-        the site's own unsure one, else ``unavailable`` (the device asks again later)."""
-        assert self.upstream is not None
-        cloud = await self.upstream.settle(handed)
-        now = time.time()
-        if cloud is not None and (cloud.status == "ok" or handed.site_answer is None):
-            hops = {**cloud.hops, "site_received": handed.received, "handed_up": handed.handed_up, "site_relayed": now}
-            return cloud.model_copy(
-                update={"hops": hops if self.hop_stamps else cloud.hops, "tier": cloud.tier or "cloud"}
-            )
-        if handed.site_answer is not None:
-            site = handed.site_answer
-            return site.model_copy(update={"hops": {**site.hops, "bridge_sent": now} if site.hops else {}})
-        req = handed.request
-        held = self.upstream.settings.hold_s
-        reason = f"handed up ({handed.why}); no answer came down from the cloud (held up to {held:g} s)"
-        return self._result(req.device_id, req.trace_id, handed.received, "unavailable", reason=reason)
 
     async def _serve(self, req: env.Request, route: Route, received: float) -> env.Result:
         """Serve with this bridge's own Triton models."""
