@@ -264,9 +264,105 @@ def serve_flooder(args: argparse.Namespace) -> None:
     asyncio.run(main())
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def serve_raw_flooder(args: argparse.Namespace) -> None:
+    """The same flood from a lean client: MQTT 3.1.1 PUBLISH packets (QoS 1, a window of
+    unacknowledged ones) written straight to a socket in batches, PUBACKs counted by their
+    bytes. A flooding device's CPU is its own, not the cloud host's; this flooder spends a
+    fraction of the asyncio one's per message, so on a bench host that runs everything what
+    the flood costs is closer to what the broker and the bridge pay, not the flooder itself."""
+    import socket
+
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        sched["policy"] = "SCHED_IDLE"
+    payload = Path(args.frame).read_bytes()
+    template = env.encode(request(FLOODER, PLACEHOLDER, payload, deadline_s=3600))
+    head, tail = template.split(PLACEHOLDER.encode())
+    sock = socket.create_connection(("127.0.0.1", args.port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client_id = FLOODER.encode()
+    connect = b"\x00\x04MQTT\x04\x02\x00\x00" + len(client_id).to_bytes(2, "big") + client_id
+    sock.sendall(b"\x10" + _varint(len(connect)) + connect)
+    if sock.recv(4)[:1] != b"\x20":
+        raise SystemExit("the broker refused the flooder")
+    on, quit_ = threading.Event(), threading.Event()
+    window = threading.Condition()
+    counts = {"sent": 0, "acked": 0}
+
+    def read_acks() -> None:  # every packet the broker sends back is a 4-byte PUBACK
+        spare = 0
+        while not quit_.is_set():
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            spare += len(data)
+            with window:
+                counts["acked"] += spare // 4
+                spare %= 4
+                window.notify()
+
+    def flood() -> None:
+        topic_prefix = f"nowhere/{FLOODER}/" if args.flood_nowhere else f"req/{FLOODER}/"
+        packet_id = 0
+        while not quit_.is_set():
+            if not on.wait(0.1):
+                continue
+            with window:
+                room = args.window - (counts["sent"] - counts["acked"])
+                if room <= 0:
+                    window.wait(0.01)
+                    continue
+            parts = []
+            for _ in range(min(room, 64)):
+                packet_id = packet_id % 65535 + 1
+                trace = f"{counts['sent'] + len(parts):032x}".encode()
+                topic = (topic_prefix.encode()) + trace
+                body = len(topic).to_bytes(2, "big") + topic + packet_id.to_bytes(2, "big") + head + trace + tail
+                parts.append(b"\x32" + _varint(len(body)) + body)
+            try:
+                sock.sendall(b"".join(parts))
+            except OSError:
+                return
+            with window:
+                counts["sent"] += len(parts)
+
+    threads = [threading.Thread(target=read_acks, daemon=True), threading.Thread(target=flood, daemon=True)]
+    for thread in threads:
+        thread.start()
+
+    def report() -> None:
+        print(json.dumps({"sent": counts["sent"], "acked": counts["acked"], "sched": sched["policy"]}), flush=True)
+
+    for line in sys.stdin:
+        word = line.strip()
+        if word == "go":
+            on.set()
+        elif word == "stop":
+            on.clear()
+        elif word == "report":
+            report()
+    quit_.set()
+    report()
+
+
 class Flooder:
-    def __init__(self, port: int, frame: Path, window: int, nowhere: bool = False, rate: float = 0.0) -> None:
-        cmd = [sys.executable, __file__, "--role", "flooder", "--port", str(port), "--frame", str(frame)]
+    def __init__(
+        self, port: int, frame: Path, window: int, nowhere: bool = False, rate: float = 0.0, raw: bool = False
+    ) -> None:
+        cmd = [sys.executable, __file__, "--role", "raw-flooder" if raw else "flooder", "--port", str(port)]
+        cmd += ["--frame", str(frame)]
         cmd += ["--flood-nowhere"] if nowhere else []
         cmd += ["--flood-rate", str(rate)]
         self.proc = subprocess.Popen(
@@ -410,7 +506,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 stdout=subprocess.PIPE,
                 text=True,
             )
-            flooder = Flooder(port, frame, args.window, args.flood_nowhere, args.flood_rate)
+            flooder = Flooder(port, frame, args.window, args.flood_nowhere, args.flood_rate, args.raw_flooder)
             async with MqttSession(VICTIM, "127.0.0.1", port) as session:
                 await session.wait_connected(30)
                 await session.subscribe(topics.RESULT.build(device_id=VICTIM), qos=1)
@@ -505,6 +601,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "flood_rate_cap_per_s": args.flood_rate or None,
         "flood_nowhere": args.flood_nowhere,
         "flood_shield": not args.no_shield,
+        "flooder": "raw" if args.raw_flooder else "asyncio",
         "broker": broker_kind,
         "flooder_sched": flood_counts.get("sched"),
         "cores": os.cpu_count(),
@@ -529,7 +626,14 @@ def main() -> None:
     parser.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto")
     parser.add_argument("--data", type=Path, default=None, help="reuse a demo folder")
     parser.add_argument("--profile-bridge", type=Path, default=None, help="cProfile the bridge into this file")
-    parser.add_argument("--role", choices=["bench", "bridge", "flooder"], default="bench", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--role", choices=["bench", "bridge", "flooder", "raw-flooder"], default="bench", help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--raw-flooder",
+        action="store_true",
+        help="flood from a lean client writing MQTT packets straight to a socket (no pacing)",
+    )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--triton", help=argparse.SUPPRESS)
     parser.add_argument("--frame", help=argparse.SUPPRESS)
@@ -541,6 +645,9 @@ def main() -> None:
         return
     if args.role == "flooder":
         serve_flooder(args)
+        return
+    if args.role == "raw-flooder":
+        serve_raw_flooder(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         result = asyncio.run(main_async(args, Path(tmp)))

@@ -232,7 +232,7 @@ class Bridge:
             return
         if self.admission.drop_silenced(topic, received):
             return
-        if self.shield is not None and topic.startswith("presence/"):
+        if self.shield is not None and topic.startswith("presence/") and topics.PRESENCE.match(topic) is not None:
             self.shield.presence(bytes(message.payload), received)
             return
         try:

@@ -37,8 +37,9 @@ def invoke(*args: str) -> Result:
 
 
 def flat(text: str) -> str:
-    """Output without whitespace: Rich wraps long lines (and paths) at the terminal width."""
-    return "".join(text.split())
+    """Output without whitespace or the help table's borders: Rich wraps long lines (and
+    paths) at the terminal width, inside the table's cells."""
+    return "".join(text.replace("│", " ").split())
 
 
 def assert_says(result: Result, *parts: str) -> None:
