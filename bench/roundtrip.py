@@ -189,6 +189,11 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                     f"mqtt://127.0.0.1:{port}",
                     "--id",
                     f"bench-bridge-{k}",
+                    # One bench device stands for a fleet's load: its budget must not be what is measured.
+                    "--device-rate",
+                    "100000",
+                    "--device-burst",
+                    "1000000",
                     *(["--decode-workers", str(args.decode_workers)] if args.decode_workers is not None else []),
                 ],
             )
