@@ -37,9 +37,9 @@ class Admission:
         self.refusals = BucketsPerKey(REFUSALS_PER_S, REFUSAL_BURST)  # answered refusals, per device
         self._silenced: dict[str, float] = {}  # device past both budgets -> until when (time.time())
         self._dropped = 0  # requests dropped so, not yet counted in the meter
-        self._flooders: list[str] = []  # devices silenced since take_flooders last asked
-        #: Called (on the loop) when a device goes past both budgets: the flood shield wakes.
-        self.on_flood: Callable[[], None] | None = None
+        #: Called (on the loop) with the device and the time when it goes past both budgets
+        #: (the flood shield shuts it out at the broker).
+        self.on_flood: Callable[[str, float], None] | None = None
 
     def take(self, device_id: str) -> bool:
         """Whether the device's request fits its budget (a token is spent if so)."""
@@ -71,19 +71,11 @@ class Admission:
             if len(self._silenced) >= 4096:
                 self._silenced.clear()
             self._silenced[device_id] = received + wait
-            if len(self._flooders) < 4096:
-                self._flooders.append(device_id)
             if self.on_flood is not None:
-                self.on_flood()
+                self.on_flood(device_id, received)
             return False
         self.meter.inc("requests_rate_limited_total", answered="yes")
         return True
-
-    def take_flooders(self) -> list[str]:
-        """The devices that went past both their budgets since the last call (the flood shield
-        shuts them out at the broker)."""
-        flooders, self._flooders = self._flooders, []
-        return flooders
 
     def on_probation(self, device_id: str) -> None:
         """Empty both the device's buckets: a device let back after a flood starts with no burst

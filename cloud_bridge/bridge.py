@@ -107,7 +107,9 @@ class Bridge:
         self.shared = shared
         self.claims = GroupClaims(shared, self.meter, bridge_id) if shared is not None else None
         self.admission = Admission(self.meter, device_rate_per_s, device_burst)
-        self.shield = FloodShield(self.meter, self.request_filter) if flood_shield else None
+        self.shield: FloodShield | None = None
+        if flood_shield:
+            self.shield = FloodShield(self.meter, self.request_filter, probation=self.admission.on_probation)
         self._jobs: set[asyncio.Task[None]] = set()
         self._unacked: set[asyncio.Future[None]] = set()  # results sent, not yet acknowledged
         self._stop = asyncio.Event()
@@ -176,7 +178,9 @@ class Bridge:
             # Without a group there are no claims to renew: the task ends at once.
             renewing = self.claims.keep_renewed(self._inflight) if self.claims is not None else asyncio.sleep(0)
             claims = asyncio.create_task(renewing)
-            shielding = self.shield.keep(session, self.admission) if self.shield else asyncio.sleep(0)
+            if self.shield is not None:  # a device past both its budgets is shut out at once
+                self.admission.on_flood = self.shield.flooded
+            shielding = self.shield.keep(session) if self.shield else asyncio.sleep(0)
             shield = asyncio.create_task(shielding)
             await self._stop.wait()
             # From here on nothing new is acknowledged: the broker keeps it for the next bridge

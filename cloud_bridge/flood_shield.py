@@ -35,11 +35,9 @@ from edgewire.errors import DecodeError
 from edgewire.metrics import Meter
 from edgewire.session import MqttSession, NotConnected
 
-from .admission import Admission
-
 log = logging.getLogger(__name__)
 
-#: Devices remembered at most (the oldest heard are forgotten first).
+#: Devices remembered at most (the first heard are forgotten first).
 KNOWN_MAX = 100_000
 
 
@@ -54,9 +52,11 @@ class FloodShield:
         calm_s: float = 30.0,
         known_ttl_s: float = 3600.0,
         tick_s: float = 0.2,
+        probation: Callable[[str], None] | None = None,
     ) -> None:
         """``filter_for(device_id)``: the bridge's request filter for one device, or (None) for
-        every device; shared or not as the bridge subscribes."""
+        every device; shared or not as the bridge subscribes. ``probation(device_id)``: empties
+        a device's budgets when it is let back (cloud_bridge.admission)."""
         self.meter = meter
         self.filter_for = filter_for
         self.cooloff_s = cooloff_s
@@ -70,7 +70,8 @@ class FloodShield:
         self._subscribed: set[str] = set()  # per-device subscriptions held now
         self.shielded = False
         self._last_flood = 0.0
-        self._probation: Callable[[str], None] | None = None  # empties a device's buckets
+        self._probation = probation
+        self._woken = asyncio.Event()  # a device was just shut out: change subscriptions now
 
     # -- what the bridge tells it ----------------------------------------------------------------
 
@@ -104,27 +105,22 @@ class FloodShield:
         self._last_flood = now
         self.meter.inc("devices_shut_out_total")
         log.warning("flood from %s: its requests are left at the broker for %.0f s", device_id, wait)
+        self._woken.set()
 
     def shut_out(self, device_id: str) -> bool:
         return device_id in self._shut_out
 
     # -- what it does at the broker --------------------------------------------------------------
 
-    async def keep(self, session: MqttSession, admission: Admission) -> None:
-        """Shut out the devices admission finds flooding (at once: it wakes this), let them back
-        on probation after their cool-off, and hold the subscriptions that says; until cancelled."""
-        woken = asyncio.Event()
-        admission.on_flood = woken.set
-        self._probation = admission.on_probation
+    async def keep(self, session: MqttSession) -> None:
+        """Hold the subscriptions the shut-out list says, at once when a device is shut out and
+        every tick for those let back (on probation) after their cool-off; until cancelled."""
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(woken.wait(), self.tick_s)
-            woken.clear()
-            now = time.time()
-            for device_id in admission.take_flooders():
-                self.flooded(device_id, now)
+                await asyncio.wait_for(self._woken.wait(), self.tick_s)
+            self._woken.clear()
             try:
-                await self.apply(session, now)
+                await self.apply(session, time.time())
             except NotConnected:
                 continue  # the session restores what it holds when the link is back
             except Exception:  # a refused change is tried again next tick

@@ -207,9 +207,7 @@ class MqttSession:
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected, and again after every reconnect."""
-        self._subscriptions[topic_filter] = qos
-        if self._client is not None and self._connected.is_set():
-            await self._client.subscribe(topic_filter, qos=qos)
+        await self.subscribe_all([topic_filter], qos)
 
     async def subscribe_all(self, topic_filters: list[str], qos: int = 1) -> None:
         """Several subscriptions in one SUBSCRIBE (one round trip however many); kept as

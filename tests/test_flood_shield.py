@@ -105,7 +105,13 @@ async def test_a_flooder_is_shut_out_at_the_broker_and_the_others_are_served(
     bridge.admission.budgets = BucketsPerKey(10.0, 20.0)
     bridge.admission.refusals = BucketsPerKey(2.0, 10.0)
     bridge.shield = FloodShield(
-        bridge.meter, bridge.request_filter, cooloff_s=2.0, max_cooloff_s=8.0, calm_s=3.0, tick_s=0.05
+        bridge.meter,
+        bridge.request_filter,
+        cooloff_s=2.0,
+        max_cooloff_s=8.0,
+        calm_s=3.0,
+        tick_s=0.05,
+        probation=bridge.admission.on_probation,
     )
     shield = shield_of(bridge)
     async with running, Device(broker, "cam-calm", payload) as calm, Device(broker, "cam-flood", payload) as flood:
