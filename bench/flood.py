@@ -9,7 +9,9 @@ flooder: another device (own process) publishing valid requests as fast as its c
         costs the broker and the bridge is counted in full.
 
 Broker (Mosquitto when installed, open to anonymous clients as the other benches run it; else
-the embedded one), bridge (own process, with a per-device budget) and a real Triton are shared.
+the embedded one, with logins so that it paces each device's connection, see
+edgewire.broker.pacing; ``--device-read-rate`` sets its budget), bridge (own process, with a
+per-device budget) and a real Triton are shared.
 Phases alternate A (victim alone), B (victim and flooder), A, B, ... so drifts in the machine's
 load fall on both alike; between phases the queues drain. The last line is one JSON object:
 the victim's p50/p99 alone and flooded, ``p99_ratio`` (flooded / alone; target <= 1.5), what
@@ -53,11 +55,19 @@ from edgewire.ports import free_port, wait_port
 from edgewire.session import MqttSession, NotConnected
 
 ROOT = Path(__file__).resolve().parents[1]
-VICTIM, FLOODER = "cam-victim", "cam-flooder"
+VICTIM, FLOODER, BRIDGE = "cam-victim", "cam-flooder", "bench-bridge"
 #: A trace id placeholder in the flooder's one encoded request, replaced per message (same length).
 PLACEHOLDER = "X" * 32
 #: How the flooder is scheduled on the bench host (see serve_flooder).
 sched = {"policy": "normal"}
+#: The one password of every login on the embedded broker, handed to the bench's processes.
+LOGIN_ENV = "EDGEWIRE_BENCH_FLOOD_LOGIN"
+
+
+def login(user: str) -> dict[str, str | None]:
+    """Username and password for ``user`` where the broker asks for logins (the embedded one)."""
+    password = os.environ.get(LOGIN_ENV)
+    return {"username": user if password else None, "password": password}
 
 
 class CpuShare:
@@ -110,9 +120,12 @@ def request(device_id: str, trace_id: str, payload: bytes, deadline_s: float = 3
 # -- the broker -----------------------------------------------------------------------------
 
 
-def start_broker(work: Path, kind: str) -> tuple[subprocess.Popen[bytes], int, str]:
+def start_broker(
+    work: Path, kind: str, read_rate: float | None, read_burst: int | None
+) -> tuple[subprocess.Popen[bytes], int, str]:
     """Mosquitto from the shipped config (its logins, ACL and client-id rule taken out, as the
-    benches and the tests that are not about identities run it), or the embedded broker."""
+    benches and the tests that are not about identities run it), or the embedded broker with
+    logins (one password for all; the bridge's role is bridge), as a fleet runs it."""
     port = free_port()
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if kind == "auto":
@@ -126,7 +139,17 @@ def start_broker(work: Path, kind: str) -> tuple[subprocess.Popen[bytes], int, s
         path.write_text(conf)
         proc = subprocess.Popen([exe, "-c", str(path)], stderr=subprocess.DEVNULL)
     else:
-        cmd = [sys.executable, "-m", "edgewire.cli", "broker", "--port", str(port), "--allow-anonymous"]
+        from edgewire.passwords import hash_password
+
+        password = secrets.token_urlsafe(16)
+        os.environ[LOGIN_ENV] = password
+        hashed = hash_password(password)
+        (work / "passwd").write_text("".join(f"{user}:{hashed}\n" for user in (VICTIM, FLOODER, BRIDGE)))
+        (work / "roles.yaml").write_text(f"{BRIDGE}: bridge\n")
+        cmd = [sys.executable, "-m", "edgewire.cli", "broker", "--port", str(port)]
+        cmd += ["--password-file", str(work / "passwd"), "--roles", str(work / "roles.yaml")]
+        cmd += ["--device-read-rate", str(read_rate)] if read_rate else []
+        cmd += ["--device-read-burst", str(read_burst)] if read_burst else []
         proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     wait_port(port, timeout=30)
     return proc, port, kind
@@ -144,8 +167,8 @@ def serve_bridge(args: argparse.Namespace) -> None:
     async def main() -> None:
         dispatcher = Dispatcher([args.triton])
         bridge = Bridge(
-            "bench-bridge",
-            BrokerSettings(url=f"mqtt://127.0.0.1:{args.port}"),
+            BRIDGE,
+            BrokerSettings(url=f"mqtt://127.0.0.1:{args.port}", **login(BRIDGE)),
             dispatcher,
             default_rules("digits-cloud"),
             device_rate_per_s=args.device_rate,
@@ -216,7 +239,7 @@ def serve_flooder(args: argparse.Namespace) -> None:
             loop.call_soon_threadsafe(quit_.set)
 
         threading.Thread(target=commands, daemon=True).start()
-        async with MqttSession(FLOODER, "127.0.0.1", args.port, max_inflight=args.window) as session:
+        async with MqttSession(FLOODER, "127.0.0.1", args.port, max_inflight=args.window, **login(FLOODER)) as session:
             await session.wait_connected(30)
             await session.subscribe(topics.RESULT.build(device_id=FLOODER), qos=1)
 
@@ -289,8 +312,15 @@ def serve_raw_flooder(args: argparse.Namespace) -> None:
     head, tail = template.split(PLACEHOLDER.encode())
     sock = socket.create_connection(("127.0.0.1", args.port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    client_id = FLOODER.encode()
-    connect = b"\x00\x04MQTT\x04\x02\x00\x00" + len(client_id).to_bytes(2, "big") + client_id
+
+    def field(text: str) -> bytes:
+        return len(text.encode()).to_bytes(2, "big") + text.encode()
+
+    credentials = login(FLOODER)
+    flags = 0x02 | (0xC0 if credentials["password"] else 0)  # clean session, and a login if asked
+    connect = b"\x00\x04MQTT\x04" + bytes([flags]) + b"\x00\x00" + field(FLOODER)
+    if credentials["password"]:
+        connect += field(FLOODER) + field(credentials["password"])
     sock.sendall(b"\x10" + _varint(len(connect)) + connect)
     if sock.recv(4)[:1] != b"\x20":
         raise SystemExit("the broker refused the flooder")
@@ -478,7 +508,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
     arts = build_demo(args.data or work / "demo")
     frame = sorted(arts.frames_dir.glob("*.jpg"))[0]
     payload = frame.read_bytes()
-    broker, port, broker_kind = start_broker(work, args.broker)
+    broker, port, broker_kind = start_broker(work, args.broker, args.device_read_rate, args.device_read_burst)
     repo = work / "repo"
     write_python_repository(repo, [arts.cloud_model])
     bridge: subprocess.Popen[str] | None = None
@@ -507,7 +537,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
                 text=True,
             )
             flooder = Flooder(port, frame, args.window, args.flood_nowhere, args.flood_rate, args.raw_flooder)
-            async with MqttSession(VICTIM, "127.0.0.1", port) as session:
+            async with MqttSession(VICTIM, "127.0.0.1", port, **login(VICTIM)) as session:
                 await session.wait_connected(30)
                 await session.subscribe(topics.RESULT.build(device_id=VICTIM), qos=1)
                 victim = Victim(session, payload)
@@ -603,6 +633,12 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "flood_shield": not args.no_shield,
         "flooder": "raw" if args.raw_flooder else "asyncio",
         "broker": broker_kind,
+        "broker_device_read_budget": {
+            "rate_per_s": args.device_read_rate or "default",
+            "burst": args.device_read_burst or "default",
+        }
+        if broker_kind == "embedded"
+        else None,
         "flooder_sched": flood_counts.get("sched"),
         "cores": os.cpu_count(),
         "target": {"p99_ratio": 1.5, "victim_lost": 0},
@@ -624,6 +660,12 @@ def main() -> None:
         "--no-shield", action="store_true", help="the bridge reads and drops the flood (no flood shield)"
     )
     parser.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto")
+    parser.add_argument(
+        "--device-read-rate", type=float, default=None, help="the embedded broker's packets/s per device login"
+    )
+    parser.add_argument(
+        "--device-read-burst", type=int, default=None, help="the embedded broker's packets at once per device login"
+    )
     parser.add_argument("--data", type=Path, default=None, help="reuse a demo folder")
     parser.add_argument("--profile-bridge", type=Path, default=None, help="cProfile the bridge into this file")
     parser.add_argument(

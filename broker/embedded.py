@@ -18,7 +18,8 @@ from typing import Any
 from edgewire.errors import EdgewireError
 from edgewire.tls import server_context
 
-from .guard import GuardedBroker
+from .guard import GuardedBroker, read_roles
+from .pacing import DevicePacing, ReadBudget
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class EmbeddedBroker:
     Logins need the fleet's passwords (``auth``), or with ``tls`` requiring certificates the
     fleet's client certificates, and every topic is checked against :mod:`edgewire.acl`; a
     broker open to anyone must be asked for (``allow_anonymous``, the demo and the tests on
-    loopback)."""
+    loopback). With logins, each device's connection is read at most ``read_budget`` packets a
+    second (:mod:`edgewire.broker.pacing`); ``None`` reads every connection as fast as it comes."""
 
     def __init__(
         self,
@@ -94,6 +96,7 @@ class EmbeddedBroker:
         auth: BrokerAuth | None = None,
         allow_anonymous: bool = False,
         tls: BrokerTls | None = None,
+        read_budget: ReadBudget | None = ReadBudget(),  # noqa: B008 (frozen, never mutated)
     ):
         if auth is None and not allow_anonymous:
             raise BrokerError("the embedded broker needs a password file (or allow_anonymous for a lab or demo)")
@@ -102,6 +105,7 @@ class EmbeddedBroker:
         if auth is not None and auth.password_file is None and not (tls is not None and tls.require_certificate):
             raise BrokerError("without a password file, logins need client certificates (require_certificate)")
         self.tls = tls
+        self.read_budget = read_budget
         self.host = host
         self.port = port
         self.auth = auth
@@ -122,6 +126,8 @@ class EmbeddedBroker:
         _check_port_free(self.host, self.port)
         try:
             self._broker = GuardedBroker(broker_config(self.host, self.port, self.auth, self.tls))
+            if self.auth is not None and self.read_budget is not None:
+                self._broker.pacing = DevicePacing(self.read_budget, read_roles(self.auth.roles_file))
             if self.tls is not None:
                 self._broker.tls_context = server_context(
                     self.tls.certfile,

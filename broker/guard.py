@@ -11,8 +11,10 @@ session is touched. amqtt's own TLS context accepts a client without a certifica
 revocation list, so :class:`GuardedBroker` also builds the listener's context itself
 (:func:`edgewire.tls.server_context`). amqtt 0.12 also hands a client that connects every
 retained message any client's subscription matches, its own or not: :class:`GuardedBroker`
-serves it only those of its own subscriptions. Those three are the only amqtt internals used
-here (the release is pinned in pyproject.toml and the tests cover them).
+serves it only those of its own subscriptions. A device's connection is read through
+:mod:`edgewire.broker.pacing` once its login is known, which means handing amqtt's session
+handler a wrapped reader. Those four are the only amqtt internals used here (the release is
+pinned in pyproject.toml and the tests cover them).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from edgewire.acl import ROLES, Role, allowed, identity_ok
 from edgewire.errors import ConfigError
 from edgewire.passwords import read_password_file, verify_password
 from edgewire.tls import peer_common_name, server_context
+
+from .pacing import DevicePacing
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +139,8 @@ class GuardedBroker(Broker):
 
     #: Set by the embedded broker before start: the context every TLS listener serves with.
     tls_context: ssl.SSLContext | None = None
+    #: Set by the embedded broker before start: how device logins' connections are read.
+    pacing: DevicePacing | None = None
 
     def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:  # type: ignore[override]
         if self.tls_context is not None:
@@ -151,6 +157,15 @@ class GuardedBroker(Broker):
         holders = self._subscriptions.get(subscription[0], ())
         if any(held is session for held, _ in holders):
             await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    async def _handle_client_session(  # type: ignore[override]
+        self, reader: Any, writer: Any, client_session: Session, *rest: Any
+    ) -> None:
+        # The login is known here (checked in _initialize_client_session) and amqtt attaches
+        # this reader to the session's handler, whose loop reads every later packet from it.
+        if self.pacing is not None:
+            reader = self.pacing.reader(reader, client_session.username)
+        await super()._handle_client_session(reader, writer, client_session, *rest)
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int

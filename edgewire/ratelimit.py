@@ -3,7 +3,8 @@
 A bridge answers every device from one Triton and a distributor resends chunks to every device
 over one broker; without a bound per requester one device (or one that makes up ids) can take
 what the fleet shares. A bucket holds up to ``burst`` tokens and gains ``rate`` a second; asking
-for more than it holds is refused, not queued, so the asker learns at once.
+for more than it holds is refused, not queued, so the asker learns at once. Where there is no
+one to tell (the broker reading a connection), :meth:`TokenBucket.pace` says how long to wait.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ class TokenBucket:
             return False
         self.tokens -= amount
         return True
+
+    def pace(self, amount: float, now: float) -> float:
+        """Take ``amount`` tokens whether or not the bucket holds them; the seconds until the
+        debt is paid back are the caller's to wait (0 when there was none). A rate of 0 never
+        pays a debt back: refuse with :meth:`take` instead."""
+        self._refill(now)
+        self.tokens -= amount
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
 class BucketsPerKey:

@@ -8,6 +8,12 @@ from typing import Annotated
 
 import typer
 
+from edgewire.cli.budgets import (
+    DEFAULT_DEVICE_READ_BURST,
+    DEFAULT_DEVICE_READ_RATE,
+    DeviceReadBurstOption,
+    DeviceReadRateOption,
+)
 from edgewire.cli.common import console, fail, run_until_signal
 from edgewire.errors import EdgewireError
 
@@ -35,11 +41,14 @@ def broker(
         bool,
         typer.Option("--require-certificate", help="mutual TLS: a client certificate is required; its CN is the login"),
     ] = False,
+    device_read_rate: DeviceReadRateOption = DEFAULT_DEVICE_READ_RATE,
+    device_read_burst: DeviceReadBurstOption = DEFAULT_DEVICE_READ_BURST,
 ) -> None:
     """Run the embedded MQTT broker (amqtt, MQTT 3.1.1) until interrupted. Logins need the
     fleet's password file, or with --require-certificate the fleet's client certificates,
     unless --allow-anonymous is given. All TLS files come from `edgewire flash --broker-out`."""
     from edgewire.broker.embedded import BrokerAuth, BrokerTls, EmbeddedBroker
+    from edgewire.broker.pacing import ReadBudget
 
     stop = asyncio.Event()
     if (certfile is None) != (keyfile is None):
@@ -62,7 +71,10 @@ def broker(
     async def serve() -> None:
         from edgewire import sdnotify
 
-        async with EmbeddedBroker(host, port, mdns=mdns, auth=auth, allow_anonymous=allow_anonymous, tls=tls) as b:
+        budget = ReadBudget(device_read_rate, device_read_burst)
+        async with EmbeddedBroker(
+            host, port, mdns=mdns, auth=auth, allow_anonymous=allow_anonymous, tls=tls, read_budget=budget
+        ) as b:
             console.print(f"broker listening on {b.url}" + (" (advertised on mDNS)" if mdns else ""))
             sdnotify.notify(f"READY=1\nSTATUS=listening on {b.url}")
             pings = asyncio.create_task(sdnotify.watchdog())

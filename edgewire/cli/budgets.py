@@ -1,6 +1,7 @@
 """The per-device budgets an operator sets on the services every device shares: the bridge's
-requests (``edgewire bridge``, ``edgewire cloud``) and the distributor's resent chunks
-(``edgewire distributor``, ``edgewire cloud``).
+requests (``edgewire bridge``, ``edgewire cloud``), the distributor's resent chunks
+(``edgewire distributor``, ``edgewire cloud``) and the embedded broker's reading of a device's
+connection (``edgewire broker``).
 
 One definition each, so the commands that run the same service take the same option, the same
 environment variable and the same bounds. The bounds refuse what would shut every device out
@@ -15,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from edgewire.broker.pacing import DEVICE_READ_BURST, DEVICE_READ_RATE
 from edgewire.cloud_bridge.admission import DEVICE_BURST, DEVICE_RATE_PER_S, REFUSAL_BURST, REFUSALS_PER_S
 from edgewire.cloud_bridge.resends import FetchLimits
 from edgewire.delivery import MAX_CHUNK_SIZE
@@ -84,6 +86,32 @@ DeviceFetchBurstOption = Annotated[
     ),
 ]
 
+DeviceReadRateOption = Annotated[
+    float,
+    typer.Option(
+        "--device-read-rate",
+        envvar="EDGEWIRE_BROKER_DEVICE_READ_RATE",
+        min=1.0,
+        max=1_000_000.0,
+        callback=_finite,
+        help="MQTT packets a second the broker reads from each device login, after its burst; past it the "
+        "device's connection is left unread (TCP slows the device, nothing is dropped). Logins only: an "
+        "anonymous broker paces no one",
+    ),
+]
+DeviceReadBurstOption = Annotated[
+    int,
+    typer.Option(
+        "--device-read-burst",
+        envvar="EDGEWIRE_BROKER_DEVICE_READ_BURST",
+        min=1,
+        max=10_000_000,
+        help="packets one device may send at once before --device-read-rate paces it",
+    ),
+]
+
+DEFAULT_DEVICE_READ_RATE = DEVICE_READ_RATE
+DEFAULT_DEVICE_READ_BURST = DEVICE_READ_BURST
 DEFAULT_DEVICE_RATE = DEVICE_RATE_PER_S
 DEFAULT_DEVICE_BURST = int(DEVICE_BURST)
 DEFAULT_DEVICE_FETCH_RATE = FetchLimits.device_bytes_per_s / MIB

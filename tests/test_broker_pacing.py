@@ -1,0 +1,110 @@
+"""The embedded broker reads a device's connection no faster than its budget (edgewire.broker.pacing):
+a flooding device is slowed by TCP, loses nothing, and delays no one else; the fleet's own
+services are not paced."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from amqtt.adapters import BufferReader
+
+from edgewire import topics
+from edgewire.broker.embedded import BrokerAuth, EmbeddedBroker
+from edgewire.broker.pacing import DevicePacing, PacedReader, ReadBudget
+from edgewire.ports import free_port
+from edgewire.ratelimit import TokenBucket
+
+from .test_identity import Fleet, rendered_broker_files
+
+
+def mqtt_packet(kind: int, body: bytes) -> bytes:
+    """One MQTT packet: type byte, variable-length remaining length, body."""
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes([kind << 4]) + bytes(encoded) + body
+
+
+async def test_each_packet_is_paid_for_once_however_it_is_read() -> None:
+    bodies = [b"", b"x" * 5, b"y" * 127, b"z" * 128, b"w" * 20_000, b"", b"v" * 3]
+    stream = b"".join(mqtt_packet(3, body) for body in bodies) + mqtt_packet(12, b"")
+    paid: list[float] = []
+
+    class CountingBucket(TokenBucket):
+        def pace(self, amount: float, now: float) -> float:
+            paid.append(amount)
+            return 0.0
+
+    reader = PacedReader(BufferReader(stream), CountingBucket.full(1.0, 1.0, 0.0), clock=lambda: 0.0)
+    # Read in odd sizes, some within a packet, some across several.
+    got = bytearray()
+    sizes = [1, 1, 2, 7, 1, 1, 1, 300, 5, 19_000, 1, 1, 4096]
+    for i in range(10_000):
+        if len(got) == len(stream):
+            break
+        got += await reader.read(min(sizes[i % len(sizes)], len(stream) - len(got)))
+    await reader.read(1)  # the next read pays for what was read before it
+    assert bytes(got) == stream
+    assert sum(paid) == len(bodies) + 1  # one per packet, none per read within a packet
+
+
+def test_a_device_past_its_budget_waits_and_only_devices_are_paced() -> None:
+    bucket = TokenBucket.full(10.0, 2.0, 0.0)
+    pacing = DevicePacing(ReadBudget(10.0, 2), roles={"bridge-1": "bridge"})
+    assert pacing.reader(BufferReader(b""), "bridge-1").__class__ is BufferReader  # the fleet's services
+    assert pacing.reader(BufferReader(b""), None).__class__ is BufferReader  # anonymous: no role known
+    assert isinstance(pacing.reader(BufferReader(b""), "cam-a"), PacedReader)
+    # A burst of 2 at once, then one packet per 0.1 s: the wait is the debt over the rate.
+    assert [bucket.pace(1, 0.0) for _ in range(3)] == [0.0, 0.0, 0.1]
+    assert abs(bucket.pace(1, 0.05) - 0.15) < 1e-9  # 0.5 paid back, 1.5 owed
+    assert bucket.pace(1, 0.3) == 0.0  # 2.5 more paid back: even
+
+
+async def test_a_flooding_device_is_read_at_its_budget_and_delays_no_one(tmp_path: Path) -> None:
+    out, passwords = rendered_broker_files(tmp_path)
+    port = free_port()
+    rate, burst, flood = 40.0, 10, 130
+    auth = BrokerAuth(out / "passwd", out / "roles.yaml")
+    async with EmbeddedBroker("127.0.0.1", port, auth=auth, read_budget=ReadBudget(rate, burst)):
+        fleet = Fleet("127.0.0.1", port, "amqtt", passwords)
+        arrivals: list[tuple[str, float]] = []
+        async with fleet.client("bridge-1") as bridge, fleet.client("cam-a") as a, fleet.client("cam-b") as b:
+            await bridge.subscribe(topics.REQUEST.filter(), qos=0)
+
+            async def read(expected: int) -> None:
+                async for message in bridge.messages:
+                    arrivals.append(((topics.REQUEST.match(str(message.topic)) or {})["device_id"], time.monotonic()))
+                    if len(arrivals) == expected:
+                        return
+
+            reading = asyncio.create_task(read(flood + 10))
+            for i in range(flood):
+                await a.publish(topics.REQUEST.build(device_id="cam-a", trace_id=f"a{i}"), b"a", qos=0)
+            await asyncio.sleep(0.5)  # cam-a's flood is now waiting in TCP buffers
+            for i in range(10):
+                await b.publish(topics.REQUEST.build(device_id="cam-b", trace_id=f"b{i}"), b"b", qos=0)
+            await asyncio.wait_for(reading, timeout=60)  # nothing is lost
+
+            from_a = [t for who, t in arrivals if who == "cam-a"]
+            from_b = [t for who, t in arrivals if who == "cam-b"]
+            assert (len(from_a), len(from_b)) == (flood, 10)
+            # cam-a is read no faster than its budget: past its burst, one packet per 1/rate s.
+            assert from_a[-1] - from_a[0] >= (flood - burst - 1) / rate * 0.9
+            # cam-b is not queued behind cam-a's flood.
+            assert max(from_b) < from_a[-1]
+
+            # The fleet's own services are not paced: the bridge answers as fast as it likes.
+            await a.subscribe(topics.RESULT.build(device_id="cam-a"), qos=0)
+            t0 = time.monotonic()
+            for i in range(flood):
+                await bridge.publish(topics.RESULT.build(device_id="cam-a"), f"{i}".encode(), qos=0)
+            got = 0
+            async for _ in a.messages:
+                got += 1
+                if got == flood:
+                    break
+            assert time.monotonic() - t0 < (flood - burst - 1) / rate * 0.9
