@@ -28,13 +28,14 @@ from amqtt.adapters import ReaderAdapter
 from edgewire.acl import Role
 from edgewire.ratelimit import BucketsPerKey, TokenBucket
 
-#: A device's packets a second, after its burst. amqtt spends about half a millisecond of its one
+#: A device's packets a second, after its burst. amqtt spends over half a millisecond of its one
 #: loop on each request it carries (read, acknowledged, routed, answered), so one device at this
-#: rate takes about a tenth of it; an honest device sends a few packets a second (requests,
-#: acknowledgements of its answers and chunks, pings), and a camera escalating every frame at
-#: 30 fps about 70. Below the bridge's per-device request budget (500/s): on the embedded broker
-#: a device that sends more is slowed by TCP before the bridge has to refuse it.
-DEVICE_READ_RATE = 200.0
+#: rate takes under a tenth of it. An escalation is two packets from the device (the request,
+#: its acknowledgement of the answer): a camera escalating every frame at 30 fps sends about 65
+#: a second with its pings and telemetry, and a device replaying its queue after an outage
+#: replays 50 requests a second. Below the bridge's per-device request budget (500/s): on the
+#: embedded broker a device that sends more is slowed by TCP before the bridge refuses it.
+DEVICE_READ_RATE = 100.0
 #: What a device may send at once (a reconnection's queued requests) before the rate paces it;
 #: read at once, it is what one device can make every other client wait for (~50 ms).
 DEVICE_READ_BURST = 100
