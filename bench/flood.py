@@ -8,10 +8,11 @@ flooder: another device (own process) publishing valid requests as fast as its c
         SCHED_IDLE: its CPU stands for another device's, not the cloud host's; what its flood
         costs the broker and the bridge is counted in full.
 
-Broker (Mosquitto when installed, open to anonymous clients as the other benches run it; else
-the embedded one, with logins so that it paces each device's connection, see
-edgewire.broker.pacing; ``--device-read-rate`` sets its budget), bridge (own process, with a
-per-device budget) and a real Triton are shared.
+Broker (Mosquitto when installed, with logins, the fleet's ACL and the flood limit plugin,
+broker/mosquitto_flood_limit.c, built here; ``--no-flood-limit``: open to anonymous clients as
+the other benches run it. Else the embedded one, with logins so that it paces each device's
+connection, see edgewire.broker.pacing; ``--device-read-rate`` sets its budget), bridge (own
+process, with a per-device budget) and a real Triton are shared.
 Phases alternate A (victim alone), B (victim and flooder), A, B, ... so drifts in the machine's
 load fall on both alike; between phases the queues drain. The last line is one JSON object:
 the victim's p50/p99 alone and flooded, ``p99_ratio`` (flooded / alone; target <= 1.5), what
@@ -120,36 +121,53 @@ def request(device_id: str, trace_id: str, payload: bytes, deadline_s: float = 3
 # -- the broker -----------------------------------------------------------------------------
 
 
-def start_broker(
-    work: Path, kind: str, read_rate: float | None, read_burst: int | None
-) -> tuple[subprocess.Popen[bytes], int, str]:
-    """Mosquitto from the shipped config (its logins, ACL and client-id rule taken out, as the
-    benches and the tests that are not about identities run it), or the embedded broker with
-    logins (one password for all; the bridge's role is bridge), as a fleet runs it."""
+def write_logins(work: Path) -> None:
+    """One password for every user of the bench (the bridge's role is bridge), in the password
+    file both brokers read; the bench's processes find it in their environment."""
+    from edgewire.passwords import hash_password
+
+    password = secrets.token_urlsafe(16)
+    os.environ[LOGIN_ENV] = password
+    hashed = hash_password(password)
+    (work / "passwd").write_text("".join(f"{user}:{hashed}\n" for user in (VICTIM, FLOODER, BRIDGE)))
+    (work / "roles.yaml").write_text(f"{BRIDGE}: bridge\n")
+
+
+def start_broker(work: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], int, str]:
+    """Mosquitto from the shipped config with logins, the fleet's ACL and the flood limit plugin
+    (broker/mosquitto_flood_limit.c, built here), or with ``--no-flood-limit`` open to anonymous
+    clients as the other benches run it; or the embedded broker with logins, as a fleet runs it."""
     port = free_port()
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    kind = args.broker
     if kind == "auto":
         kind = "mosquitto" if Path(exe).exists() else "embedded"
     if kind == "mosquitto":
         conf = (ROOT / "broker" / "mosquitto.conf").read_text()
         conf = re.sub(r"^listener .*$", f"listener {port} 127.0.0.1", conf, flags=re.M)
-        conf = re.sub(r"^allow_anonymous false$", "allow_anonymous true", conf, flags=re.M)
-        conf = re.sub(r"^(password_file|acl_file|use_username_as_clientid) .*$", "", conf, flags=re.M)
+        if args.no_flood_limit:
+            conf = re.sub(r"^allow_anonymous false$", "allow_anonymous true", conf, flags=re.M)
+            conf = re.sub(r"^(password_file|acl_file|use_username_as_clientid) .*$", "", conf, flags=re.M)
+        else:
+            from edgewire.acl import mosquitto_acl
+            from edgewire.broker import mosquitto_plugin
+
+            write_logins(work)
+            (work / "acl").write_text(mosquitto_acl({BRIDGE: "bridge"}))
+            conf = re.sub(r"^password_file .*$", f"password_file {work / 'passwd'}", conf, flags=re.M)
+            conf = re.sub(r"^acl_file .*$", f"acl_file {work / 'acl'}", conf, flags=re.M)
+            plugin = mosquitto_plugin.build(work / "plugin")
+            conf += "\n" + mosquitto_plugin.conf_lines([BRIDGE], plugin=str(plugin))
+            conf += "\nuser root\n" if os.geteuid() == 0 else ""
         path = work / "mosquitto.conf"
         path.write_text(conf)
         proc = subprocess.Popen([exe, "-c", str(path)], stderr=subprocess.DEVNULL)
     else:
-        from edgewire.passwords import hash_password
-
-        password = secrets.token_urlsafe(16)
-        os.environ[LOGIN_ENV] = password
-        hashed = hash_password(password)
-        (work / "passwd").write_text("".join(f"{user}:{hashed}\n" for user in (VICTIM, FLOODER, BRIDGE)))
-        (work / "roles.yaml").write_text(f"{BRIDGE}: bridge\n")
+        write_logins(work)
         cmd = [sys.executable, "-m", "edgewire.cli", "broker", "--port", str(port)]
         cmd += ["--password-file", str(work / "passwd"), "--roles", str(work / "roles.yaml")]
-        cmd += ["--device-read-rate", str(read_rate)] if read_rate else []
-        cmd += ["--device-read-burst", str(read_burst)] if read_burst else []
+        cmd += ["--device-read-rate", str(args.device_read_rate)] if args.device_read_rate else []
+        cmd += ["--device-read-burst", str(args.device_read_burst)] if args.device_read_burst else []
         proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     wait_port(port, timeout=30)
     return proc, port, kind
@@ -508,7 +526,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
     arts = build_demo(args.data or work / "demo")
     frame = sorted(arts.frames_dir.glob("*.jpg"))[0]
     payload = frame.read_bytes()
-    broker, port, broker_kind = start_broker(work, args.broker, args.device_read_rate, args.device_read_burst)
+    broker, port, broker_kind = start_broker(work, args)
     repo = work / "repo"
     write_python_repository(repo, [arts.cloud_model])
     bridge: subprocess.Popen[str] | None = None
@@ -633,6 +651,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> dict[str, object]:
         "flood_shield": not args.no_shield,
         "flooder": "raw" if args.raw_flooder else "asyncio",
         "broker": broker_kind,
+        "mosquitto_flood_limit": (not args.no_flood_limit) if broker_kind == "mosquitto" else None,
         "broker_device_read_budget": {
             "rate_per_s": args.device_read_rate or "default",
             "burst": args.device_read_burst or "default",
@@ -662,6 +681,9 @@ def main() -> None:
     parser.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto")
     parser.add_argument(
         "--device-read-rate", type=float, default=None, help="the embedded broker's packets/s per device login"
+    )
+    parser.add_argument(
+        "--no-flood-limit", action="store_true", help="Mosquitto open to anonymous clients, without the flood limit"
     )
     parser.add_argument(
         "--device-read-burst", type=int, default=None, help="the embedded broker's packets at once per device login"

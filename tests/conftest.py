@@ -111,6 +111,7 @@ class MosquittoFiles:
     password_file: Path
     acl_file: Path
     tls: str = ""  # extra lines for the listener (cafile, certfile, keyfile, ...)
+    extra: str = ""  # extra lines for the whole broker (a plugin and its options)
 
 
 class Mosquitto:
@@ -161,6 +162,7 @@ class Mosquitto:
             conf = re.sub(r"^acl_file .*$", f"acl_file {self.files.acl_file}", conf, flags=re.M)
             if self.files.tls:
                 conf = conf.replace(listeners, f"{listeners}\n{self.files.tls}", 1)
+            conf += f"\n{self.files.extra}"
         if self.persist_in is not None:
             self.persist_in.mkdir(parents=True, exist_ok=True)
             on = f"persistence true\npersistence_location {self.persist_in}/"

@@ -5,18 +5,23 @@ services are not paced."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
+import aiomqtt
+import pytest
 from amqtt.adapters import BufferReader
 
 from edgewire import topics
+from edgewire.broker import mosquitto_plugin
 from edgewire.broker.embedded import BrokerAuth, EmbeddedBroker
 from edgewire.broker.pacing import DevicePacing, PacedReader, ReadBudget
 from edgewire.ports import free_port
 from edgewire.ratelimit import TokenBucket
 
-from .test_identity import Fleet, rendered_broker_files
+from .conftest import Mosquitto, MosquittoFiles, until
+from .test_identity import Fleet, refused, rendered_broker_files
 
 
 def mqtt_packet(kind: int, body: bytes) -> bytes:
@@ -108,3 +113,84 @@ async def test_a_flooding_device_is_read_at_its_budget_and_delays_no_one(tmp_pat
                 if got == flood:
                     break
             assert time.monotonic() - t0 < (flood - burst - 1) / rate * 0.9
+
+
+@pytest.fixture(scope="session")
+def flood_limit_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        return mosquitto_plugin.build(tmp_path_factory.mktemp("plugin"))
+    except mosquitto_plugin.PluginBuildError as exc:
+        pytest.skip(str(exc))
+
+
+def test_flash_renders_the_flood_limit_with_the_fleets_services(tmp_path: Path) -> None:
+    out, _ = rendered_broker_files(tmp_path)
+    lines = (out / "mosquitto-flood-limit.conf").read_text().splitlines()
+    assert f"plugin {mosquitto_plugin.INSTALL_PATH}" in lines
+    assert "plugin_opt_services alice bridge-1 distributor-1 operator" in lines  # no device
+
+
+async def test_mosquitto_disconnects_a_flooding_device_and_refuses_it_for_a_cool_off(
+    tmp_path: Path, flood_limit_plugin: Path
+) -> None:
+    out, passwords = rendered_broker_files(tmp_path)
+    services = ["bridge-1", "distributor-1", "operator", "alice"]
+    rate, burst, cool_off, flood = 40.0, 10, 6.0, 100
+    extra = mosquitto_plugin.conf_lines(services, plugin=str(flood_limit_plugin), rate=rate, burst=burst)
+    extra += f"plugin_opt_cool_off {cool_off}\n"
+    m = Mosquitto(tmp_path, files=MosquittoFiles(out / "passwd", out / "acl", extra=extra))
+    await asyncio.to_thread(m.start)
+    try:
+        fleet = Fleet("127.0.0.1", m.port, "mosquitto", passwords)
+        got: list[str] = []  # the trace ids the bridge received
+        async with fleet.client("bridge-1") as bridge, fleet.client("cam-b") as b:
+            await bridge.subscribe(topics.REQUEST.filter(), qos=1)
+
+            async def read() -> None:
+                async for message in bridge.messages:
+                    got.append((topics.REQUEST.match(str(message.topic)) or {})["trace_id"])
+
+            reading = asyncio.create_task(read())
+            a = fleet.client("cam-a")
+            await a.__aenter__()
+            t0 = time.monotonic()
+            with contextlib.suppress(aiomqtt.MqttError):
+                for i in range(flood):
+                    await a.publish(topics.REQUEST.build(device_id="cam-a", trace_id=f"a{i}"), b"a", qos=0)
+            # The flooding connection is ended ...
+            with pytest.raises(aiomqtt.MqttError):
+                await asyncio.wait_for(anext(aiter(a.messages)), timeout=30)
+            with contextlib.suppress(Exception):
+                await a.__aexit__(None, None, None)
+            # ... and its logins are refused during the cool-off, its own password or not.
+            assert await refused(fleet.client("cam-a")) is not None
+            assert time.monotonic() - t0 < cool_off  # (so the refusal above was the cool-off's)
+            # The other device is served meanwhile.
+            for i in range(10):
+                await b.publish(topics.REQUEST.build(device_id="cam-b", trace_id=f"b{i}"), b"b", qos=1)
+            await until(lambda: sum(t.startswith("b") for t in got) == 10, timeout=30)
+            assert sum(t.startswith("b") for t in got) == 10
+            # Of the flood, the burst and what the rate paid for came through, not the rest.
+            flooded = sum(t.startswith("a") for t in got)
+            assert flooded <= burst + rate * (time.monotonic() - t0) + 1
+            assert flooded < flood
+
+            # The fleet's services are not limited: the bridge answers as fast as it likes.
+            await b.subscribe(topics.RESULT.build(device_id="cam-b"), qos=0)
+            for i in range(flood):
+                await bridge.publish(topics.RESULT.build(device_id="cam-b"), f"{i}".encode(), qos=0)
+            results = 0
+            async for _ in b.messages:
+                results += 1
+                if results == flood:
+                    break
+
+            # After its cool-off the device logs in again and is heard.
+            await asyncio.sleep(max(0.0, t0 + cool_off + 0.5 - time.monotonic()))
+            async with fleet.client("cam-a") as again:
+                await again.publish(topics.REQUEST.build(device_id="cam-a", trace_id="back"), b"a", qos=1)
+            await until(lambda: "back" in got, timeout=30)
+            assert "back" in got
+            reading.cancel()
+    finally:
+        await asyncio.to_thread(m.stop)
