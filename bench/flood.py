@@ -294,7 +294,7 @@ def serve_flooder(args: argparse.Namespace) -> None:
                         await asyncio.sleep(0.05)
                         continue
                     counts["sent"] += 1
-                    acked.add_done_callback(lambda _f: window.release())
+                    acked.add_done_callback(lambda f: (window.release(), f.cancelled() or f.exception()))
 
             tasks = [asyncio.create_task(listen()), asyncio.create_task(flood())]
             await quit_.wait()

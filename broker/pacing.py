@@ -19,7 +19,9 @@ a lab) knows no roles and paces no one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +29,8 @@ from amqtt.adapters import ReaderAdapter
 
 from edgewire.acl import Role
 from edgewire.ratelimit import BucketsPerKey, TokenBucket
+
+log = logging.getLogger(__name__)
 
 #: A device's packets a second, after its burst. amqtt spends over half a millisecond of its one
 #: loop on each request it carries (read, acknowledged, routed, answered), so one device at this
@@ -57,18 +61,43 @@ class ReadBudget:
 
 class DevicePacing:
     """One bucket per device login, kept across its reconnections (so reconnecting does not
-    buy a fresh burst), at most 65,536 remembered."""
+    buy a fresh burst), at most 65,536 remembered. Each wait is counted per device
+    (:attr:`waits`) and logged as a warning at most once a minute per device."""
+
+    #: Seconds between two warnings about one device.
+    LOG_EVERY_S = 60.0
 
     def __init__(self, budget: ReadBudget, roles: dict[str, Role], clock: Callable[[], float] = time.monotonic):
+        self.budget = budget
         self.roles = roles
         self.clock = clock
+        self.waits: Counter[str] = Counter()
+        self._logged: dict[str, float] = {}
         self._buckets = BucketsPerKey(budget.rate_per_s, budget.burst, clock=clock)
 
     def reader(self, inner: ReaderAdapter, username: str | None) -> ReaderAdapter:
         """``inner`` paced if ``username`` is a device login; as it is otherwise."""
         if not username or self.roles.get(username, "device") != "device":
             return inner
-        return PacedReader(inner, self._buckets.bucket(username), self.clock)
+        return PacedReader(inner, self._buckets.bucket(username), self.clock, lambda: self._waited(username))
+
+    def _waited(self, username: str) -> None:
+        self.waits[username] += 1
+        now = self.clock()
+        last = self._logged.get(username)
+        if last is not None and now - last < self.LOG_EVERY_S:
+            return
+        if len(self._logged) >= 65536:
+            self._logged.clear()
+        self._logged[username] = now
+        log.warning(
+            "embedded broker: %s sends past its budget (%g packets/s, %d at once): its connection is read "
+            "at that pace (%d waits so far)",
+            username,
+            self.budget.rate_per_s,
+            self.budget.burst,
+            self.waits[username],
+        )
 
 
 class PacedReader(ReaderAdapter):
@@ -77,10 +106,17 @@ class PacedReader(ReaderAdapter):
     own framing (a type byte, a variable-length remaining length, that many bytes), so each is
     paid for once whatever sizes the reader is asked for."""
 
-    def __init__(self, inner: ReaderAdapter, bucket: TokenBucket, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        inner: ReaderAdapter,
+        bucket: TokenBucket,
+        clock: Callable[[], float],
+        on_wait: Callable[[], None] | None = None,
+    ) -> None:
         self._inner = inner
         self._bucket = bucket
         self._clock = clock
+        self._on_wait = on_wait
         self._state = _TYPE
         self._left = 0  # bytes of the remaining length still to come (in _BODY)
         self._shift = 0  # bits of the remaining length read so far (in _LENGTH)
@@ -91,6 +127,8 @@ class PacedReader(ReaderAdapter):
             delay = self._bucket.pace(self._started, self._clock())
             self._started = 0
             if delay > 0:
+                if self._on_wait is not None:
+                    self._on_wait()
                 await asyncio.sleep(delay)
         data = await self._inner.read(n)
         self._follow(data)

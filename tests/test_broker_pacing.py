@@ -69,7 +69,9 @@ def test_a_device_past_its_budget_waits_and_only_devices_are_paced() -> None:
     assert bucket.pace(1, 0.3) == 0.0  # 2.5 more paid back: even
 
 
-async def test_a_flooding_device_is_read_at_its_budget_and_delays_no_one(tmp_path: Path) -> None:
+async def test_a_flooding_device_is_read_at_its_budget_and_delays_no_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     out, passwords = rendered_broker_files(tmp_path)
     port = free_port()
     rate, burst, flood = 40.0, 10, 130
@@ -101,6 +103,9 @@ async def test_a_flooding_device_is_read_at_its_budget_and_delays_no_one(tmp_pat
             assert from_a[-1] - from_a[0] >= (flood - burst - 1) / rate * 0.9
             # cam-b is not queued behind cam-a's flood.
             assert max(from_b) < from_a[-1]
+            # It is said, once (a minute), and counted.
+            said = [r.getMessage() for r in caplog.records if r.name == "edgewire.broker.pacing"]
+            assert len(said) == 1 and said[0].startswith("embedded broker: cam-a sends past its budget"), said
 
             # The fleet's own services are not paced: the bridge answers as fast as it likes.
             await a.subscribe(topics.RESULT.build(device_id="cam-a"), qos=0)
