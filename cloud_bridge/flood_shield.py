@@ -16,9 +16,12 @@ has flooded for ``calm_s`` the bridge goes back to the one wildcard subscription
 What it costs, said plainly: while shielded, a device the bridge has neither heard from nor seen
 the presence of is not read until its presence arrives (its requests stay owed at the device,
 which sends them again); a request sent while subscriptions change may arrive twice and is
-answered once (the bridge's dedupe). Subscriptions live in the bridge's persistent session: a
-bridge killed while shielded leaves its per-device subscriptions at the broker, which deliver
-duplicates (answered once) until it shields and calms again or its session is cleared.
+answered once (the bridge's dedupe). Subscriptions live in the bridge's persistent session, so
+a bridge stopped cleanly goes back to the wildcard first; one killed while shielded leaves its
+per-device subscriptions at the broker, each delivering its device's requests a second time.
+The next run sweeps them: while it is not shielded, each device it comes to know is unsubscribed
+once (one UNSUBSCRIBE for all those learnt in a tick), so at most the first request of each
+device arrives twice, and is answered once.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class FloodShield:
         self._shut_out: dict[str, float] = {}  # device -> until when
         self._strikes: dict[str, tuple[int, float]] = {}  # device -> (floods, when the last began)
         self._subscribed: set[str] = set()  # per-device subscriptions held now
+        self._unswept: list[str] = []  # devices newly known: a killed run's subscription to drop
         self.shielded = False
         self._last_flood = 0.0
         self._probation = probation
@@ -78,8 +82,11 @@ class FloodShield:
     def heard(self, device_id: str, now: float) -> None:
         """A request taken from ``device_id``: it is a device to keep reading while shielded."""
         known = self._known
-        if device_id not in known and len(known) >= KNOWN_MAX:
-            del known[next(iter(known))]
+        if device_id not in known:
+            if len(known) >= KNOWN_MAX:
+                del known[next(iter(known))]
+            if len(self._unswept) < KNOWN_MAX:
+                self._unswept.append(device_id)
         known[device_id] = now
 
     def presence(self, payload: bytes, now: float) -> None:
@@ -133,6 +140,14 @@ class FloodShield:
         self._last_flood = 0.0
         await self.apply(session, time.time())
 
+    async def _sweep(self, session: MqttSession) -> None:
+        """Unsubscribe the per-device filter of each device newly known (none is held by this
+        run while unshielded): what a killed run left in the persistent session goes."""
+        while self._unswept and session.connected:
+            some = self._unswept[:1000]
+            await session.unsubscribe(*[self.filter_for(d) for d in some])
+            del self._unswept[: len(some)]
+
     async def apply(self, session: MqttSession, now: float) -> None:
         """Bring the broker's subscriptions to what the shut-out list says now."""
         for device_id, until in list(self._shut_out.items()):
@@ -151,6 +166,7 @@ class FloodShield:
                 self.shielded = False
                 self.meter.set("flood_shield_on", 0)
                 log.info("flood shield off: reading every device's requests again")
+            await self._sweep(session)
             return
         stale = now - self.known_ttl_s
         for device_id in [d for d, at in self._known.items() if at < stale]:

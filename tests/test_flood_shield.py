@@ -161,3 +161,38 @@ async def test_a_flooder_is_shut_out_at_the_broker_and_the_others_are_served(
             assert await until(lambda: trace_id in unknown.answers, 30)
             assert unknown.answers[trace_id].status == "ok"
     assert calm.answers and all(r.status == "ok" for r in calm.answers.values())
+
+
+async def test_a_killed_runs_per_device_subscriptions_are_swept(
+    broker: BrokerHandle, triton: EmbeddedTriton, demo: DemoArtifacts
+) -> None:
+    """A bridge killed while shielded leaves per-device subscriptions in its persistent
+    session, each delivering its device's requests twice; the next run drops them."""
+    payload = sorted(demo.frames_dir.glob("*.jpg"))[0].read_bytes()
+    running = RunningBridge(broker, triton)
+    bridge = running.bridge
+    # The filter the bridge holds per device: shared over its group on an MQTT 5 broker.
+    mqtt5 = broker.kind == "mosquitto"
+    one = {"device_id": "cam-a"}
+    leftover = topics.REQUEST.shared_filter(bridge.group, **one) if mqtt5 else topics.REQUEST.filter(**one)
+    # What the killed run left: its session (the bridge's client id, persistent) holding one
+    # device's subscription.
+    ghost = aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=bridge.bridge_id,
+        clean_session=False,
+        protocol=aiomqtt.ProtocolVersion.V311,
+    )
+    async with ghost:
+        await ghost.subscribe(leftover, qos=1)
+    async with running, Device(broker, "cam-a", payload) as a:
+        assert (await a.served()).status == "ok"
+        # Its first request came twice (the leftover and the wildcard), and was answered once.
+        assert await until(lambda: bridge.meter.total("requests_duplicate_total") >= 1, 10)
+        await asyncio.sleep(1.0)  # the sweep runs on the shield's next tick
+        duplicates = bridge.meter.total("requests_duplicate_total")
+        for _ in range(5):
+            assert (await a.served()).status == "ok"
+        await asyncio.sleep(1.0)
+        assert bridge.meter.total("requests_duplicate_total") == duplicates
