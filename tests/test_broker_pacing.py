@@ -34,6 +34,18 @@ def mqtt_packet(kind: int, body: bytes) -> bytes:
             return bytes([kind << 4]) + bytes(encoded) + body
 
 
+async def bridge_answers(bridge: aiomqtt.Client, device: aiomqtt.Client, device_id: str, count: int) -> None:
+    """The bridge publishes ``count`` results to the device, which reads them all."""
+    await device.subscribe(topics.RESULT.build(device_id=device_id), qos=0)
+    for i in range(count):
+        await bridge.publish(topics.RESULT.build(device_id=device_id), f"{i}".encode(), qos=0)
+    got = 0
+    async for _ in device.messages:
+        got += 1
+        if got == count:
+            return
+
+
 async def test_each_packet_is_paid_for_once_however_it_is_read() -> None:
     bodies = [b"", b"x" * 5, b"y" * 127, b"z" * 128, b"w" * 20_000, b"", b"v" * 3]
     stream = b"".join(mqtt_packet(3, body) for body in bodies) + mqtt_packet(12, b"")
@@ -108,15 +120,8 @@ async def test_a_flooding_device_is_read_at_its_budget_and_delays_no_one(
             assert len(said) == 1 and said[0].startswith("embedded broker: cam-a sends past its budget"), said
 
             # The fleet's own services are not paced: the bridge answers as fast as it likes.
-            await a.subscribe(topics.RESULT.build(device_id="cam-a"), qos=0)
             t0 = time.monotonic()
-            for i in range(flood):
-                await bridge.publish(topics.RESULT.build(device_id="cam-a"), f"{i}".encode(), qos=0)
-            got = 0
-            async for _ in a.messages:
-                got += 1
-                if got == flood:
-                    break
+            await bridge_answers(bridge, a, "cam-a", flood)
             assert time.monotonic() - t0 < (flood - burst - 1) / rate * 0.9
 
 
@@ -181,14 +186,7 @@ async def test_mosquitto_disconnects_a_flooding_device_and_refuses_it_for_a_cool
             assert flooded < flood
 
             # The fleet's services are not limited: the bridge answers as fast as it likes.
-            await b.subscribe(topics.RESULT.build(device_id="cam-b"), qos=0)
-            for i in range(flood):
-                await bridge.publish(topics.RESULT.build(device_id="cam-b"), f"{i}".encode(), qos=0)
-            results = 0
-            async for _ in b.messages:
-                results += 1
-                if results == flood:
-                    break
+            await bridge_answers(bridge, b, "cam-b", flood)
 
             # After its cool-off the device logs in again and is heard.
             await asyncio.sleep(max(0.0, t0 + cool_off + 0.5 - time.monotonic()))
