@@ -59,6 +59,19 @@ def conf_lines(
     return "\n".join(lines) + "\n"
 
 
+def fleet_conf(services: Iterable[str]) -> str:
+    """What ``edgewire flash --broker-out`` renders as mosquitto-flood-limit.conf: how to build
+    the plugin, and the lines that load it with the fleet's services (its users that are not
+    devices) never limited."""
+    head = (
+        "# edgewire's flood limit: a device publishing past 1,000 a second (1,000 at once) is\n"
+        "# disconnected and its logins refused for a cool-off (SECURITY.md). Build the plugin where\n"
+        f"# Mosquitto runs: python -m edgewire.broker.mosquitto_plugin {Path(INSTALL_PATH).parent}\n"
+        "# then append these lines to mosquitto.conf.\n"
+    )
+    return head + conf_lines(services)
+
+
 def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit(f"usage: python -m edgewire.broker.mosquitto_plugin DIR   (builds DIR/{LIBRARY})")

@@ -28,6 +28,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from edgewire import acl
+from edgewire.broker import mosquitto_plugin
 from edgewire.config import (
     BrokerSettings,
     DeviceConfig,
@@ -254,20 +255,6 @@ def _reissue(name: str, reissue: str | None) -> bool:
     return reissue is not None and fnmatch.fnmatchcase(name, reissue)
 
 
-def mosquitto_flood_limit(roles: dict[str, acl.Role]) -> str:
-    """Lines for mosquitto.conf that load edgewire's flood limit, every user that is not a
-    device named as a service (never limited)."""
-    from edgewire.broker.mosquitto_plugin import INSTALL_PATH, conf_lines
-
-    head = (
-        "# edgewire's flood limit: a device publishing past 1,000 a second (1,000 at once) is\n"
-        "# disconnected and its logins refused for a cool-off (SECURITY.md). Build the plugin where\n"
-        f"# Mosquitto runs: python -m edgewire.broker.mosquitto_plugin {Path(INSTALL_PATH).parent}\n"
-        "# then append these lines to mosquitto.conf.\n"
-    )
-    return head + conf_lines(roles)
-
-
 def mosquitto_mtls_listener(port: int, install_dir: str = BROKER_INSTALL_DIR) -> str:
     """Mosquitto's mutual-TLS listener: a client certificate from the fleet's CA is required,
     and its CN is the login (``use_identity_as_username``; no password is asked), so the ACL's
@@ -332,7 +319,7 @@ def render_broker(fleet_file: Path, *, ca: FleetCA | None = None, reissue: str |
     files[BROKER_PASSWD] = render_password_file(passwords).encode()
     files[BROKER_ACL] = acl.mosquitto_acl(roles).encode()
     files[BROKER_ROLES] = yaml.safe_dump(dict(sorted(roles.items())), sort_keys=False).encode()
-    files[BROKER_FLOOD_LIMIT_CONF] = mosquitto_flood_limit(roles).encode()
+    files[BROKER_FLOOD_LIMIT_CONF] = mosquitto_plugin.fleet_conf(roles).encode()
     if ca is not None and fleet.client_certificates is not None:
         try:
             settings = BrokerSettings.model_validate(fleet.broker)
