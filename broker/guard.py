@@ -56,6 +56,17 @@ def read_roles(path: Path | None) -> dict[str, Role]:
     return {str(k): v for k, v in data.items()}
 
 
+def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What tells a file changed (written in place or replaced): its inode, size and mtime."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _role_of(session: Session | None, roles: dict[str, Role]) -> tuple[str, Role] | None:
     if session is None or not session.username:
         return None
@@ -75,8 +86,27 @@ class FleetAuthPlugin(BaseAuthPlugin):
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
-        self._users = read_password_file(Path(self.config.password_file)) if self.config.password_file else {}
+        self._password_file = Path(self.config.password_file) if self.config.password_file else None
+        self._stamp = _file_stamp(self._password_file)
+        self._users = read_password_file(self._password_file) if self._password_file else {}
         self._roles = read_roles(Path(self.config.roles_file) if self.config.roles_file else None)
+
+    def _logins(self) -> dict[str, str]:
+        """The password file as it is now: read again when it changed since the last login (a
+        rotated password needs no restart, as Mosquitto's needs only ``kill -HUP``). A new file
+        that cannot be read is logged and the logins read before stay."""
+        path = self._password_file
+        if path is None:
+            return self._users
+        stamp = _file_stamp(path)
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._users = read_password_file(path)
+                log.info("embedded broker: %s read again (%d logins)", path, len(self._users))
+            except (OSError, ConfigError) as exc:
+                log.error("embedded broker: %s changed but cannot be read (%s); the logins read before stay", path, exc)
+        return self._users
 
     async def authenticate(self, *, session: Session) -> bool | None:
         if self.config.identity_from_certificate:
@@ -86,7 +116,7 @@ class FleetAuthPlugin(BaseAuthPlugin):
             log.warning("embedded broker: refused %s: no username (anonymous logins are off)", session.client_id)
             return False
         username, role = who
-        hashed = self._users.get(username)
+        hashed = self._logins().get(username)
         if hashed is None or not verify_password(session.password or "", hashed):
             log.warning("embedded broker: refused %s: bad username or password", session.client_id)
             return False

@@ -349,3 +349,26 @@ async def test_each_tool_run_has_a_client_id_of_its_own(fleet: Fleet) -> None:
         await asyncio.sleep(0.5)  # room for a knock-off and its reconnect to show
         assert bytes(got.payload) == b"from the other tool"
         assert watch.connects == 1 and config.connects == 1  # neither was knocked off
+
+
+async def test_the_embedded_broker_reads_a_rotated_password_file_without_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out, passwords = rendered_broker_files(tmp_path)
+    port = free_port()
+    async with EmbeddedBroker("127.0.0.1", port, auth=BrokerAuth(out / "passwd", out / "roles.yaml")):
+        fleet = Fleet("127.0.0.1", port, "amqtt", passwords)
+        assert await refused(fleet.client("cam-a")) is None
+        # cam-a's password rotated: the new file installed over the old one.
+        new = "rotated-" + passwords["cam-a"]
+        lines = (out / "passwd").read_text().splitlines()
+        rotated = [f"cam-a:{hash_password(new)}" if ln.startswith("cam-a:") else ln for ln in lines]
+        (out / "passwd").write_text("\n".join(rotated) + "\n")
+        assert await refused(fleet.client("cam-a")) is not None  # the old password
+        assert await refused(fleet.client("cam-a", password=new)) is None
+        assert await refused(fleet.client("cam-b")) is None  # everyone else as before
+        # A broken file is said and changes nothing: the logins read before stay.
+        (out / "passwd").write_text("cam-a:not-a-hash\n")
+        assert await refused(fleet.client("cam-b")) is None
+        assert await refused(fleet.client("cam-a", password=new)) is None
+        assert any("cannot be read" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
