@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from edgewire.config import OutboxSettings
 from edgewire.metrics import Meter
+from edgewire.ratelimit import TokenBucket
 from edgewire.session import MqttSession, NotConnected
 
 from .outbox import Outbox, QueuedEntry
@@ -28,22 +29,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 OnExpired = Callable[[list[QueuedEntry]], Awaitable[None]]
-
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: float | None = None) -> None:
-        self.rate = rate
-        self.capacity = burst if burst is not None else max(rate, 1.0)
-        self.tokens = self.capacity
-        self._last = time.monotonic()
-
-    def take(self, n: int) -> float:
-        """Take ``n`` tokens; returns the seconds to wait before they may be used."""
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self._last) * self.rate)
-        self._last = now
-        self.tokens -= n
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
 class Forwarder:
@@ -68,7 +53,9 @@ class Forwarder:
         self._io = io
         self._window = window
         self._on_sent = on_sent
-        self._bucket = TokenBucket(settings.replay_per_s)
+        # Its burst is one second of its rate, so normal traffic never waits.
+        rate = settings.replay_per_s
+        self._bucket = TokenBucket.full(rate, max(rate, 1.0), time.monotonic())
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -133,7 +120,7 @@ class Forwarder:
             if not items:
                 self._idle.set()
                 return
-            delay = self._bucket.take(len(items))
+            delay = self._bucket.pace(len(items), time.monotonic())
             if delay > 0:
                 await asyncio.sleep(delay)
             if self._on_sent is not None:
