@@ -38,7 +38,7 @@ from .connection import advertisement, device_session
 from .escalation import Escalations
 from .handoff import Workers, run_on
 from .inbox import Inbox
-from .judge import Judge
+from .judge import Judge, Verdicts
 from .local_results import LocalRows
 from .local_stream import LocalStream
 from .mode import DEGRADED, DeviceMode
@@ -268,11 +268,13 @@ class EdgeAgent:
         def feed() -> None:
             # Called whenever frames arrive or a batch is finished, so the workers are kept busy
             # without a task of their own to wake for every batch.
+            handed = False
             while len(running) < depth and (group := frames.take_now(self._max_batch)):
-                waiting = len(frames)
-                self.meter.set("queue_depth", waiting)
-                model = self._pick_model(waiting)
+                model = self._pick_model(len(frames))
                 running.append(run_on(self._executor, self._infer, group, model, together=together))
+                handed = True
+            if handed:
+                self.meter.set("queue_depth", len(frames))
 
         async def read_source() -> None:
             try:
@@ -351,15 +353,28 @@ class EdgeAgent:
         verdicts, results = batch.verdicts, batch.answers
         if verdicts is None or results is None or not len(verdicts):
             return
-        frames, meta, trace_ids = batch.frames, batch.model.meta, batch.trace_ids
         # Every frame is answered here at once unless it is hard and has the cloud to go to.
         completed = len(verdicts)
-        esc = self.escalations
+        if self.escalations is not None and verdicts.hard:
+            completed -= self._escalate_hard(batch, verdicts, results, self.escalations)
+        if verdicts.hard:
+            m.inc("frames_hard_total", len(verdicts.hard))
+        if completed:
+            m.inc("frames_completed_total", completed)
+        self._last_done = time.monotonic()
+        observe_answered_here(m, results)
+        await self._publish_local(session, results, stream)
+
+    def _escalate_hard(self, batch: Batch, verdicts: Verdicts, results: LocalRows, esc: Escalations) -> int:
+        """Send a batch's hard frames to the cloud, their rows changed to say so; returns how
+        many wait for the cloud's answer (the others are answered here, flagged degraded)."""
+        frames, meta, trace_ids = batch.frames, batch.model.meta, batch.trace_ids
+        waiting = 0
         for j in verdicts.hard:
             i = batch.ok[j]
             payload = batch.payloads.get(i)
-            if payload is None or esc is None:
-                continue  # nothing to send or nowhere to send it: answered here, flagged degraded
+            if payload is None:
+                continue  # nothing to send: answered here, flagged degraded
             frame = frames[i]
             task = Task(trace_id=trace_ids[j], seq=frame.seq, source_ref=frame.ref, created=frame.ts)
             task.prediction = verdicts.prediction(j)
@@ -369,7 +384,7 @@ class EdgeAgent:
             waits = esc.may_wait()
             if waits:
                 task.to(TaskState.PENDING_CLOUD)
-                completed -= 1
+                waiting += 1
             else:
                 # No link or no room: a hard case is answered here, flagged.
                 task.degraded = True
@@ -378,13 +393,7 @@ class EdgeAgent:
             results.put(j, result)
             if waits or esc.queues_offline:
                 esc.escalate(task, result, payload, frame.content_type)
-        if verdicts.hard:
-            m.inc("frames_hard_total", len(verdicts.hard))
-        if completed:
-            m.inc("frames_completed_total", completed)
-        self._last_done = time.monotonic()
-        observe_answered_here(m, results.rows)
-        await self._publish_local(session, results, stream)
+        return waiting
 
     def _local_result(self, task: Task, sharp: float | None) -> env.LocalResult:
         assert task.prediction is not None or task.detections is not None

@@ -38,7 +38,7 @@ class Verdict:
         return bool(self.reasons)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Verdicts:
     """A batch's verdicts as columns of plain Python values.
 
@@ -74,6 +74,9 @@ class Judge:
         self.labels = labels
         unknown = set(settings.unknown_labels)
         self._unknown_indices = frozenset(i for i, label in enumerate(labels) if label in unknown)
+        #: The thresholds in each probability dtype's own precision, as an array comparison
+        #: would take them: worked out once, not per batch.
+        self._thresholds: dict[np.dtype, tuple[float, float]] = {}
 
     @property
     def wants_sharpness(self) -> bool:
@@ -91,17 +94,22 @@ class Judge:
             raise ValueError(f"model gives {classes} classes but declares {len(self.labels)} labels")
         best, conf, margin = top2(probs)
         s = self.settings
-        # Thresholds in the probabilities' own precision, as an array comparison would take them.
-        cast = probs.dtype.type
-        min_conf, min_margin = float(cast(s.min_confidence)), float(cast(s.min_margin))
+        thresholds = self._thresholds.get(probs.dtype)
+        if thresholds is None:
+            cast = probs.dtype.type
+            thresholds = self._thresholds[probs.dtype] = (float(cast(s.min_confidence)), float(cast(s.min_margin)))
+        min_conf, min_margin = thresholds
         index, confidence, margins = best.tolist(), conf.tolist(), margin.tolist()
         # A batch is a handful of rows: plain Python over lists costs less than an array
         # operation per policy, and this runs on the workers while they hold the interpreter.
         unknown = self._unknown_indices
-        codes = [
-            (c < min_conf) | (m < min_margin) << 1 | (k in unknown) << 2
-            for c, m, k in zip(confidence, margins, index, strict=True)
-        ]
+        if unknown:
+            codes = [
+                (c < min_conf) | (m < min_margin) << 1 | (k in unknown) << 2
+                for c, m, k in zip(confidence, margins, index, strict=True)
+            ]
+        else:
+            codes = [(c < min_conf) | (m < min_margin) << 1 for c, m in zip(confidence, margins, strict=True)]
         sharp: list[float | None] = [None] * n if sharpness is None else list(sharpness)
         if s.min_sharpness is not None and sharpness is not None:
             limit = s.min_sharpness

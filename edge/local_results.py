@@ -9,12 +9,14 @@ escalation's note). A test pins the bytes to ``envelopes.encode`` of the same re
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import msgpack
 
 from edgewire import envelopes as env
+from edgewire.metrics import Counted, count_latencies
 
 from .judge import Verdicts
 from .sources import Frame
@@ -27,12 +29,15 @@ class LocalRows:
     """Outcomes of one batch in frame order, as rows; envelope objects are made on demand, and
     the rows' wire bytes once (:meth:`packed`, on a worker thread for the frame path)."""
 
-    __slots__ = ("_objects", "_packed", "rows")
+    __slots__ = ("_objects", "_packed", "counted", "rows")
 
     def __init__(self, rows: list[Row] | None = None) -> None:
         self.rows: list[Row] = rows if rows is not None else []
         self._objects: dict[int, env.LocalResult] = {}
         self._packed: bytes | None = None
+        #: The rows' latencies counted per bucket where they were made (all answered here),
+        #: until a row is replaced.
+        self.counted: Counted | None = None
 
     @classmethod
     def of(cls, results: list[env.LocalResult]) -> LocalRows:
@@ -48,6 +53,7 @@ class LocalRows:
         self._objects[i] = result
         self.rows[i] = result.model_dump(mode="python")
         self._packed = None
+        self.counted = None
 
     def envelopes(self) -> Iterator[env.LocalResult]:
         for i, row in enumerate(self.rows):
@@ -57,13 +63,25 @@ class LocalRows:
     def packed(self) -> bytes:
         """The rows' wire bytes, one after the other (the items of the ``results`` array)."""
         if self._packed is None:
-            whole = msgpack.packb(self.rows, use_bin_type=True)
+            whole = _packer().pack(self.rows)
             self._packed = whole[len(_array_header(len(self.rows))) :]
         return self._packed
 
     def encode(self, device_id: str) -> bytes:
         """The LocalResults payload, byte for byte what ``envelopes.encode`` gives."""
         return encode_packed(device_id, [self.packed()], len(self.rows))
+
+
+_PACKERS = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's packer: ``msgpack.packb`` sets up a new one (and its buffer) per call,
+    which on a worker is a good part of packing a batch's rows."""
+    packer: msgpack.Packer | None = getattr(_PACKERS, "packer", None)
+    if packer is None:
+        packer = _PACKERS.packer = msgpack.Packer(use_bin_type=True)
+    return packer
 
 
 def encode_packed(device_id: str, parts: list[bytes], count: int) -> bytes:
@@ -110,7 +128,8 @@ def answered_here(
     flagged degraded (it had no cloud to go to). ``frames[i]`` was judged ``verdicts[i]`` and
     is known by ``trace_ids[i]``."""
     v = verdicts
-    return LocalRows(
+    latencies = [(now - frame.ts) * 1000.0 for frame in frames]
+    rows = LocalRows(
         [
             {
                 "trace_id": trace_id,
@@ -127,11 +146,11 @@ def answered_here(
                 "model": model,
                 "version": version,
                 "degraded": bool(reasons),
-                "latency_ms": (now - frame.ts) * 1000.0,
+                "latency_ms": latency,
                 "late": False,
                 "hops": None,
             }
-            for frame, trace_id, label, index, conf, margin, reasons, sharp in zip(
+            for frame, trace_id, label, index, conf, margin, reasons, sharp, latency in zip(
                 frames,
                 trace_ids,
                 v.labels,
@@ -140,7 +159,10 @@ def answered_here(
                 v.margin,
                 v.reasons,
                 v.sharpness,
+                latencies,
                 strict=True,
             )
         ]
     )
+    rows.counted = count_latencies(latencies)
+    return rows

@@ -10,13 +10,13 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from edgewire import envelopes as env
 from edgewire import topics
 from edgewire.metrics import Meter
 from edgewire.session import MqttSession
 
+from .local_results import LocalRows
 from .machine import Machine
 
 
@@ -63,10 +63,13 @@ class AgentSummary:
         )
 
 
-def observe_answered_here(meter: Meter, rows: list[dict[str, Any]]) -> None:
+def observe_answered_here(meter: Meter, rows: LocalRows) -> None:
     """Latency of the frames a batch answered on the device (a frame waiting for the cloud is
     observed when its final outcome is made, as ``escalated``)."""
-    latencies = [row["latency_ms"] for row in rows if row["state"] == "COMPLETE"]
+    if rows.counted is not None:  # counted on the worker: every row answered here
+        meter.observe_counted("frame_latency_ms", rows.counted, path="local")
+        return
+    latencies = [row["latency_ms"] for row in rows.rows if row["state"] == "COMPLETE"]
     if latencies:
         meter.observe_many("frame_latency_ms", latencies, path="local")
 

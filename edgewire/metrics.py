@@ -100,6 +100,24 @@ def _family(name: str, kind: type[Any], labels: tuple[str, ...]) -> Any:
         return fam
 
 
+#: Latencies counted per bucket (by index, +Inf last) and their sum.
+Counted = tuple[dict[int, int], float]
+
+
+def count_latencies(values_ms: Iterable[float]) -> Counted:
+    """How many of ``values_ms`` fall in each latency bucket, and their sum: a batch of frames
+    is counted where its answers are made (a worker thread), and the event loop only adds the
+    counts (:meth:`Meter.observe_counted`)."""
+    added: dict[int, int] = {}
+    total = 0.0
+    bounds, where, get = LATENCY_BUCKETS_MS, bisect.bisect_left, added.get
+    for value in values_ms:
+        i = where(bounds, value)
+        added[i] = get(i, 0) + 1
+        total += value
+    return added, total
+
+
 class _Buckets:
     """A histogram's own copy of its counts, for telemetry (the Prometheus child keeps its own)."""
 
@@ -115,22 +133,13 @@ class _Buckets:
         self.sum += value
         self.count += 1
 
-    def add_many(self, values: Iterable[float]) -> tuple[dict[int, int], float]:
-        """Add every value; returns how many went into each bucket touched (by index), and
-        their sum."""
-        added: dict[int, int] = {}
-        total = 0.0
-        bounds, where, get = LATENCY_BUCKETS_MS, bisect.bisect_left, added.get
-        for value in values:
-            i = where(bounds, value)
-            added[i] = get(i, 0) + 1
-            total += value
+    def add_counted(self, counted: Counted) -> None:
+        added, total = counted
         counts = self.counts
         for i, count in added.items():
             counts[i] += count
             self.count += count
         self.sum += total
-        return added, total
 
     def quantile(self, q: float) -> float | None:
         """Prometheus' ``histogram_quantile``: linear within the bucket the rank falls in."""
@@ -186,9 +195,13 @@ class Meter:
 
     def observe_many(self, name: str, values_ms: Iterable[float], **labels: str) -> None:
         """Several latencies at once (a batch of frames): the same counts as observing each."""
+        self.observe_counted(name, count_latencies(values_ms), **labels)
+
+    def observe_counted(self, name: str, counted: Counted, **labels: str) -> None:
+        """Latencies already counted per bucket (:func:`count_latencies`)."""
         buckets, child = self._hslot(name, labels)
-        added, total = buckets.add_many(values_ms)
-        child.observe_counts(added, total)
+        buckets.add_counted(counted)
+        child.observe_counts(*counted)
 
     def _hslot(self, name: str, labels: dict[str, str]) -> tuple[_Buckets, _Histogram]:
         ident = (name, *labels.items())
