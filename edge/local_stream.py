@@ -58,17 +58,10 @@ class LocalStream:
 
     async def flush(self) -> None:
         """Send whatever rows wait, as one message."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        parts, count = self._parts, self._count
-        self._parts, self._count = [], 0
-        if not count:
-            return
-        self._last_sent = asyncio.get_running_loop().time()
-        self.messages += 1
-        # The session takes the message before the first await: messages leave in call order.
-        await self.window.publish(self.topic, encode_packed(self.device_id, parts, count), self.qos)
+        message = self._take()
+        if message is not None:
+            # The session takes the message before the first await: messages leave in call order.
+            await self.window.publish(self.topic, message, self.qos)
 
     async def drain(self) -> None:
         """Send what waits and wait until every message is written (or lost with the link)."""
@@ -77,6 +70,22 @@ class LocalStream:
             await self._timed
         await self.window.drain()
 
+    def _take(self) -> bytes | None:
+        """The waiting rows as one message, counted as sent; None when none wait."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        parts, count = self._parts, self._count
+        self._parts, self._count = [], 0
+        if not count:
+            return None
+        self._last_sent = asyncio.get_running_loop().time()
+        self.messages += 1
+        return encode_packed(self.device_id, parts, count)
+
     def _on_due(self) -> None:
         self._timer = None
-        self._timed = asyncio.ensure_future(self.flush())
+        message = self._take()
+        if message is not None and not self.window.offer(self.topic, message, self.qos):
+            # The link is down: the session's own rules (wait, or drop and count) apply.
+            self._timed = asyncio.ensure_future(self.window.publish(self.topic, message, self.qos))

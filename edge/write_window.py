@@ -30,25 +30,31 @@ class WriteWindow:
 
     async def publish(self, topic: str, payload: bytes, qos: int) -> None:
         """Publish as ``MqttSession.publish`` does, returning once the window has room."""
+        if self.offer(topic, payload, qos):
+            while len(self._unwritten) > self.size:
+                with contextlib.suppress(Exception):  # counted by _written
+                    await self._unwritten[0]
+                self._unwritten.popleft()
+            return
+        await self.session.publish(topic, payload, qos=qos)  # the session's own rules when down
+
+    def offer(self, topic: str, payload: bytes, qos: int) -> bool:
+        """Hand the message over without waiting, if the link is up (False: nothing was done).
+        The window may be over full afterwards: :meth:`publish` waits for room, a caller that
+        cannot wait (a timer) lets the next publish do it."""
         session = self.session
         if not session.connected:
-            # Dropped and counted at QoS 0, waited for at QoS 1: the session's own rules.
-            await session.publish(topic, payload, qos=qos)
-            return
+            return False
         try:
             written = session.publish_soon(topic, payload, qos=qos)
         except NotConnected:
-            await session.publish(topic, payload, qos=qos)
-            return
+            return False
         written.add_done_callback(self._written)
         unwritten = self._unwritten
         unwritten.append(written)
         while unwritten and unwritten[0].done():
             unwritten.popleft()
-        while len(unwritten) > self.size:
-            with contextlib.suppress(Exception):  # counted by _written
-                await unwritten[0]
-            unwritten.popleft()
+        return True
 
     async def drain(self) -> None:
         """Wait until every message handed over is written (or lost with the link)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -104,18 +104,22 @@ def _family(name: str, kind: type[Any], labels: tuple[str, ...]) -> Any:
 Counted = tuple[dict[int, int], float]
 
 
-def count_latencies(values_ms: Iterable[float]) -> Counted:
+def count_latencies(values_ms: Sequence[float]) -> Counted:
     """How many of ``values_ms`` fall in each latency bucket, and their sum: a batch of frames
     is counted where its answers are made (a worker thread), and the event loop only adds the
     counts (:meth:`Meter.observe_counted`)."""
+    if not values_ms:
+        return {}, 0.0
+    bounds, where = LATENCY_BUCKETS_MS, bisect.bisect_left
+    low = where(bounds, min(values_ms))
+    if low == where(bounds, max(values_ms)):  # a batch's frames mostly share one bucket
+        return {low: len(values_ms)}, sum(values_ms)
     added: dict[int, int] = {}
-    total = 0.0
-    bounds, where, get = LATENCY_BUCKETS_MS, bisect.bisect_left, added.get
+    get = added.get
     for value in values_ms:
         i = where(bounds, value)
         added[i] = get(i, 0) + 1
-        total += value
-    return added, total
+    return added, sum(values_ms)
 
 
 class _Buckets:
@@ -195,7 +199,7 @@ class Meter:
 
     def observe_many(self, name: str, values_ms: Iterable[float], **labels: str) -> None:
         """Several latencies at once (a batch of frames): the same counts as observing each."""
-        self.observe_counted(name, count_latencies(values_ms), **labels)
+        self.observe_counted(name, count_latencies(list(values_ms)), **labels)
 
     def observe_counted(self, name: str, counted: Counted, **labels: str) -> None:
         """Latencies already counted per bucket (:func:`count_latencies`)."""

@@ -25,7 +25,9 @@ def test_observe_many_equals_observing_each() -> None:
     for v in values:
         one.observe("frame_latency_ms", v, path="local")
     many.observe_many("frame_latency_ms", values[:7], path="local")
-    many.observe_many("frame_latency_ms", values[7:], path="local")
+    many.observe_many("frame_latency_ms", values[7:-5], path="local")
+    many.observe_many("frame_latency_ms", values[-5:-2], path="local")  # all in one bucket
+    many.observe_many("frame_latency_ms", values[-2:], path="local")
 
     def mine(meter: Meter) -> dict[str, float]:
         return {k.replace(meter.client_id, ""): v for k, v in meter.snapshot().items()}
