@@ -22,8 +22,43 @@ from edgewire.metrics import Counted, count_latencies
 from .judge import Verdicts
 from .sources import Frame
 
-#: The rows' wire form: ``LocalResult.model_dump(mode="python")``.
-Row = dict[str, Any]
+
+class _Prediction(msgspec.Struct):
+    label: str
+    class_index: int
+    confidence: float
+    margin: float
+
+
+class Answer(msgspec.Struct):
+    """A frame answered on the device at once, as its row: LocalResult's fields, in its order,
+    so that it packs to the same bytes as the envelope's dump. Made in a fraction of the time
+    of a dict with the same keys (no keys to hash, no validation)."""
+
+    trace_id: str
+    device_id: str
+    seq: int
+    source_ref: str
+    ts: float
+    state: str
+    answered_by: str
+    prediction: _Prediction
+    detections: None
+    reasons: list[str]
+    sharpness: float | None
+    model: str
+    version: str
+    degraded: bool
+    latency_ms: float
+    late: bool
+    hops: None
+
+
+if Answer.__struct_fields__ != tuple(env.LocalResult.model_fields):
+    raise ImportError("edge.local_results.Answer must list LocalResult's fields in LocalResult's order")
+
+#: A row in its wire form: ``LocalResult.model_dump(mode="python")``, or a frame answered here.
+Row = dict[str, Any] | Answer
 
 
 class LocalRows:
@@ -59,7 +94,11 @@ class LocalRows:
     def envelopes(self) -> Iterator[env.LocalResult]:
         for i, row in enumerate(self.rows):
             result = self._objects.get(i)
-            yield result if result is not None else _envelope(row)
+            yield result if result is not None else _envelope(_plain(row))
+
+    def dicts(self) -> list[dict[str, Any]]:
+        """The rows as ``LocalResult.model_dump(mode="python")`` gives them."""
+        return [_plain(row) for row in self.rows]
 
     def packed(self) -> bytes:
         """The rows' wire bytes, one after the other (the items of the ``results`` array)."""
@@ -104,7 +143,15 @@ def _array_header(count: int) -> bytes:
     return b"\xdd" + count.to_bytes(4, "big")
 
 
-def _envelope(row: Row) -> env.LocalResult:
+def _plain(row: Row) -> dict[str, Any]:
+    if isinstance(row, dict):
+        return row
+    plain = msgspec.structs.asdict(row)
+    plain["prediction"] = msgspec.structs.asdict(row.prediction)
+    return plain
+
+
+def _envelope(row: dict[str, Any]) -> env.LocalResult:
     """Rows are built by the device from its own values, so they are not validated again."""
     prediction = row.get("prediction")
     detections = row.get("detections")
@@ -134,25 +181,25 @@ def answered_here(
     latencies = [(now - frame.ts) * 1000.0 for frame in frames]
     rows = LocalRows(
         [
-            {
-                "trace_id": trace_id,
-                "device_id": device_id,
-                "seq": frame.seq,
-                "source_ref": frame.ref,
-                "ts": frame.ts,
-                "state": "COMPLETE",
-                "answered_by": "edge",
-                "prediction": {"label": label, "class_index": index, "confidence": conf, "margin": margin},
-                "detections": None,
-                "reasons": list(reasons),
-                "sharpness": sharp,
-                "model": model,
-                "version": version,
-                "degraded": bool(reasons),
-                "latency_ms": latency,
-                "late": False,
-                "hops": None,
-            }
+            Answer(
+                trace_id,
+                device_id,
+                frame.seq,
+                frame.ref,
+                frame.ts,
+                "COMPLETE",
+                "edge",
+                _Prediction(label, index, conf, margin),
+                None,
+                list(reasons),
+                sharp,
+                model,
+                version,
+                bool(reasons),
+                latency,
+                False,
+                None,
+            )
             for frame, trace_id, label, index, conf, margin, reasons, sharp, latency in zip(
                 frames,
                 trace_ids,

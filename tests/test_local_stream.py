@@ -104,4 +104,4 @@ async def test_zero_interval_sends_every_batch(broker: BrokerHandle) -> None:
 def test_rows_pack_as_the_envelope_does() -> None:
     rows = _rows(0, 3)
     packed = msgpack.unpackb(rows.encode("stream-dev"))
-    assert packed["results"] == rows.rows
+    assert packed["results"] == rows.dicts()
