@@ -2,9 +2,12 @@
 
 Every frame the device answers becomes one LocalResult on its ``local`` topic. Validating and
 dumping a pydantic model per frame costs more than decoding the frame's 8x8 input, so the frame
-path builds the plain dicts ``envelopes.encode`` would produce and packs them itself; the
-envelope objects are made only for whoever asks for them (an ``on_result`` hook, an
-escalation's note). A test pins the bytes to ``envelopes.encode`` of the same results.
+path makes each answer a row (:class:`Answer`, a msgspec Struct with LocalResult's fields) and
+packs the rows itself on the inference thread; the envelope objects are made only for whoever
+asks for them (an ``on_result`` hook, an escalation's note). Building and packing a batch's rows
+holds the interpreter, and every microsecond of it is one the other worker may wait for: as
+dicts packed by msgpack it took about 26 us for sixteen frames, as Structs packed by msgspec
+about 12 us. A test pins the bytes to ``envelopes.encode`` of the same results.
 """
 
 from __future__ import annotations
