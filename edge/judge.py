@@ -103,13 +103,10 @@ class Judge:
         # A batch is a handful of rows: plain Python over lists costs less than an array
         # operation per policy, and this runs on the workers while they hold the interpreter.
         unknown = self._unknown_indices
-        if unknown:
-            codes = [
-                (c < min_conf) | (m < min_margin) << 1 | (k in unknown) << 2
-                for c, m, k in zip(confidence, margins, index, strict=True)
-            ]
-        else:
-            codes = [(c < min_conf) | (m < min_margin) << 1 for c, m in zip(confidence, margins, strict=True)]
+        codes = [
+            (c < min_conf) | (m < min_margin) << 1 | (k in unknown) << 2
+            for c, m, k in zip(confidence, margins, index, strict=True)
+        ]
         sharp: list[float | None] = [None] * n if sharpness is None else list(sharpness)
         if s.min_sharpness is not None and sharpness is not None:
             limit = s.min_sharpness

@@ -99,6 +99,15 @@ class LocalRows:
             result = self._objects.get(i)
             yield result if result is not None else _envelope(_plain(row))
 
+    def completed_latencies(self) -> list[float]:
+        """``latency_ms`` of the rows whose state is COMPLETE (every :class:`Answer` is), read
+        in place: this runs on the event loop for a batch whose rows an escalation changed."""
+        return [
+            row.latency_ms if isinstance(row, Answer) else row["latency_ms"]
+            for row in self.rows
+            if isinstance(row, Answer) or row["state"] == "COMPLETE"
+        ]
+
     def dicts(self) -> list[dict[str, Any]]:
         """The rows as ``LocalResult.model_dump(mode="python")`` gives them."""
         return [_plain(row) for row in self.rows]
@@ -119,10 +128,10 @@ _ENCODERS = threading.local()
 
 
 def _encoder() -> msgspec.msgpack.Encoder:
-    """This thread's encoder. The rows are plain dicts, str keys and str, int, float, bool and
-    None values, which msgspec packs to the same bytes as msgpack (smallest integer and string
-    forms, 64-bit floats) in a third of the time: on a worker that holds the interpreter while
-    it packs, that time is taken from the other worker too."""
+    """This thread's encoder. The rows (:class:`Answer` Structs, or an envelope's dump) hold
+    str, int, float, bool and None values, which msgspec packs to the same bytes as msgpack
+    (smallest integer and string forms, 64-bit floats) in a fraction of the time: on a worker
+    that holds the interpreter while it packs, that time is taken from the other worker too."""
     encoder: msgspec.msgpack.Encoder | None = getattr(_ENCODERS, "encoder", None)
     if encoder is None:
         encoder = _ENCODERS.encoder = msgspec.msgpack.Encoder()

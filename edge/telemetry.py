@@ -69,7 +69,7 @@ def observe_answered_here(meter: Meter, rows: LocalRows) -> None:
     if rows.counted is not None:  # counted on the worker: every row answered here
         meter.observe_counted("frame_latency_ms", rows.counted, path="local")
         return
-    latencies = [row["latency_ms"] for row in rows.dicts() if row["state"] == "COMPLETE"]
+    latencies = rows.completed_latencies()
     if latencies:
         meter.observe_many("frame_latency_ms", latencies, path="local")
 

@@ -92,6 +92,10 @@ def test_envelopes_put_in_place_of_a_row_keep_frame_order_and_travel_as_they_are
     assert envelopes[1] is waiting
     assert envelopes == want
     assert rows.encode("cam-01") == env.encode(env.LocalResults(device_id="cam-01", results=want))
+    # Latencies count the rows complete here, not the one waiting for the cloud.
+    assert rows.counted is None
+    assert rows.completed_latencies() == [r.latency_ms for r in want if r.state == "COMPLETE"]
+    assert len(rows.completed_latencies()) == 3
 
 
 def test_rows_of_envelopes_encode_as_the_envelope_and_give_them_back() -> None:
