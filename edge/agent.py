@@ -45,7 +45,7 @@ from .mode import DEGRADED, DeviceMode
 from .model_updater import ModelUpdater
 from .object_frames import ObjectFrames
 from .remote_config import RemoteConfig
-from .sources import Frame, QueueSource, chunks, open_source
+from .sources import FolderSource, Frame, QueueSource, chunks, open_source
 from .state import DeviceState
 from .tasks import Task, TaskState
 from .telemetry import AgentSummary, observe_answered_here, publish_telemetry, report_every
@@ -265,11 +265,40 @@ class EdgeAgent:
         together = depth - self._workers
         limit = self.config.source.max_frames
 
+        # A folder read at full speed has every frame there at once: they are taken as room
+        # frees up (refill), with no reader task to wake for every chunk.
+        instant = self.source if isinstance(self.source, FolderSource) and self.source.instant else None
+        taken = 0
+
+        def refill(source: FolderSource) -> None:
+            nonlocal taken
+            if stop.is_set():
+                frames.close()
+                return
+            room = frames.limit - len(frames) if limit is None else min(frames.limit - len(frames), limit - taken)
+            if room <= 0:
+                if limit is not None and taken >= limit:
+                    frames.close()
+                return
+            chunk = source.take(room)
+            if not chunk:
+                frames.close()
+                return
+            if self._first_frame is None:
+                self._first_frame = time.monotonic()
+            frames.put_now(chunk)
+            taken += len(chunk)
+
         def feed() -> None:
             # Called whenever frames arrive or a batch is finished, so the workers are kept busy
             # without a task of their own to wake for every batch.
             handed = False
-            while len(running) < depth and (group := frames.take_now(self._max_batch)):
+            while len(running) < depth:
+                if instant is not None and not frames.closed:
+                    refill(instant)
+                group = frames.take_now(self._max_batch)
+                if not group:
+                    break
                 model = self._pick_model(len(frames))
                 running.append(run_on(self._executor, self._infer, group, model, together=together))
                 handed = True
@@ -317,13 +346,14 @@ class EdgeAgent:
                     await frames.arrival()
             await stream.drain()
 
-        reader = asyncio.create_task(read_source(), name="source")
+        reader = asyncio.create_task(read_source(), name="source") if instant is None else None
         try:
             await finish()
         finally:
             for unfinished in running:
                 unfinished.cancel()
-            await cancel_and_wait(reader)
+            if reader is not None:
+                await cancel_and_wait(reader)
 
     def _pick_model(self, waiting: int) -> ActiveModel:
         """The lighter fallback serves while degraded and the frame queue is half full or more."""

@@ -106,6 +106,8 @@ class FolderSource:
         self._entries = [
             (path, path.name, "image/png" if path.suffix.lower() == ".png" else "image/jpeg") for path in self.files
         ]
+        #: Sequence number of the next frame :meth:`take` hands out.
+        self._next = 0
 
     async def __aiter__(self) -> AsyncIterator[Frame]:
         pacer = Pacer(self.settings.fps)
@@ -123,27 +125,38 @@ class FolderSource:
             if not self.settings.loop:
                 return
 
+    @property
+    def instant(self) -> bool:
+        """Read at full speed, every frame is there at once: the pipeline takes frames with
+        :meth:`take` whenever it has room for work, with no reader to wake for them."""
+        return self.settings.fps <= 0
+
+    def take(self, most: int) -> list[Frame]:
+        """The next frames, up to ``most``, without waiting (one read time for all of them);
+        empty once a folder that is not looped is done. Shares its place with :meth:`chunks`."""
+        entries, count, seq = self._entries, len(self._entries), self._next
+        n = most if self.settings.loop else min(most, count - seq)
+        if n <= 0:
+            return []
+        self._next = seq + n
+        ts = time.time()
+        frames = []
+        for s in range(seq, seq + n):
+            path, name, ctype = entries[s % count]
+            frames.append(Frame(s, name, ts, path, None, None, ctype))
+        return frames
+
     async def chunks(self, most: int) -> AsyncIterator[list[Frame]]:
-        """The same frames as iterating, up to ``most`` at a time when not paced (one read
-        time for a chunk: its frames are all there at once)."""
-        if self.settings.fps > 0:
+        """The same frames as iterating, up to ``most`` at a time when not paced."""
+        if not self.instant:
             async for frame in self:
                 yield [frame]
             return
-        entries, count = self._entries, len(self._entries)
-        end = None if self.settings.loop else count
-        seq = breath = 0
-        while end is None or seq < end:
-            n = most if end is None else min(most, end - seq)
-            ts = time.time()
-            chunk = []
-            for s in range(seq, seq + n):
-                path, name, ctype = entries[s % count]
-                chunk.append(Frame(s, name, ts, path, None, None, ctype))
-            seq += n
+        breath = self._next
+        while chunk := self.take(most):
             yield chunk
-            if seq - breath >= 64:
-                breath = seq
+            if self._next - breath >= 64:
+                breath = self._next
                 await asyncio.sleep(0)  # let the rest of the loop breathe at full speed
 
 

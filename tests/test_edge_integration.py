@@ -178,6 +178,33 @@ async def test_device_keeps_answering_without_a_broker(demo: DemoArtifacts) -> N
     assert agent.meter.total("publish_dropped_total") >= 1  # result batches that had no broker
 
 
+async def test_endless_folder_at_full_speed_stops_when_told(demo: DemoArtifacts) -> None:
+    """Frames of a folder read at full speed are taken as the workers have room (no reader
+    task): stopping ends the run, and every frame taken was answered, in order, once."""
+    cfg = device_config(demo, f"mqtt://127.0.0.1:{free_port()}", max_frames=None, loop=True)
+    cfg.broker.startup_wait_s = 0.2
+    seen: list[env.LocalResult] = []
+    enough = asyncio.Event()
+
+    def answered(result: env.LocalResult) -> None:
+        seen.append(result)
+        if len(seen) >= 500:
+            enough.set()
+
+    agent = EdgeAgent(cfg, on_result=answered)
+    run = asyncio.create_task(agent.run())
+    try:
+        await asyncio.wait_for(enough.wait(), 60)
+        agent.stop()
+        summary = await asyncio.wait_for(run, 30)
+    finally:
+        agent.stop()
+        await asyncio.gather(run, return_exceptions=True)
+    assert len(seen) >= 500
+    assert [r.seq for r in seen] == list(range(len(seen)))
+    assert summary.completed == len(seen) and summary.failed == 0
+
+
 async def test_session_reconnects_and_republishes_birth(demo: DemoArtifacts, tmp_path: Path) -> None:
     from .conftest import Mosquitto
 

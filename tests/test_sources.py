@@ -274,3 +274,21 @@ async def test_any_async_iterable_of_frames_is_read_one_frame_a_chunk() -> None:
 
     chunked = await collect_chunks(Plain(), 16)
     assert [[f.ref for f in c] for c in chunked] == [["p0"], ["p1"], ["p2"]]
+
+
+def test_folder_take_hands_out_frames_at_once_and_ends_with_an_unlooped_folder(tmp_path: Path) -> None:
+    source = folder_source(image_folder(tmp_path))
+    assert source.instant
+    first, rest, after = source.take(2), source.take(5), source.take(5)
+    assert [f.seq for f in first] == [0, 1] and [f.seq for f in rest] == [2]
+    assert after == []
+    assert [f.ref for f in first + rest] == sorted(p.name for p in source.files)
+
+
+def test_looped_folder_take_wraps_and_a_paced_folder_is_not_instant(tmp_path: Path) -> None:
+    folder = image_folder(tmp_path)
+    looped = folder_source(folder, loop=True)
+    frames = looped.take(7)
+    assert [f.seq for f in frames] == list(range(7))
+    assert [f.ref for f in frames[3:6]] == [f.ref for f in frames[:3]]
+    assert not folder_source(folder, fps=30.0).instant
