@@ -119,6 +119,27 @@ async def test_bursts_soon_and_retained_messages(path: str, broker: BrokerHandle
         assert observed(await take(late.messages(), 1, 10)) == [("kept/state", b"retained", 1, True)]
 
 
+async def test_a_lone_qos0_message_is_written_at_once_and_a_queued_one_keeps_its_place(
+    path: str, mosquitto: Mosquitto
+) -> None:
+    """The fast path writes a QoS 0 message with nothing queued ahead straight to the socket (its
+    wait is over before the loop runs again); a message larger than the socket takes at once is
+    finished by paho's writer, and the ones after it wait their turn behind it, on either path."""
+    handle = BrokerHandle("mosquitto", "127.0.0.1", mosquitto.port)
+    big = os.urandom(8 << 20)  # more than a loopback socket's send buffer
+    async with subscribed_pair(path, handle, "lone", "lone/#") as (rx, tx):
+        lone = tx.publish_soon("lone/a", b"first", qos=0)
+        assert lone.done() is (path == "fast")
+        large = tx.publish_soon("lone/b", big, qos=0)
+        behind = [tx.publish_soon(f"lone/c{i}", b"after %d" % i, qos=i % 2) for i in range(3)]
+        assert not behind[0].done()  # not written ahead of the rest of the large one
+        await asyncio.wait_for(asyncio.gather(lone, large, *behind), 30)
+        got = await take(rx.messages(), 5)
+    expected = [("lone/a", b"first", 0, False), ("lone/b", big, 0, False)]
+    expected += [(f"lone/c{i}", b"after %d" % i, i % 2, False) for i in range(3)]
+    assert observed(got) == expected
+
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_away_persistent_session_gets_what_was_published_meanwhile(
     path: str, mosquitto: Mosquitto, protocol: MqttVersion
