@@ -257,52 +257,52 @@ class EdgeAgent:
         stop = self._stop
         frames = Backlog(self.config.pipeline.queue_size)
         # Batches handed to the workers and not yet finished, oldest first: per worker the one it
-        # runs and the one it takes next, plus two more. The loop is woken for all of them but one
-        # per worker (see handoff): each worker still has a batch to run while the loop finishes
-        # the others and hands out more.
+        # runs, the one it takes next and two more, plus two. The loop is woken for all of them but
+        # one per worker (see handoff): each worker still has a batch to run while the loop
+        # finishes the others and hands out more. Every wake-up of the loop costs it a cold start
+        # on a core the workers were using, so it is woken once per several batches.
         running: deque[asyncio.Future[Batch]] = deque()
-        depth = 2 * self._workers + 2
+        depth = 4 * self._workers + 2
         together = depth - self._workers
         limit = self.config.source.max_frames
 
-        # A folder read at full speed has every frame there at once: they are taken as room
-        # frees up (refill), with no reader task to wake for every chunk.
+        # A folder read at full speed has every frame there at once: batches are taken from it
+        # as the workers have room, with no reader task to wake and no backlog to pass through.
+        # It is always a full backlog behind (what the fallback model and queue_depth go by).
         instant = self.source if isinstance(self.source, FolderSource) and self.source.instant else None
         taken = 0
 
-        def refill(source: FolderSource) -> None:
+        def take_instant(source: FolderSource) -> list[Frame]:
             nonlocal taken
-            if stop.is_set():
-                frames.close()
-                return
-            room = frames.limit - len(frames) if limit is None else min(frames.limit - len(frames), limit - taken)
-            if room <= 0:
-                if limit is not None and taken >= limit:
-                    frames.close()
-                return
-            chunk = source.take(room)
-            if not chunk:
-                frames.close()
-                return
+            most = self._max_batch if limit is None else min(self._max_batch, limit - taken)
+            group = source.take(most) if most > 0 and not stop.is_set() else []
+            if not group:
+                frames.close()  # the folder is done: the loop ends once the batches in flight are
+                return group
             if self._first_frame is None:
                 self._first_frame = time.monotonic()
-            frames.put_now(chunk)
-            taken += len(chunk)
+            taken += len(group)
+            return group
 
         def feed() -> None:
             # Called whenever frames arrive or a batch is finished, so the workers are kept busy
             # without a task of their own to wake for every batch.
             handed = False
             while len(running) < depth:
-                if instant is not None and not frames.closed:
-                    refill(instant)
-                group = frames.take_now(self._max_batch)
+                if instant is None:
+                    group = frames.take_now(self._max_batch)
+                    waiting = len(frames)
+                elif frames.closed:
+                    break
+                else:
+                    group = take_instant(instant)
+                    waiting = frames.limit
                 if not group:
                     break
-                model = self._pick_model(len(frames))
+                model = self._pick_model(waiting)
                 running.append(run_on(self._executor, self._infer, group, model, together=together))
                 handed = True
-            if handed:
+            if handed and instant is None:
                 self.meter.set("queue_depth", len(frames))
 
         async def read_source() -> None:
@@ -346,7 +346,11 @@ class EdgeAgent:
                     await frames.arrival()
             await stream.drain()
 
-        reader = asyncio.create_task(read_source(), name="source") if instant is None else None
+        if instant is None:
+            reader: asyncio.Task[None] | None = asyncio.create_task(read_source(), name="source")
+        else:
+            reader = None
+            self.meter.set("queue_depth", frames.limit)
         try:
             await finish()
         finally:

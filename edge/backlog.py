@@ -42,12 +42,6 @@ class Backlog:
         if frames and not self._arrived.is_set():
             self._arrived.set()
 
-    def put_now(self, frames: list[Frame]) -> None:
-        """Add frames in order at once, for a source that only puts what fits (no waiting)."""
-        self._frames.extend(frames)
-        if frames and not self._arrived.is_set():
-            self._arrived.set()
-
     def close(self) -> None:
         """No more frames: the taker gets what is queued, then an empty batch."""
         self._closed = True

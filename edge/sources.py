@@ -14,9 +14,9 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 from edgewire.config import SourceSettings
@@ -29,8 +29,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 WIRE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
-@dataclass(slots=True)
-class Frame:
+class Frame(msgspec.Struct):
+    """One frame as a source hands it over: a Struct, made in a third of a dataclass's time
+    (a folder read at full speed makes thousands a second on the event loop)."""
+
     seq: int
     ref: str
     ts: float
