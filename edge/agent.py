@@ -337,9 +337,11 @@ class EdgeAgent:
             while True:
                 feed()
                 if running:
-                    batch = await running[0]
-                    running.popleft()
-                    await self._finish(session, batch, stream)
+                    await running[0]
+                    done = [running.popleft().result()]
+                    while running and running[0].done():
+                        done.append(running.popleft().result())
+                    await self._finish(session, done, stream)
                 elif frames.drained:
                     break
                 else:
@@ -370,34 +372,42 @@ class EdgeAgent:
         """Runs on a worker thread, under the settings of the moment (they may change over the air)."""
         return work_batch(group, model, self.config, self.object_frames)
 
-    async def _finish(self, session: MqttSession, batch: Batch, stream: LocalStream | None = None) -> None:
+    async def _finish(self, session: MqttSession, batches: list[Batch], stream: LocalStream | None = None) -> None:
+        """Finish batches in frame order: those the workers had done when the loop woke, their
+        counters added up once for all of them."""
         m = self.meter
-        m.inc("frames_total", len(batch.frames))
-        for i, reason in batch.failures.items():
-            m.inc("frames_failed_total", reason=reason)
-            log.warning("%s: frame %s skipped: %s failed", self.config.device_id, batch.frames[i].ref, reason)
-        if self.updater is not None:
-            self.updater.observe(batch.model.meta.version, len(batch.ok), len(batch.failures), batch.infer_s)
-        if batch.objects is not None:
-            results = self.object_frames.finish(batch.frames, batch.ok, batch.objects, batch.model.meta)
-            if results:
-                self._last_done = time.monotonic()
-                await self._publish_local(session, results, stream)
-            return
-        verdicts, results = batch.verdicts, batch.answers
-        if verdicts is None or results is None or not len(verdicts):
-            return
-        # Every frame is answered here at once unless it is hard and has the cloud to go to.
-        completed = len(verdicts)
-        if self.escalations is not None and verdicts.hard:
-            completed -= self._escalate_hard(batch, verdicts, results, self.escalations)
-        if verdicts.hard:
-            m.inc("frames_hard_total", len(verdicts.hard))
+        total = completed = hard = 0
+        for batch in batches:
+            total += len(batch.frames)
+            for i, reason in batch.failures.items():
+                m.inc("frames_failed_total", reason=reason)
+                log.warning("%s: frame %s skipped: %s failed", self.config.device_id, batch.frames[i].ref, reason)
+            if self.updater is not None:
+                self.updater.observe(batch.model.meta.version, len(batch.ok), len(batch.failures), batch.infer_s)
+            if batch.objects is not None:
+                results = self.object_frames.finish(batch.frames, batch.ok, batch.objects, batch.model.meta)
+                if results:
+                    self._last_done = time.monotonic()
+                    await self._publish_local(session, results, stream)
+                continue
+            verdicts, rows = batch.verdicts, batch.answers
+            if verdicts is None or rows is None or not len(verdicts):
+                continue
+            # Every frame is answered here at once unless it is hard and has the cloud to go to.
+            answered = len(verdicts)
+            if verdicts.hard:
+                hard += len(verdicts.hard)
+                if self.escalations is not None:
+                    answered -= self._escalate_hard(batch, verdicts, rows, self.escalations)
+            completed += answered
+            self._last_done = time.monotonic()
+            observe_answered_here(m, rows)
+            await self._publish_local(session, rows, stream)
+        m.inc("frames_total", total)
+        if hard:
+            m.inc("frames_hard_total", hard)
         if completed:
             m.inc("frames_completed_total", completed)
-        self._last_done = time.monotonic()
-        observe_answered_here(m, results)
-        await self._publish_local(session, results, stream)
 
     def _escalate_hard(self, batch: Batch, verdicts: Verdicts, results: LocalRows, esc: Escalations) -> int:
         """Send a batch's hard frames to the cloud, their rows changed to say so; returns how
