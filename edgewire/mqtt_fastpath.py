@@ -3,11 +3,12 @@
 The session's throughput rests on a few patches to one aiomqtt client's paho client: writes
 gathered into one send, reads taken in large chunks, the common PUBLISH and PUBACK decoded
 without paho's general path, a lean QoS 1 publish, a QoS 0 publish written at once when nothing
-waits ahead of it, and acknowledgement waits that cost one future each. They reach into private names that change between releases, so :func:`install`
-applies them only to the paho-mqtt and aiomqtt minor versions they were tested against, and not
-at all when ``EDGEWIRE_MQTT_FASTPATH=0``; otherwise it returns None and the session runs on
-aiomqtt's public API alone, which must behave the same (tests/test_session_paths.py runs the
-same traffic through both).
+waits ahead of it, and acknowledgement waits that cost one future each. They reach into private
+names that change between releases, so :func:`install` applies them only to the paho-mqtt and
+aiomqtt minor versions they were tested against, and not at all when
+``EDGEWIRE_MQTT_FASTPATH=0``; otherwise it returns None and the session runs on aiomqtt's public
+API alone, which must behave the same (tests/test_session_paths.py runs the same traffic
+through both).
 """
 
 from __future__ import annotations
