@@ -150,22 +150,33 @@ def test_trace_ids_are_random_valid_topic_levels() -> None:
 
 def test_trace_ids_never_repeat_across_reads_or_a_fork() -> None:
     """Ids are read ahead in bulk; a batch never gets one twice, and a forked child reads its
-    own rather than the parent's unread ones."""
-    import os
+    own rather than the parent's unread ones. The fork happens in a fresh interpreter: forking
+    this one, whose earlier tests left threads running (gRPC's among them), is not safe."""
+    import subprocess
+    import sys
 
     from edgewire.edge.tasks import new_trace_ids
 
     ids = [i for _ in range(100) for i in new_trace_ids(16)] + new_trace_ids(700)
     assert len(set(ids)) == len(ids) == 2300
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its next ids, to the parent
-        os.close(read)
-        os.write(write, "".join(new_trace_ids(4)).encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        child = pipe.read()
-    os.waitpid(pid, 0)
-    mine = new_trace_ids(4)
-    assert len(child) == 4 * 32 and not {child[i : i + 32] for i in range(0, 128, 32)} & set(mine)
+    script = """
+import os
+from edgewire.edge.tasks import new_trace_ids
+new_trace_ids(16)  # the parent has ids read ahead, unread
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:  # the child: its next ids, to the parent
+    os.close(read)
+    os.write(write, "".join(new_trace_ids(4)).encode())
+    os._exit(0)
+os.close(write)
+with os.fdopen(read) as pipe:
+    child = pipe.read()
+os.waitpid(pid, 0)
+print(child, "".join(new_trace_ids(4)))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    child, mine = run.stdout.split()
+    theirs, ours = ({ids[i : i + 32] for i in range(0, 128, 32)} for ids in (child, mine))
+    assert len(child) == len(mine) == 4 * 32 and len(theirs) == len(ours) == 4
+    assert not theirs & ours
