@@ -370,7 +370,7 @@ class EdgeAgent:
 
     def _infer(self, group: list[Frame], model: ActiveModel) -> Batch:
         """Runs on a worker thread, under the settings of the moment (they may change over the air)."""
-        return work_batch(group, model, self.config, self.object_frames)
+        return work_batch(group, model, self.config, self.object_frames, keep_rows=self.on_result is not None)
 
     async def _finish(self, session: MqttSession, batches: list[Batch], stream: LocalStream | None = None) -> None:
         """Finish batches in frame order: those the workers had done when the loop woke, their

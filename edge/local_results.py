@@ -68,12 +68,14 @@ class LocalRows:
     """Outcomes of one batch in frame order, as rows; envelope objects are made on demand, and
     the rows' wire bytes once (:meth:`packed`, on a worker thread for the frame path)."""
 
-    __slots__ = ("_objects", "_packed", "counted", "rows")
+    __slots__ = ("_objects", "_packed", "_sealed", "counted", "rows")
 
     def __init__(self, rows: list[Row] | None = None) -> None:
         self.rows: list[Row] = rows if rows is not None else []
         self._objects: dict[int, env.LocalResult] = {}
         self._packed: bytes | None = None
+        #: How many rows there are, once :meth:`seal` has dropped them.
+        self._sealed: int | None = None
         #: The rows' latencies counted per bucket where they were made (all answered here),
         #: until a row is replaced.
         self.counted: Counted | None = None
@@ -85,17 +87,34 @@ class LocalRows:
         return rows
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) if self._sealed is None else self._sealed
+
+    def seal(self) -> None:
+        """Keep the rows as their wire bytes alone, for a batch whose rows nothing will change
+        or ask for as objects: the worker that made them drops them while they are still in its
+        cache, rather than the event loop a few batches later, when every one of them (a dozen
+        objects a frame) is a cache miss. What reads rows after this decodes the bytes."""
+        self.packed()
+        self._sealed = len(self.rows)
+        self.rows = []
+
+    def _unsealed(self) -> list[Row]:
+        if self._sealed is None:
+            return self.rows
+        assert self._packed is not None
+        return msgspec.msgpack.decode(_array_header(self._sealed) + self._packed)  # type: ignore[no-any-return]
 
     def put(self, i: int, result: env.LocalResult) -> None:
         """Row ``i`` is this envelope instead (a frame that waits for the cloud)."""
+        if self._sealed is not None:
+            self.rows, self._sealed = self._unsealed(), None
         self._objects[i] = result
         self.rows[i] = result.model_dump(mode="python")
         self._packed = None
         self.counted = None
 
     def envelopes(self) -> Iterator[env.LocalResult]:
-        for i, row in enumerate(self.rows):
+        for i, row in enumerate(self._unsealed()):
             result = self._objects.get(i)
             yield result if result is not None else _envelope(_plain(row))
 
@@ -104,13 +123,13 @@ class LocalRows:
         in place: this runs on the event loop for a batch whose rows an escalation changed."""
         return [
             row.latency_ms if isinstance(row, Answer) else row["latency_ms"]
-            for row in self.rows
+            for row in self._unsealed()
             if isinstance(row, Answer) or row["state"] == "COMPLETE"
         ]
 
     def dicts(self) -> list[dict[str, Any]]:
         """The rows as ``LocalResult.model_dump(mode="python")`` gives them."""
-        return [_plain(row) for row in self.rows]
+        return [_plain(row) for row in self._unsealed()]
 
     def packed(self) -> bytes:
         """The rows' wire bytes, one after the other (the items of the ``results`` array)."""
@@ -121,7 +140,7 @@ class LocalRows:
 
     def encode(self, device_id: str) -> bytes:
         """The LocalResults payload, byte for byte what ``envelopes.encode`` gives."""
-        return encode_packed(device_id, [self.packed()], len(self.rows))
+        return encode_packed(device_id, [self.packed()], len(self))
 
 
 _ENCODERS = threading.local()

@@ -49,9 +49,13 @@ class Batch:
     trace_ids: list[str] = field(default_factory=list)
 
 
-def work_batch(group: list[Frame], model: ActiveModel, config: DeviceConfig, object_frames: ObjectFrames) -> Batch:
+def work_batch(
+    group: list[Frame], model: ActiveModel, config: DeviceConfig, object_frames: ObjectFrames, *, keep_rows: bool = True
+) -> Batch:
     """Decode, preprocess, infer and judge one micro-batch (on a worker thread); a frame that
-    cannot be read, or a batch whose inference fails, is left in ``failures`` for the loop."""
+    cannot be read, or a batch whose inference fails, is left in ``failures`` for the loop.
+    ``keep_rows``: someone reads each answer as an object (else a batch with nothing to
+    escalate keeps its answers as wire bytes alone)."""
     out = Batch(group, model)
     images: list[np.ndarray] = []
     for i, frame in enumerate(group):
@@ -109,7 +113,11 @@ def work_batch(group: list[Frame], model: ActiveModel, config: DeviceConfig, obj
         now=time.time(),
     )
     if config.publish.local_results:
-        out.answers.packed()
+        if keep_rows or (config.cloud is not None and out.verdicts.hard):
+            out.answers.packed()
+        else:  # nothing will change or read these rows: dropped here, while in this core's cache
+            out.answers.seal()
+            out.trace_ids = []
     if config.cloud is not None:
         for j in out.verdicts.hard:
             i = out.ok[j]

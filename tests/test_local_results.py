@@ -148,3 +148,23 @@ def test_batches_packed_apart_join_into_the_bytes_of_one_envelope() -> None:
     assert rows.encode("cam-01") == env.encode(
         env.LocalResults(device_id="cam-01", results=[want[0], waiting, *want[2:]])
     )
+
+
+def test_sealed_rows_keep_their_bytes_and_give_the_same_answers_back() -> None:
+    """A batch whose rows nothing changes drops them on the worker and keeps the wire bytes:
+    everything read afterwards (count, bytes, envelopes, latencies, a late put) is the same."""
+    frames, judge, probs = batch()
+    for sharp in (None, [10.0, 0.5, 200.0, None]):
+        want = expected(frames, judge, probs, sharp, now=2000.0)
+        sealed = rows_for(frames, judge, probs, sharp, now=2000.0)
+        sealed.seal()
+        assert sealed.rows == [] and len(sealed) == 4 and sealed.counted is not None
+        assert sealed.encode("cam-01") == env.encode(env.LocalResults(device_id="cam-01", results=want))
+        assert list(sealed.envelopes()) == want
+        assert sealed.completed_latencies() == [r.latency_ms for r in want]
+    waiting = want[2].model_copy(update={"state": "PENDING_CLOUD", "degraded": False})
+    sealed.put(2, waiting)
+    want[2] = waiting
+    assert list(sealed.envelopes()) == want
+    assert sealed.encode("cam-01") == env.encode(env.LocalResults(device_id="cam-01", results=want))
+    assert sealed.completed_latencies() == [r.latency_ms for r in want if r.state == "COMPLETE"]
