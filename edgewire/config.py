@@ -118,9 +118,16 @@ def format_validation_error(path: Path, exc: ValidationError, model: type[BaseMo
         loc = tuple(err["loc"])
         line = _line_for(marks, loc)
         where = f"{path}:{line}" if line else str(path)
-        field = ".".join(str(p) for p in loc) or "<document>"
+        field = ".".join(_key_text(p) for p in loc) or "<document>"
         lines.append(f"  {where}: {field}: {_hint(model, err)}")
     return "\n".join(lines)
+
+
+def _key_text(key: object) -> str:
+    """A key as one printable piece of text: a key holding line breaks or control characters
+    is shown escaped, so that each problem stays on a line of its own."""
+    text = str(key)
+    return text if text.isprintable() else repr(text)
 
 
 def load_yaml_model(path: str | Path, model: type[M], *, context: dict[str, Any] | None = None) -> M:

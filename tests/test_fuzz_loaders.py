@@ -25,6 +25,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgewire.config import load_device_config
+from edgewire.errors import ConfigError
+
 from . import fuzz_targets
 from .conftest import ROOT
 from .test_rules import EXAMPLE as RULES_EXAMPLE
@@ -237,3 +240,21 @@ def test_found_by_fuzzing_a_broker_name_that_is_no_host_name_is_a_config_error()
     doc["client_certificates"]["broker_names"] = ["::1", "broker.lab.example"]
     rendered = fuzz_targets.fleet_file(_dump(doc))
     assert rendered is not None and "server.pem" in rendered[-1].files
+
+
+def test_a_key_holding_line_breaks_is_refused_on_one_line_per_problem(tmp_path: Path) -> None:
+    """Found by the fuzzer: a key made of a carriage return and a NEL (a line break to
+    ``str.splitlines``) once split a problem over two lines, and the fleet renderer failed on the
+    half without a field. Such a key is shown escaped and the file refused as any other."""
+    fleet = copy.deepcopy(SEEDS["fleet_file"])
+    fleet["defaults"]["model"] = {"\r\x85": None}
+    assert fuzz_targets.fleet_file(_dump(fleet)) is None
+    device = copy.deepcopy(SEEDS["device_config"])
+    device["model"] = {"\r\x85": None}
+    path = tmp_path / "device.yaml"
+    path.write_bytes(_dump(device))
+    with pytest.raises(ConfigError) as caught:
+        load_device_config(path)
+    problems = str(caught.value).splitlines()[1:]
+    assert problems and all(line.startswith(f"  {path}") for line in problems), problems
+    assert any("model.'\\r\\x85'" in line for line in problems), problems
