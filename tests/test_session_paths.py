@@ -161,6 +161,8 @@ async def test_away_persistent_session_gets_what_was_published_meanwhile(
     back = MqttSession(f"away-{path}", broker.host, broker.port, **options)
     async with back:  # no subscribe: the broker kept it
         got = await take(back.messages(), 30)
+        # The queued messages may all arrive before the session has reported itself connected.
+        await back.wait_connected(10)
         connected(path, back)
     assert observed(got) == [(t, p, 1, False) for t, p in sent]
 
