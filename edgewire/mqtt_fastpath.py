@@ -527,7 +527,21 @@ def _lean_publish(paho: mqtt.Client) -> Callable[[str, bytes, int, bool], Any]:
     through paho it would wake the event loop (a byte on paho's socket pair, a writer added from
     another thread's callback, a pass of the loop) only to make the same send a moment later."""
     v5 = paho._protocol == mqtt.MQTTv5
-    header = mqtt.PUBLISH | 0x02  # QoS 1
+
+    def packet_of(topic_bytes: bytes, payload: bytes | bytearray, retain: bool, mid: int | None) -> bytearray:
+        """The PUBLISH packet paho would make: QoS 1 with message id ``mid``, QoS 0 without one."""
+        packet = bytearray((mqtt.PUBLISH | (0x02 if mid is not None else 0) | bool(retain),))
+        ident = 2 if mid is not None else 0
+        # paho's own encoder, which also refuses a packet too large for MQTT (before any record).
+        paho._pack_remaining_length(packet, 2 + len(topic_bytes) + ident + v5 + len(payload))
+        packet += len(topic_bytes).to_bytes(2, "big")
+        packet += topic_bytes
+        if mid is not None:
+            packet += mid.to_bytes(2, "big")
+        if v5:
+            packet.append(0)  # no properties
+        packet += payload
+        return packet
 
     def publish(topic: str, payload: bytes, qos: int, retain: bool) -> Any:
         topic_bytes = topic.encode()
@@ -547,15 +561,7 @@ def _lean_publish(paho: mqtt.Client) -> Callable[[str, bytes, int, bool], Any]:
         ):
             return paho.publish(topic, payload, qos, retain)
         mid = paho._mid_generate()
-        packet = bytearray((header | bool(retain),))
-        # paho's own encoder, which also refuses a packet too large for MQTT (before any record).
-        paho._pack_remaining_length(packet, 2 + len(topic_bytes) + 2 + v5 + len(payload))
-        packet += len(topic_bytes).to_bytes(2, "big")
-        packet += topic_bytes
-        packet += mid.to_bytes(2, "big")
-        if v5:
-            packet.append(0)  # no properties
-        packet += payload
+        packet = packet_of(topic_bytes, payload, retain, mid)
         with paho._out_message_mutex:
             if mid in paho._out_messages:
                 return paho.publish(topic, payload, qos, retain)
@@ -569,20 +575,12 @@ def _lean_publish(paho: mqtt.Client) -> Callable[[str, bytes, int, bool], Any]:
         sock = paho._sock
         if paho._out_packet or type(sock) is not socket.socket:
             return paho.publish(topic, payload, 0, retain)  # behind queued packets, or TLS
-        packet = bytearray((mqtt.PUBLISH | bool(retain),))
-        paho._pack_remaining_length(packet, 2 + len(topic_bytes) + v5 + len(payload))
-        packet += len(topic_bytes).to_bytes(2, "big")
-        packet += topic_bytes
-        if v5:
-            packet.append(0)  # no properties
-        packet += payload
+        packet = packet_of(topic_bytes, payload, retain, None)
         sent = _Sent(paho._mid_generate())  # paho numbers QoS 0 messages too (its on_publish)
         try:
             written = sock.send(packet)
-        except BlockingIOError:
+        except OSError:  # full (BlockingIOError), or a lost link that paho's own write then reports
             written = 0
-        except OSError:
-            written = 0  # paho's own write of it meets the error and reports the lost link
         if written:
             with paho._msgtime_mutex:
                 paho._last_msg_out = mqtt.time_func()
