@@ -347,7 +347,7 @@ class Fleet:
                 if f.victim in (None, d):
                     windows.append(outage_window(f.start, ends[id(f)], outcomes, answers))
             owed, queued = read_outbox(device.db)
-            out[d] = check(owed, queued, outcomes, answers, windows)
+            out[d] = check(owed, queued, outcomes, answers, windows, restarts=device.starts())
         return out
 
     def versions_at_end(self) -> dict[str, str | None]:

@@ -13,7 +13,7 @@ Every escalation ends through one of two doors, both here and both serialised:
 * :meth:`Escalations._time_out` -- the deadline passed: the frame's own timer, the forwarder
   dropping a request at its deadline, or the overdue sweep after a restart all come here.
 
-The final outcome is made by one rule, :func:`final_outcome`, from the frame's first result
+The final outcome is made by one rule, :func:`~.merge.final_outcome`, from the frame's first result
 (kept in the outbox as the escalation's note, so it survives a restart) and the answer, if any.
 Cloud outcomes also move the device's mode: timeouts and unavailable answers count against the
 cloud, an ok answer restores joint mode.
@@ -32,13 +32,14 @@ from typing import Any, TypeVar
 from edgewire import envelopes as env
 from edgewire import topics
 from edgewire.aio import spawn
-from edgewire.config import CloudSettings, DeviceConfig
+from edgewire.config import DeviceConfig
 from edgewire.errors import DecodeError
 from edgewire.hops import ANSWER_HOPS
 from edgewire.metrics import Meter
 from edgewire.session import MqttSession
 
 from .forwarder import Forwarder
+from .merge import final_outcome
 from .mode import JOINT, DeviceMode
 from .outbox import Outbox, OutboxEntry, OutboxFull, OwedState, QueuedEntry
 from .tasks import Task, TaskState
@@ -52,59 +53,6 @@ Publish = Callable[[list[env.LocalResult]], Awaitable[None]]
 SETTLED_KEEP_S = 3600.0
 #: How often owed answers past their deadline and on no timer here are looked for.
 SWEEP_EVERY_S = 1.0
-
-
-def final_outcome(
-    cloud: CloudSettings,
-    first: env.LocalResult,
-    answer: env.Result | None,
-    *,
-    late: bool,
-    hops: dict[str, float] | None = None,
-) -> env.LocalResult | None:
-    """The frame's final outcome from its first result and the cloud's answer (None: the
-    deadline passed). The one merge rule: ``prefer_cloud`` takes the cloud's prediction,
-    ``max_confidence`` the surer of the two. None when the answer adds nothing to a frame that
-    was answered already (one queued while degraded). ``hops``: the trace's stamps so far; the
-    outcome carries them with its own ``final`` stamp, the instant its latency is measured to."""
-    unfinished = first.state == TaskState.PENDING_CLOUD.value
-    update: dict[str, Any]
-    if answer is not None and answer.status == "ok" and answer.prediction is not None:
-        cloud_pred = answer.prediction
-        update = {"degraded": False, "state": TaskState.COMPLETE.value}
-        if (
-            cloud.merge == "prefer_cloud"
-            or first.prediction is None
-            or cloud_pred.confidence >= first.prediction.confidence
-        ):
-            update |= {
-                "prediction": cloud_pred,
-                "answered_by": "cloud",
-                "model": answer.model or first.model,
-                "version": answer.version or first.version,
-            }
-    elif answer is not None and answer.status == "ok" and answer.detections is not None:
-        # A detector's frame: the cloud's objects replace the device's (the bridge merged them
-        # by its own policy: replace, relabel or union).
-        update = {
-            "degraded": False,
-            "state": TaskState.COMPLETE.value,
-            "detections": answer.detections,
-            "answered_by": "cloud",
-            "model": answer.model or first.model,
-            "version": answer.version or first.version,
-        }
-    elif unfinished:
-        # unavailable / rejected / expired, or no answer in time: the local answer stands, flagged.
-        state = TaskState.COMPLETE if answer is not None else TaskState.TIMEOUT
-        update = {"degraded": True, "state": state.value}
-    else:
-        return None
-    now = time.time()
-    update |= {"late": late, "latency_ms": (now - first.ts) * 1000.0}
-    if hops is not None:
-        update["hops"] = {**hops, "final": now}
-    return first.model_copy(update=update)
 
 
 def _rate_limited(answer: env.Result) -> bool:
@@ -121,6 +69,17 @@ class _Waiting:
     timer: asyncio.TimerHandle | None = None
     #: The device's hop stamps so far (edgewire.hops), when it stamps them.
     hops: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class _Ending:
+    """How an escalation ends, decided before its owed row is flipped: ``first`` is None when
+    nothing is known of it (neither waiting here nor owed)."""
+
+    trace_id: str
+    first: env.LocalResult | None
+    final: env.LocalResult | None
+    late: bool
 
 
 @dataclass
@@ -195,8 +154,20 @@ class Escalations:
         await self.forwarder.link_back()
 
     async def recover(self) -> None:
-        """After a restart: finish what a crash left owed (answers whose deadline passed while
-        the device was down are recorded TIMEOUT), and forget answers old enough."""
+        """After a restart: publish the outcomes a crash decided but cut short of going out,
+        finish what it left owed (answers whose deadline passed while the device was down are
+        recorded TIMEOUT), and forget answers old enough."""
+        stored = await self._db(self.outbox.unpublished_outcomes)
+        if stored:
+            log.info("%s: publishing %d outcomes decided before a restart", self.device_id, len(stored))
+            finals = []
+            for key, doc in stored:
+                try:
+                    finals.extend(env.decode(env.LocalResults, doc).results)
+                except DecodeError as exc:
+                    log.error("%s: the stored outcome of %s is unreadable, dropped: %s", self.device_id, key, exc)
+                    await self._db(self.outbox.outcomes_published, [key])
+            await self._finished(finals, stored=True)
         await self._db(self.outbox.forget_settled, SETTLED_KEEP_S)
         pending = await self._db(self.outbox.waiting)
         queued = len(self.outbox)
@@ -372,8 +343,11 @@ class Escalations:
         finals: list[env.LocalResult] = []
         async with self._deciding:
             burst = await self._retry_unserved(burst)
-            fresh = await self._db(self.outbox.settle_many, [(r.trace_id, "answered") for r, _ in burst])
-            for (result, received), new in zip(burst, fresh, strict=True):
+            plans = await self._plan([(r.trace_id, r, received) for r, received in burst])
+            owed: list[tuple[str, OwedState]] = [(r.trace_id, "answered") for r, _ in burst]
+            decided = self._stored(plans)
+            fresh = await self._db(lambda: self.outbox.settle_many(owed, decided=decided))
+            for (result, _), plan, new in zip(burst, plans, fresh, strict=True):
                 if not new:
                     self.meter.inc("results_ignored_total", reason="duplicate_or_late")
                     continue
@@ -381,10 +355,10 @@ class Escalations:
                     self.mode.cloud_answered(self.session is not None and self.session.connected)
                 elif result.status == "unavailable":
                     self.mode.cloud_failed("unavailable", self.cloud.degraded_after)
-                final = await self._outcome_of(result.trace_id, result, received)
+                final = self._ended(plan, result)
                 if final is not None:
                     finals.append(final)
-        await self._finished(finals)
+        await self._finished(finals, stored=True)
 
     async def _retry_unserved(self, burst: list[tuple[env.Result, float]]) -> list[tuple[env.Result, float]]:
         """The answers that end their escalation. Two answers say "not now" rather than "no":
@@ -417,51 +391,81 @@ class Escalations:
             self.mode.cloud_failed("unavailable", self.cloud.degraded_after)
         return [(r, t) for r, t in burst if r.trace_id not in later]
 
-    async def _outcome_of(
-        self, trace_id: str, answer: env.Result | None, received: float | None = None
-    ) -> env.LocalResult | None:
-        """The final outcome of an escalation whose owed row this run just settled: a frame
-        waiting here ends on time; any other (queued while degraded, or left unfinished by a
-        restart) ends late, from the note its request was recorded with."""
-        waiting = self._waiting.pop(trace_id, None)
+    async def _plan(self, ends: list[tuple[str, env.Result | None, float | None]]) -> list[_Ending]:
+        """How each escalation would end, decided before its owed row is flipped so that the
+        flip stores the outcome with it: a frame waiting here ends on time; any other (queued
+        while degraded, or left unfinished by a restart) ends late, from the note its request
+        was recorded with. ``ends``: (trace id, answer or None for its deadline, when received)."""
+        elsewhere = [key for key, _, _ in ends if key not in self._waiting]
+        notes: dict[str, bytes] = {}
+        if elsewhere:
+            try:
+                notes = await self._db(self.outbox.notes_of, elsewhere)
+            except Exception:  # the frames waiting here still end
+                log.exception("%s: the notes of %d escalations could not be read", self.device_id, len(elsewhere))
+        plans = []
+        for key, answer, received in ends:
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                first, late, hops = waiting.first, False, waiting.hops
+            elif key in notes:
+                first, late, hops = env.decode(env.LocalResults, notes[key]).results[0], True, None
+            else:
+                plans.append(_Ending(key, None, None, late=True))
+                continue
+            if hops is not None and answer is not None:
+                hops = {**hops, **{k: answer.hops[k] for k in ANSWER_HOPS if k in answer.hops}}
+                if received is not None:
+                    hops["answer_received"] = received
+            final = final_outcome(self.cloud, first, answer, late=late, hops=hops)
+            plans.append(_Ending(key, first, final, late=late))
+        return plans
+
+    def _stored(self, plans: list[_Ending]) -> dict[str, bytes]:
+        """The final outcomes to store with their flips, as they will be published."""
+        return {
+            p.trace_id: env.encode(env.LocalResults(device_id=self.device_id, results=[p.final]))
+            for p in plans
+            if p.final is not None
+        }
+
+    def _ended(self, plan: _Ending, answer: env.Result | None) -> env.LocalResult | None:
+        """An escalation whose owed row this run just settled (or whose frame waits here with
+        no row left to settle) ends as planned: the frame stops waiting, and it is counted."""
+        if plan.first is None:
+            self.meter.inc("results_ignored_total", reason="unknown")
+            return None
+        waiting = self._waiting.pop(plan.trace_id, None)
         if waiting is not None:
             if waiting.timer is not None:
                 waiting.timer.cancel()
             self._waiting_changed()
-            first, late, hops = waiting.first, False, waiting.hops
-        else:
-            hops = None
-            note = await self._db(self.outbox.note_of, trace_id)
-            if note is None:
-                self.meter.inc("results_ignored_total", reason="unknown")
-                return None
-            first, late = env.decode(env.LocalResults, note).results[0], True
-        if hops is not None and answer is not None:
-            hops = {**hops, **{k: answer.hops[k] for k in ANSWER_HOPS if k in answer.hops}}
-            if received is not None:
-                hops["answer_received"] = received
-        final = final_outcome(self.cloud, first, answer, late=late, hops=hops)
-        if first.state == TaskState.PENDING_CLOUD.value:
+        final = plan.final
+        if plan.first.state == TaskState.PENDING_CLOUD.value:
             self.meter.inc("frames_completed_total")
         if answer is not None:
-            if late:
+            if plan.late:
                 self.meter.inc("late_results_total", status=answer.status)
             else:
                 self.meter.inc("results_total", status=answer.status)
                 if answer.status != "ok":
                     log.info(
-                        "trace %s answered %s: %s", trace_id, answer.status, answer.reason, extra={"trace_id": trace_id}
+                        "trace %s answered %s: %s",
+                        plan.trace_id,
+                        answer.status,
+                        answer.reason,
+                        extra={"trace_id": plan.trace_id},
                     )
         if waiting is not None:
             waiting.task.degraded = final is not None and final.degraded
             waiting.task.to(TaskState.TIMEOUT if answer is None else TaskState.COMPLETE)
         if final is None:
             return None
-        if not late:
+        if not plan.late:
             self.meter.observe("frame_latency_ms", final.latency_ms, path="escalated")
         if final.state == TaskState.TIMEOUT.value:
             self.meter.inc("escalations_timed_out_total")
-            if not late:
+            if not plan.late:
                 self.mode.cloud_failed("timeout", self.cloud.degraded_after)
         return final
 
@@ -494,37 +498,41 @@ class Escalations:
         if so configured."""
         finals: list[env.LocalResult] = []
         async with self._deciding:
+            plans = await self._plan([(key, None, None) for key in trace_ids])
             try:
-                expired = await self._settle_expired(trace_ids)
+                expired = await self._settle_expired(trace_ids, self._stored(plans))
             except Exception:  # the frames waiting here still end at their deadline
                 log.exception("%s: %d overdue escalations could not be settled", self.device_id, len(trace_ids))
                 expired = [False] * len(trace_ids)
-            for key, mine in zip(trace_ids, expired, strict=True):
+            for plan, mine in zip(plans, expired, strict=True):
                 # Not mine but still waiting here: the bounded outbox dropped its request (and
                 # settled its row), so no answer can come; its deadline ends it all the same.
-                if mine or key in self._waiting:
-                    final = await self._outcome_of(key, None)
+                if mine or plan.trace_id in self._waiting:
+                    final = self._ended(plan, None)
                     if final is not None:
                         finals.append(final)
-        await self._finished(finals)
+        await self._finished(finals, stored=True)
 
     # -- helpers -----------------------------------------------------------------------------
 
-    async def _finished(self, finals: list[env.LocalResult]) -> None:
-        """Publish final outcomes; the run may end once none is waiting and these are out."""
+    async def _finished(self, finals: list[env.LocalResult], *, stored: bool = False) -> None:
+        """Publish final outcomes; the run may end once none is waiting and these are out.
+        ``stored``: their flips stored them, which are forgotten once they are out."""
         try:
             if finals:
                 await self._publish(finals)
+                if stored:
+                    await self._db(self.outbox.outcomes_published, [f.trace_id for f in finals])
         finally:
             if not self._waiting:
                 self._idle.set()
 
-    async def _settle_expired(self, trace_ids: list[str]) -> list[bool]:
+    async def _settle_expired(self, trace_ids: list[str], decided: dict[str, bytes]) -> list[bool]:
         """Flip owed rows to expired (one transaction); True where this call did it. A request
         given up on stays queued, if it never left, when late requests are forwarded for audit."""
         keep = self.cloud.outbox.late == "forward"
         outcomes: list[tuple[str, OwedState]] = [(k, "expired") for k in trace_ids]
-        return await self._db(lambda: self.outbox.settle_many(outcomes, keep_unsent=keep))
+        return await self._db(lambda: self.outbox.settle_many(outcomes, keep_unsent=keep, decided=decided))
 
     def _waiting_changed(self) -> None:
         self.meter.set("escalations_pending", len(self._waiting))

@@ -10,7 +10,10 @@ when full; every drop is counted by reason.
 The ``owed`` table is what makes the device's side exactly-once: an escalation is recorded in
 the same transaction as its request, and an answer is taken only by flipping its row from
 ``waiting`` to ``answered`` -- a redelivered or duplicated answer finds nothing to flip, even
-after a restart.
+after a restart. The flip stores the final outcome it decided, cleared once that outcome is
+published: a crash between the two leaves it stored, and the next start publishes it, the same
+bytes, so no escalation ends without its outcome (a consumer that dedupes by trace id sees it
+once).
 
 A message owed an answer stays in the outbox after the broker acknowledged it, marked sent,
 until its answer is settled: a broker's PUBACK does not mean a bridge has it (a broker restart
@@ -27,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -59,7 +62,8 @@ CREATE TABLE IF NOT EXISTS owed (
     deadline REAL NOT NULL,
     note BLOB NOT NULL,
     state TEXT NOT NULL DEFAULT 'waiting',
-    settled REAL
+    settled REAL,
+    outcome BLOB
 );
 CREATE INDEX IF NOT EXISTS owed_waiting ON owed (state, deadline);
 """
@@ -139,8 +143,12 @@ class Outbox:
         if self.path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: every commit is fsynced before it returns; OFF only for the in-memory baseline.
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
+        self._synchronous = "FULL" if durable else "OFF"
+        self._db.execute(f"PRAGMA synchronous={self._synchronous}")
         self._db.executescript(_SCHEMA)
+        # An outbox written before outcomes were stored with their flip gains the column.
+        if "outcome" not in {row[1] for row in self._db.execute("PRAGMA table_info(owed)")}:
+            self._db.execute("ALTER TABLE owed ADD COLUMN outcome BLOB")
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
         self._count, self._bytes = int(row[0]), int(row[1])
 
@@ -298,19 +306,29 @@ class Outbox:
 
     # -- answers owed -------------------------------------------------------------------------
 
-    def settle_many(self, outcomes: Iterable[tuple[str, OwedState]], *, keep_unsent: bool = False) -> list[bool]:
+    def settle_many(
+        self,
+        outcomes: Iterable[tuple[str, OwedState]],
+        *,
+        keep_unsent: bool = False,
+        decided: Mapping[str, bytes] | None = None,
+    ) -> list[bool]:
         """Flip owed rows out of ``waiting`` in one transaction; True where this call did it.
 
         False means the answer was already taken (a duplicate), expired, or never owed. The
-        request goes too, unless ``keep_unsent`` and it never left (a late one kept for audit)."""
+        request goes too, unless ``keep_unsent`` and it never left (a late one kept for audit).
+        ``decided`` holds the final outcome each flip decides: stored with the flip, it stays
+        until :meth:`outcomes_published` (see :meth:`unpublished_outcomes`)."""
         pairs = list(outcomes)
+        decided = decided or {}
         now = time.time()
         done: list[bool] = []
         overtaken: float | None = None
         with self._transaction():
             for key, state in pairs:
                 cur = self._db.execute(
-                    "UPDATE owed SET state = ?, settled = ? WHERE key = ? AND state = 'waiting'", (state, now, key)
+                    "UPDATE owed SET state = ?, settled = ?, outcome = ? WHERE key = ? AND state = 'waiting'",
+                    (state, now, decided.get(key), key),
                 )
                 done.append(cur.rowcount == 1)
                 if state == "answered":
@@ -331,6 +349,24 @@ class Outbox:
         self.meter.set("outbox_depth", self._count)
         return done
 
+    def outcomes_published(self, keys: Iterable[str]) -> None:
+        """The stored outcomes of ``keys`` are out: forget them. Not fsynced: kill -9 cannot lose
+        this commit, and one lost to a power cut only publishes those outcomes once more."""
+        relaxed = self._synchronous == "FULL"
+        if relaxed:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._transaction():
+                self._db.executemany("UPDATE owed SET outcome = NULL WHERE key = ?", ((k,) for k in keys))
+        finally:
+            if relaxed:
+                self._db.execute("PRAGMA synchronous=FULL")
+
+    def unpublished_outcomes(self) -> list[tuple[str, bytes]]:
+        """Final outcomes decided and stored but not known to be published, in the order decided."""
+        rows = self._db.execute("SELECT key, outcome FROM owed WHERE outcome IS NOT NULL ORDER BY settled, rowid")
+        return [(r[0], bytes(r[1])) for r in rows.fetchall()]
+
     def retry_later(self, keys: Iterable[str], *, ahead_s: float) -> list[bool]:
         """Keep owed the requests the cloud could not serve yet whose deadline is more than
         ``ahead_s`` away; True where kept. Their request stays in the outbox as sent, so the
@@ -346,9 +382,14 @@ class Outbox:
             kept.append(row is not None)
         return kept
 
-    def note_of(self, key: str) -> bytes | None:
-        row = self._db.execute("SELECT note FROM owed WHERE key = ?", (key,)).fetchone()
-        return None if row is None else bytes(row[0])
+    def notes_of(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The notes of those of ``keys`` still owed an answer."""
+        notes = {}
+        for key in keys:
+            row = self._db.execute("SELECT note FROM owed WHERE key = ? AND state = 'waiting'", (key,)).fetchone()
+            if row is not None:
+                notes[key] = bytes(row[0])
+        return notes
 
     def state_of(self, key: str) -> OwedState | None:
         row = self._db.execute("SELECT state FROM owed WHERE key = ?", (key,)).fetchone()
@@ -366,9 +407,11 @@ class Outbox:
         return int(self._db.execute("SELECT COUNT(*) FROM owed WHERE state = 'waiting'").fetchone()[0])
 
     def forget_settled(self, older_than_s: float) -> int:
-        """Drop settled rows once no duplicate of their answer can still arrive."""
+        """Drop settled rows once no duplicate of their answer can still arrive (and their
+        outcome is out)."""
         cur = self._db.execute(
-            "DELETE FROM owed WHERE state != 'waiting' AND settled < ?", (time.time() - older_than_s,)
+            "DELETE FROM owed WHERE state != 'waiting' AND outcome IS NULL AND settled < ?",
+            (time.time() - older_than_s,),
         )
         return cur.rowcount
 

@@ -9,7 +9,10 @@ never cause:
 
 * ``lost``: an accepted escalation with no final outcome, or still owed, or still queued;
 * ``duplicates``: an escalation with two final (or two late) outcomes, a request the bridges ran
-  twice, an inference Triton did twice;
+  twice, an inference Triton did twice. An outcome the device published again after a restart,
+  identical to the one before it, is a redelivery (``redelivered``), not a duplicate: a crash
+  after an outcome went out and before the device recorded that it had leaves it to be published
+  once more, and a consumer that dedupes by trace id sees it once;
 * ``expired_outside_outage``: an escalation that ended without the cloud's answer although its
   deadline (or the failed answer) fell outside every measured outage window.
 
@@ -120,6 +123,7 @@ class Verdict:
     expired_outside_outage: int = 0
     still_queued: int = 0
     reruns: int = 0
+    redelivered: int = 0
     problems: list[str] = field(default_factory=list)
 
     def figures(self) -> dict[str, int]:
@@ -141,18 +145,27 @@ def check(
     bridge_runs: float | None = None,
     triton_inferences: float | None = None,
     reruns_allowed: int = 0,
+    restarts: Iterable[float] = (),
 ) -> Verdict:
     """Count what the run broke (see the module's doc). ``outcomes``: the device's decisions,
     ``{"t", "r": LocalResult}``, in the order it made them (across restarts); ``answers``: what
     reached ``result/``, ``{"t", "doc": Result}``; ``bridge_runs``: requests the bridges ran
     (``requests_total`` summed); ``triton_inferences``: inferences Triton did over the run;
     ``reruns_allowed``: requests a killed bridge may have run and not answered (those in flight
-    when it died; the broker gives them to the next bridge, which runs them again)."""
+    when it died; the broker gives them to the next bridge, which runs them again);
+    ``restarts``: when the device started again."""
     v = Verdict(escalations=len(owed), still_queued=queued)
     ok_taken: set[str] = set()
     windows = list(windows)
+    restarts = list(restarts)
     by_trace: dict[str, list[dict[str, Any]]] = {}
+    timed: dict[str, list[dict[str, Any]]] = {}
     for o in outcomes:
+        earlier = timed.setdefault(o["r"]["trace_id"], [])
+        if any(e["r"] == o["r"] and any(e["t"] < s <= o["t"] for s in restarts) for e in earlier):
+            v.redelivered += 1
+            continue
+        earlier.append(o)
         by_trace.setdefault(o["r"]["trace_id"], []).append(o["r"])
     first_answer: dict[str, dict[str, Any]] = {}
     first_ok: dict[str, dict[str, Any]] = {}

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import os
 import signal
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiomqtt
 import pytest
+import yaml
 
 from edgewire import envelopes as env
 from edgewire import topics
@@ -29,7 +32,7 @@ from edgewire.config import (
 )
 from edgewire.demo.models import LABELS, DemoArtifacts
 from edgewire.edge.agent import EdgeAgent
-from edgewire.edge.escalation import final_outcome
+from edgewire.edge.merge import final_outcome
 
 from .conftest import Mosquitto, until
 from .test_edge_integration import spawn_edge_run
@@ -338,3 +341,68 @@ async def test_a_not_now_answer_to_a_queued_request_is_asked_again_not_taken(
     late_by_trace = collections.Counter(r.trace_id for r in results if r.late)
     assert all(n == 1 for n in late_by_trace.values()), late_by_trace.most_common(3)
     assert all(r.answered_by == "cloud" for r in results if r.late)
+
+
+# The device with a consumer of its outcomes that dies at the first cloud-answered one: the
+# answer's flip is committed, the outcome decided and stored, and nothing has published it.
+DIES_AT_FIRST_ANSWER = r"""
+import asyncio, json, os, sys
+from edgewire.config import load_device_config
+from edgewire.edge.agent import EdgeAgent
+
+config, out_path = sys.argv[1], sys.argv[2]
+out = open(out_path, "a", buffering=1)
+
+
+def hook(result):
+    if result.state != "PENDING_CLOUD" and result.answered_by == "cloud":
+        out.write(json.dumps({"died_at": result.trace_id}) + "\n")
+        os._exit(9)  # as kill -9: no cleanup, no flush of anything else
+    out.write(json.dumps({"r": result.model_dump(mode="json")}) + "\n")
+
+
+asyncio.run(EdgeAgent(load_device_config(config), on_result=hook).run())
+"""
+
+
+async def test_an_outcome_decided_just_before_a_crash_is_published_by_the_next_start(
+    demo: DemoArtifacts, mqtt_port: int, tmp_path: Path
+) -> None:
+    """The flip of an answer's owed row stores the outcome it decided: a device that dies
+    between that commit and publishing the outcome publishes it on its next start, the same
+    outcome, once; nothing is left owed or stored."""
+    db = tmp_path / "cam-e.db"
+    cfg = _config(demo, mqtt_port, deadline_ms=60_000, outbox=OutboxSettings(path=db))
+    (tmp_path / "device.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    (tmp_path / "driver.py").write_text(DIES_AT_FIRST_ANSWER)
+    out = tmp_path / "outcomes.jsonl"
+    async with answering_peer(mqtt_port, lambda req: [_result(req)]):
+        device = await asyncio.create_subprocess_exec(
+            sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "device.yaml"), str(out)
+        )
+        assert await asyncio.wait_for(device.wait(), 60) == 9
+    died_at = json.loads(out.read_text().splitlines()[-1])["died_at"]
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        stored = {
+            key: env.decode(env.LocalResults, doc).results[0]
+            for key, doc in con.execute("SELECT key, outcome FROM owed WHERE outcome IS NOT NULL")
+        }
+    assert died_at in stored and stored[died_at].answered_by == "cloud" and not stored[died_at].late
+
+    results: list[env.LocalResult] = []
+    restart = cfg.model_copy(update={"source": SourceSettings(kind="mqtt")})
+    async with answering_peer(mqtt_port, lambda req: [_result(req)]):
+        agent = EdgeAgent(restart, on_result=results.append)
+        run = asyncio.create_task(agent.run())
+        try:
+            assert await until(lambda: _owed(db) == 0 and set(stored) <= {r.trace_id for r in results}, 30)
+            await asyncio.sleep(1.5)  # room for a second outcome to show up
+        finally:
+            agent.stop()
+            await asyncio.wait_for(run, 20)
+    per_trace = collections.Counter(r.trace_id for r in results)
+    assert max(per_trace.values()) == 1, per_trace
+    by_trace = {r.trace_id: r for r in results}
+    assert all(by_trace[key] == outcome for key, outcome in stored.items())
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        assert con.execute("SELECT COUNT(*) FROM owed WHERE outcome IS NOT NULL").fetchone()[0] == 0

@@ -230,6 +230,10 @@ class DeviceProcess:
         """Every outcome the device decided, ``{"t": when, "r": LocalResult}``, across its runs."""
         return [line for line in self.lines() if "r" in line]
 
+    def starts(self) -> list[float]:
+        """When each of its runs started."""
+        return [line["t"] for line in self.lines() if line.get("event") == "started"]
+
     def db_counts(self) -> tuple[int, int] | None:
         """(requests still in the outbox, answers still owed), read from the SQLite file."""
         if not self.db.exists():
@@ -368,6 +372,7 @@ def verdict(
         bridge_runs=runs,
         triton_inferences=inferences,
         reruns_allowed=reruns_allowed,
+        restarts=device.starts(),
     )
     found.assert_exact()
     assert found.escalations > 0 and found.answered_ok > 0, found.figures()

@@ -84,3 +84,20 @@ def test_with_nothing_left_behind_the_window_ends_at_the_first_fresh_answer() ->
     ]
     answers = [answer(107.915, "fresh"), answer(108.25, "later")]
     assert outage_window(100.0, 107.9, outcomes, answers).end == 107.915
+
+
+def test_an_identical_outcome_published_again_after_a_restart_is_a_redelivery_not_a_duplicate() -> None:
+    owed = {"t": Owed("t", "answered", 100.0 + DEADLINE_S, PENDING)}
+    answers = [answer(100.5, "t")]
+    final = outcome(100.6, "t", "COMPLETE", by="cloud")
+    again = {**final, "t": 102.0}
+    # Published, then the device died before recording that; its next start (101) sends it again.
+    found = check(owed, 0, [outcome(100.0, "t", PENDING), final, again], answers, restarts=[101.0])
+    assert (found.duplicates, found.redelivered, found.answered_ok) == (0, 1, 1), found.problems
+    # The same outcome twice within one run is a duplicate ...
+    found = check(owed, 0, [outcome(100.0, "t", PENDING), final, again], answers, restarts=[103.0])
+    assert (found.duplicates, found.redelivered) == (1, 0), found.problems
+    # ... and so is a different one after a restart.
+    other = outcome(102.0, "t", "COMPLETE", by="cloud", late=True)
+    found = check(owed, 0, [outcome(100.0, "t", PENDING), final, other], answers, restarts=[101.0])
+    assert (found.duplicates, found.redelivered) == (1, 0), found.problems

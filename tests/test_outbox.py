@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -139,3 +140,42 @@ def test_a_request_overtaken_by_an_answered_one_goes_again_at_once(tmp_path: Pat
     # An expiry is no sign that the path works: nothing goes again for it.
     box.sent(ids[:1], now=now + OVERTAKEN_AFTER_S * 3)
     assert box.settle_many([("t1", "expired")]) == [True] and box.peek(10) == []
+
+
+def test_an_outcome_stored_with_its_flip_stays_until_published(tmp_path: Path) -> None:
+    """The flip and the outcome it decided are one commit: a crash before the outcome went out
+    leaves it stored for the next start, and a settled row is not forgotten while it holds one."""
+    path = tmp_path / "q.db"
+    box = Outbox(path)
+    now = time.time()
+    box.put_many([owed(0, now + 60), owed(1, now + 60), owed(2, now + 60)])
+    decided = {"t0": b"zero", "t1": b"one"}
+    assert box.settle_many([("t0", "answered"), ("t1", "expired"), ("t2", "answered")], decided=decided) == [
+        True,
+        True,
+        True,
+    ]
+    # A duplicate flips nothing and stores nothing.
+    assert box.settle_many([("t0", "answered")], decided={"t0": b"again"}) == [False]
+    box.close()
+    box = Outbox(path)  # what a restart finds
+    assert box.unpublished_outcomes() == [("t0", b"zero"), ("t1", b"one")]
+    assert box.forget_settled(-1.0) == 1  # only t2, whose outcome is out
+    box.outcomes_published(["t0"])
+    assert box.unpublished_outcomes() == [("t1", b"one")]
+    assert box.state_of("t0") == "answered"
+    box.outcomes_published(["t1"])
+    assert box.unpublished_outcomes() == [] and box.forget_settled(-1.0) == 2
+
+
+def test_an_outbox_from_before_stored_outcomes_gains_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        con.executescript(
+            "CREATE TABLE owed (key TEXT PRIMARY KEY, deadline REAL NOT NULL, note BLOB NOT NULL, "
+            "state TEXT NOT NULL DEFAULT 'waiting', settled REAL);"
+            "INSERT INTO owed (key, deadline, note) VALUES ('t9', 1e12, x'00');"
+        )
+    box = Outbox(path)
+    assert box.settle_many([("t9", "answered")], decided={"t9": b"nine"}) == [True]
+    assert box.unpublished_outcomes() == [("t9", b"nine")]
