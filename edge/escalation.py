@@ -484,7 +484,7 @@ class Escalations:
         passed) are timed out, so every escalated frame ends with exactly one outcome."""
         overdue = await self._db(self.outbox.overdue)
         if overdue:
-            await self._time_out([o.key for o in overdue])
+            await self._time_out(overdue)
 
     async def _sweep_overdue_often(self) -> None:
         while True:

@@ -114,13 +114,6 @@ class OutboxEntry:
     note: bytes | None = None
 
 
-@dataclass(frozen=True)
-class Owed:
-    key: str
-    deadline: float
-    note: bytes
-
-
 class Outbox:
     def __init__(
         self,
@@ -395,13 +388,14 @@ class Outbox:
         row = self._db.execute("SELECT state FROM owed WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
 
-    def overdue(self, now: float | None = None) -> list[Owed]:
-        """Answers still waiting past their deadline (e.g. the device was down when it passed)."""
+    def overdue(self, now: float | None = None) -> list[str]:
+        """The keys of answers still waiting past their deadline (e.g. the device was down when
+        it passed), the earliest first."""
         now = time.time() if now is None else now
         rows = self._db.execute(
-            "SELECT key, deadline, note FROM owed WHERE state = 'waiting' AND deadline < ? ORDER BY deadline", (now,)
+            "SELECT key FROM owed WHERE state = 'waiting' AND deadline < ? ORDER BY deadline", (now,)
         ).fetchall()
-        return [Owed(r[0], float(r[1]), bytes(r[2])) for r in rows]
+        return [r[0] for r in rows]
 
     def waiting(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM owed WHERE state = 'waiting'").fetchone()[0])
